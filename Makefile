@@ -1,0 +1,46 @@
+# Every target builds the virtual environment .venv/ on first use, so a fresh clone needs nothing else.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --progress-bar off -c constraints.txt
+STAMP := $(VENV)/.installed
+
+.PHONY: help venv test compare ablate pretrain bench golden clean
+
+help:
+	@echo "make compare   fine-tune LoRA(r), LoRA(2r), DoRA(r), D2-LoRA(r) on the shipped base and print the table"
+	@echo "make test      run the test suite (pytest + hypothesis)"
+	@echo "make ablate    the D2-LoRA ablations as one compare run"
+	@echo "make pretrain  pretrain the default base model again (about an hour on 2 CPU cores)"
+	@echo "make bench     speed and memory of every method, as ratios (writes runs/bench/)"
+	@echo "make golden    regenerate the golden vectors under tests/golden/"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[test,peft]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+compare: $(STAMP)
+	$(PY) -m d2lora_min.train.compare $(ARGS)
+
+ablate: $(STAMP)
+	$(PY) -m d2lora_min.train.compare --preset ablate $(ARGS)
+
+pretrain: $(STAMP)
+	$(PY) -m d2lora_min.train.pretrain $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m d2lora_min.train.bench $(ARGS)
+
+golden: $(STAMP)
+	$(PY) -m tests.golden.make_golden
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

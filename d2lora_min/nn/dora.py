@@ -1,0 +1,58 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al., 2024, arXiv 2402.09353).
+
+LoRA updates the *direction* of each output row; a learned vector sets each row's *magnitude*.
+"""
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import NORM_EPS, AdapterLinear, row_norm
+
+
+class DoRALinear(AdapterLinear):
+    """V = W0 + s * B @ A;   W = (m / norm(V))[:, None] * V
+
+    W0 = self.base.weight (out, in), frozen; bias b = self.base.bias, frozen
+    A  = self.lora_A (r, in),  Kaiming-uniform like nn.Linear
+    B  = self.lora_B (out, r), zeros
+    m  = self.magnitude (out,), initialised to norm(W0), so W = W0 at initialisation
+    norm(V) = L2 norm of each output row, over in_features -> (out,)
+    s  = self.scaling = alpha / r
+    Trainable parameters: r * (in + out) + out.
+
+    detach_norm=True (default) treats norm(V) as a constant in backward, as the DoRA paper does to
+    save memory (sec. 4.3) and as PEFT does. The forward value is the same either way.
+    """
+
+    OPTIONS = {"detach_norm": True}
+
+    def __init__(self, base, r, alpha, dropout=0.0, detach_norm=True):
+        super().__init__(base, r, alpha, dropout)
+        self.detach_norm = bool(detach_norm)
+        self.lora_A = self._new_lora_A()  # (r, in)
+        self.lora_B = self._new_lora_B()  # (out, r)
+        self.magnitude = nn.Parameter(row_norm(base.weight).detach().clone())  # (out,)
+
+    def options(self):
+        return {"detach_norm": self.detach_norm}
+
+    def delta_weight(self):
+        return self.scaling * self.lora_B @ self.lora_A  # (out, in)
+
+    def _row_scale(self, V):
+        """c = m / norm(V), the factor each output row of V is multiplied by: (out,)."""
+        v_norm = row_norm(V)  # L2 over in_features -> (out,)
+        if self.detach_norm:
+            v_norm = v_norm.detach()
+        return self.magnitude / v_norm.clamp_min(NORM_EPS)  # (out,)
+
+    def merged_weight(self):
+        V = self.base.weight + self.delta_weight()  # (out, in)
+        return self._row_scale(V)[:, None] * V  # (out, in): row i has norm m[i]
+
+    def forward(self, x):  # x: (..., in)
+        # x @ W.T = c * (x @ V.T) = c * (x @ W0.T + s * (x @ A.T) @ B.T): the scale applies to outputs
+        h = F.linear(x, self.base.weight) + self._low_rank(x, self.lora_A, self.lora_B)  # (..., out)
+        V = self.base.weight + self.delta_weight()  # (out, in): the one weight-sized tensor, for its norms
+        y = self._row_scale(V) * h  # (..., out) * (out,)
+        return y if self.base.bias is None else y + self.base.bias  # (..., out)

@@ -1,0 +1,157 @@
+"""A tiny GPT in one file: the model every method in d2lora_min is compared on.
+
+A decoder-only transformer in the style of GPT-2 / nanoGPT: learned absolute position embeddings,
+pre-LayerNorm blocks, causal self-attention, a GELU MLP and an output head tied to the token
+embedding. The one departure from nanoGPT is that attention keeps separate `q_proj, k_proj, v_proj,
+o_proj` linears and the MLP `fc_in, fc_out`, so that an adapter can target each projection by name
+(as LoRA papers do: "adapt q and v").
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 1024  # tokens in the vocabulary (the tokenizer sets it)
+    block_size: int = 128  # longest sequence the position table covers
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    d_model: int = 128  # width of the residual stream
+    dropout: float = 0.0  # on attention weights and residual branches (0 = off)
+    bias: bool = True  # bias in the linears and LayerNorms
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.d_model % config.n_head == 0, "d_model must be divisible by n_head"
+        d = config.d_model
+        self.n_head = config.n_head
+        self.q_proj = nn.Linear(d, d, bias=config.bias)
+        self.k_proj = nn.Linear(d, d, bias=config.bias)
+        self.v_proj = nn.Linear(d, d, bias=config.bias)
+        self.o_proj = nn.Linear(d, d, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape  # batch, time, channels (= d_model)
+        hs = C // self.n_head  # head size
+        # project, then split the channels into heads: (B, T, C) -> (B, nh, T, hs)
+        q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)
+        # softmax(q k^T / sqrt(hs)) v with a causal mask, in one fused call
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
+        return self.resid_dropout(self.o_proj(y))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
+        self.fc_out = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = F.gelu(self.fc_in(x))  # (B, T, 4C)
+        return self.dropout(self.fc_out(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)  # token embedding
+        self.wpe = nn.Embedding(config.block_size, config.d_model)  # position embedding
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying (Press & Wolf, 2017)
+
+        # GPT-2 initialisation: N(0, 0.02) everywhere, and the projections that write into the
+        # residual stream scaled down by 1/sqrt(2 * n_layer) so the stream's variance stays put.
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("o_proj.weight") or name.endswith("fc_out.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None):
+        """idx: (B, T) token ids. targets: (B, T) ids, -1 where no loss is wanted.
+
+        Returns (logits (B, T, vocab), loss or None): mean cross-entropy over the target positions.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)  # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)  # (B, T, C)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    def num_params(self):
+        """Parameters of the model, the tied embedding counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, greedy=False):
+        """Extend idx (B, T) by max_new_tokens tokens, one at a time; returns (B, T + max_new_tokens).
+
+        greedy=True takes the most likely token; otherwise it samples from softmax(logits / temperature),
+        optionally restricted to the top_k most likely tokens.
+        """
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size :]  # crop to the position table: (B, <=block)
+            logits, _ = self(context)
+            logits = logits[:, -1, :].float()  # the last position's prediction: (B, vocab)
+            if greedy:
+                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
+        return idx
