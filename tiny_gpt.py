@@ -126,7 +126,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
-                logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1
+                logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
             )
         return logits, loss
 

@@ -6,7 +6,7 @@
 Read base.py, lora.py, dora.py, d2lora.py in that order; inject.py puts them into models.
 """
 
-from .base import NORM_EPS, AdapterLinear, row_norm
+from .base import NORM_EPS, AdapterLinear, row_norm, row_scale
 from .d2lora import D2LoRALinear
 from .dora import DoRALinear
 from .inject import (
@@ -35,6 +35,7 @@ __all__ = [
     "NORM_EPS",
     "DEFAULT_TARGETS",
     "row_norm",
+    "row_scale",
     "get_method",
     "check_options",
     "inject_adapters",

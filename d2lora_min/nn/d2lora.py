@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import NORM_EPS, AdapterLinear, row_norm
+from .base import AdapterLinear, row_norm, row_scale
 
 
 class D2LoRALinear(AdapterLinear):
@@ -77,18 +77,12 @@ class D2LoRALinear(AdapterLinear):
         A, B = self._stacked_factors()
         return self.scaling * B @ A  # s * (B_pos @ A_pos - tau * B_neg @ A_neg): (out, in)
 
-    def _row_scale(self, V):
-        """c = t / norm(V), the factor that puts each output row of V back at its pretrained norm: (out,)."""
-        v_norm = row_norm(V)  # L2 over in_features -> (out,)
-        if self.detach_norm:
-            v_norm = v_norm.detach()
-        return self.target_norm / v_norm.clamp_min(NORM_EPS)  # (out,)
-
     def merged_weight(self):
         V = self.base.weight + self.delta_weight()  # (out, in)
         if not self.project:
             return V
-        return self._row_scale(V)[:, None] * V  # (out, in): row i has norm t[i]
+        c = row_scale(self.target_norm, V, self.detach_norm)  # t / norm(V): (out,)
+        return c[:, None] * V  # (out, in): row i has norm t[i]
 
     def forward(self, x):  # x: (..., in)
         A, B = self._stacked_factors()  # (2r, in), (out, 2r)
@@ -96,5 +90,5 @@ class D2LoRALinear(AdapterLinear):
         h = F.linear(x, self.base.weight) + self._low_rank(x, A, B)  # (..., out)
         if self.project:
             V = self.base.weight + self.scaling * B @ A  # (out, in): the one weight-sized tensor, for its norms
-            h = self._row_scale(V) * h  # x @ W.T = c * (x @ V.T): (..., out) * (out,)
+            h = row_scale(self.target_norm, V, self.detach_norm) * h  # x @ W.T = c * (x @ V.T): (..., out) * (out,)
         return h if self.base.bias is None else h + self.base.bias  # (..., out)

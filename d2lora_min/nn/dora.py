@@ -6,7 +6,7 @@ LoRA updates the *direction* of each output row; a learned vector sets each row'
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import NORM_EPS, AdapterLinear, row_norm
+from .base import AdapterLinear, row_norm, row_scale
 
 
 class DoRALinear(AdapterLinear):
@@ -39,20 +39,14 @@ class DoRALinear(AdapterLinear):
     def delta_weight(self):
         return self.scaling * self.lora_B @ self.lora_A  # (out, in)
 
-    def _row_scale(self, V):
-        """c = m / norm(V), the factor each output row of V is multiplied by: (out,)."""
-        v_norm = row_norm(V)  # L2 over in_features -> (out,)
-        if self.detach_norm:
-            v_norm = v_norm.detach()
-        return self.magnitude / v_norm.clamp_min(NORM_EPS)  # (out,)
-
     def merged_weight(self):
         V = self.base.weight + self.delta_weight()  # (out, in)
-        return self._row_scale(V)[:, None] * V  # (out, in): row i has norm m[i]
+        c = row_scale(self.magnitude, V, self.detach_norm)  # m / norm(V): (out,)
+        return c[:, None] * V  # (out, in): row i has norm |m[i]|
 
     def forward(self, x):  # x: (..., in)
         # x @ W.T = c * (x @ V.T) = c * (x @ W0.T + s * (x @ A.T) @ B.T): the scale applies to outputs
         h = F.linear(x, self.base.weight) + self._low_rank(x, self.lora_A, self.lora_B)  # (..., out)
         V = self.base.weight + self.delta_weight()  # (out, in): the one weight-sized tensor, for its norms
-        y = self._row_scale(V) * h  # (..., out) * (out,)
+        y = row_scale(self.magnitude, V, self.detach_norm) * h  # c * (x @ V.T): (..., out) * (out,)
         return y if self.base.bias is None else y + self.base.bias  # (..., out)

@@ -1,0 +1,248 @@
+"""`make bench`: the cost of each method, as ratios measured side by side in one process.
+
+    python -m d2lora_min.train.bench                 # default grid; writes runs/bench/bench.json and bench.md
+    python -m d2lora_min.train.bench --quick         # fewer repetitions, for a smoke test
+
+For each shape, every method gets its own copy of one randomly initialised model, and the measurements are
+interleaved (rep 1: method 1, 2, ...; rep 2: ...) so that a slow moment of a shared machine hits every
+method alike; medians over the repetitions are reported, as ratios to LoRA(r) and to LoRA(2r).
+
+  train step   forward + backward + AdamW step of a fine-tuning batch
+  eval         forward-only tokens/s of the base model, of each method unmerged, and merged
+  memory       bytes autograd saves for backward (the activation memory of a step; exact and repeatable,
+               measured with saved-tensor hooks) and the trainable state (parameters, gradients, Adam's two
+               moments); on CUDA also torch.cuda.max_memory_allocated of the step
+  PEFT         our LoRA and DoRA training step against PEFT's on the same model (when peft is installed)
+
+Shapes: the default compare model (d_model 128, 2 blocks) at sequence lengths 64, 128 and 256 with a fixed
+number of tokens per step, and one compute-bound shape (d_model 768, 2 blocks, sequence 512), where the
+D2-LoRA paper's training-overhead figure comes from.
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..atomic import write_json, write_text
+from ..nn import DEFAULT_TARGETS, inject_adapters, merge_adapters
+from .trainer import pick_device
+from tiny_gpt import GPT, GPTConfig
+
+METHODS_BENCH = [
+    ("LoRA(r)", "lora", {"r": 4}),
+    ("LoRA(2r)", "lora", {"r": 8}),
+    ("DoRA(r)", "dora", {"r": 4}),
+    ("D2-LoRA(r)", "d2lora", {"r": 4}),
+    ("D2-LoRA(r) detach_norm", "d2lora", {"r": 4, "detach_norm": True}),
+    ("D2-LoRA(r) project=false", "d2lora", {"r": 4, "project": False}),
+]
+
+
+def shapes(quick):
+    default = dict(vocab_size=1280, n_layer=2, n_head=4, d_model=128)
+    tokens = 4096  # per step, at every sequence length
+    grid = [(f"default d128 seq{T}", GPTConfig(block_size=T, **default), tokens // T, T) for T in (64, 128, 256)]
+    big = GPTConfig(vocab_size=1280, block_size=512, n_layer=2, n_head=12, d_model=768)
+    grid.append(("compute-bound d768 seq512", big, 1 if quick else 2, 512))
+    return grid
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_models(config, device, peft_ok):
+    """{label: model} for the base and every method (each its own copy), plus PEFT's LoRA and DoRA."""
+    torch.manual_seed(0)
+    base = GPT(config).to(device)
+    models = {"base": base}
+    for label, method, opts in METHODS_BENCH:
+        opts = dict(opts)
+        r = opts.pop("r")
+        models[label] = inject_adapters(copy.deepcopy(base), method, r=r, alpha=2 * r, **opts)
+    if peft_ok:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        for label, dora in (("PEFT LoRA(r)", False), ("PEFT DoRA(r)", True)):
+            m = copy.deepcopy(base)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(DEFAULT_TARGETS), lora_dropout=0.0, use_dora=dora)
+                models[label] = inject_adapter_in_model(cfg, m)
+    return models
+
+
+def train_step_fn(model, x, y):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        _, loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, opt
+
+
+def saved_bytes(model, x, y):
+    """Bytes of the tensors autograd saves for backward in one forward pass (each storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, y)
+    del loss
+    # parameters and buffers are not activation memory
+    params = {(p.untyped_storage().data_ptr(), p.device) for p in list(model.parameters()) + list(model.buffers())}
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_shape(name, config, batch, seq, device, reps, peft_ok):
+    models = make_models(config, device, peft_ok)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
+    y = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
+    trainable = [k for k in models if k != "base"]
+
+    # training steps, interleaved
+    steps = {k: train_step_fn(models[k], x, y) for k in trainable}
+    for k in trainable:  # warm-up: allocator, optimizer state
+        for _ in range(2):
+            steps[k][0]()
+    step_times = {k: [] for k in trainable}
+    for _ in range(reps):
+        for k in trainable:
+            step_times[k].append(timed(steps[k][0], device))
+
+    # memory: saved activations, trainable state (params + grads + 2 Adam moments), CUDA peak
+    memory = {}
+    for k in trainable:
+        m = models[k]
+        n_trainable = sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
+        memory[k] = {"saved_activation_bytes": saved_bytes(m, x, y), "trainable_state_bytes": 4 * n_trainable}
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            steps[k][0]()
+            sync(device)
+            memory[k]["cuda_peak_step_bytes"] = torch.cuda.max_memory_allocated() - before
+    del steps
+
+    # evaluation throughput: base, unmerged, merged (merged copies made once, then interleaved)
+    evals = {"base": models["base"]}
+    for label, _, _ in METHODS_BENCH:
+        evals[f"{label} unmerged"] = models[label]
+        evals[f"{label} merged"] = merge_adapters(copy.deepcopy(models[label]))
+    for m in evals.values():
+        m.eval()
+    eval_times = {k: [] for k in evals}
+    with torch.no_grad():
+        for k, m in evals.items():
+            m(x)
+        for _ in range(reps):
+            for k, m in evals.items():
+                eval_times[k].append(timed(lambda m=m: m(x), device))
+    tokens = batch * seq
+    return {
+        "name": name, "batch": batch, "seq": seq, "d_model": config.d_model, "n_layer": config.n_layer,
+        "train_step_s": {k: statistics.median(v) for k, v in step_times.items()},
+        "eval_tokens_per_s": {k: tokens / statistics.median(v) for k, v in eval_times.items()},
+        "memory": memory,
+    }  # fmt: skip
+
+
+def ratios(result):
+    st = result["train_step_s"]
+    out = {k: {"vs LoRA(r)": v / st["LoRA(r)"], "vs LoRA(2r)": v / st["LoRA(2r)"]} for k, v in st.items()}
+    for k, label in (("PEFT LoRA(r)", "LoRA(r)"), ("PEFT DoRA(r)", "DoRA(r)")):
+        if k in st:
+            out[label]["ours / PEFT"] = st[label] / st[k]
+    return out
+
+
+def markdown(results, facts):
+    lines = [f"machine: {facts}", ""]
+    for r in results:
+        rat = ratios(r)
+        ev = r["eval_tokens_per_s"]
+        mem = r["memory"]
+        lines += [f"### {r['name']} (batch {r['batch']} x seq {r['seq']})", "",
+                  "| method | train step (ms) | × LoRA(r) | × LoRA(2r) | ours / PEFT | saved activations (MB) | × LoRA(2r) | eval tok/s unmerged | merged | merged / base |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for k, t in r["train_step_s"].items():
+            unmerged, merged = ev.get(f"{k} unmerged"), ev.get(f"{k} merged")
+            act = mem[k]["saved_activation_bytes"]
+            cells = [k, f"{1000 * t:.1f}", f"{rat[k]['vs LoRA(r)']:.2f}", f"{rat[k]['vs LoRA(2r)']:.2f}",
+                     f"{rat[k]['ours / PEFT']:.2f}" if "ours / PEFT" in rat[k] else "–", f"{act / 2**20:.1f}",
+                     f"{act / mem['LoRA(2r)']['saved_activation_bytes']:.2f}",
+                     f"{unmerged:,.0f}" if unmerged else "–", f"{merged:,.0f}" if merged else "–",
+                     f"{merged / ev['base']:.2f}" if merged else "–"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"base model eval: {ev['base']:,.0f} tok/s", ""]
+    trend = [r for r in results if r["name"].startswith("default")]
+    if trend:
+        lines.append("D2-LoRA(r) step / LoRA(r) step by sequence length (default model): "
+                     + ", ".join(f"seq {r['seq']}: {ratios(r)['D2-LoRA(r)']['vs LoRA(r)']:.2f}" for r in trend))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions per measurement (median reported)")
+    parser.add_argument("--quick", action="store_true", help="3 repetitions and a smaller compute-bound batch")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--only", default=None, help="run only shapes whose name contains this text")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    reps = 3 if args.quick else args.reps
+    try:
+        import peft  # noqa: F401
+
+        peft_ok = True
+    except ImportError:
+        peft_ok = False
+        print("peft not installed: skipping the comparison with PEFT (pip install -e '.[peft]')")
+    facts = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads, device {device}"
+             + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "") + f", {reps} interleaved reps, medians")  # fmt: skip
+    print(facts, flush=True)
+    results = []
+    for name, config, batch, seq in shapes(args.quick):
+        if args.only and args.only not in name:
+            continue
+        t0 = time.time()
+        results.append(bench_shape(name, config, batch, seq, device, reps, peft_ok))
+        print(f"{name}: {time.time() - t0:.0f} s", flush=True)
+    text = markdown(results, facts)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(args.out) / "bench.json", {"machine": facts, "results": results, "ratios": [ratios(r) for r in results]})
+    write_text(Path(args.out) / "bench.md", text)
+    print("\n" + text + f"\nwritten: {args.out}/bench.json, bench.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

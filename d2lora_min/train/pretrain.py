@@ -1,0 +1,210 @@
+"""Pretraining the base model, and loading it.
+
+    python -m d2lora_min.train.pretrain                       # the default base, written to base/
+    python -m d2lora_min.train.pretrain --corpus.text_file=my.txt --out runs/my_base
+
+The default base ships in the repository (base/: model.safetensors, tokenizer.json, base.json with the
+configs, the SHA-256 of the weights, the validation loss and the look-up probe score). `make compare`
+starts from it. A changed model or corpus config pretrains a new base instead, cached under
+runs/bases/<key>/ where <key> is a hash of the configs.
+"""
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
+from tqdm.auto import tqdm
+
+from tiny_gpt import GPT, GPTConfig
+
+from ..atomic import atomic_path, check_writable, write_json
+from .cli import apply_overrides, config_help
+from .data import CorpusConfig, build_corpus, window_batches
+from .evaluate import MCItem, mc_accuracy, validation_loss
+from .tokenizer import load_tokenizer
+from .trainer import TrainConfig, init_distributed, pick_device, rank_and_world, train
+from .world import World, corpus_documents, lookup_probe, skill_probes
+
+SHIPPED_BASE = Path(__file__).resolve().parents[2] / "base"
+PROBE_ITEMS, PROBE_SEED = 300, 12345
+
+
+def default_train_config():
+    return TrainConfig(steps=8000, batch_size=32, lr=3e-3, min_lr_ratio=0.1, warmup_steps=200, weight_decay=0.1,
+                       checkpoint_every=250, desc="pretrain")  # fmt: skip
+
+
+@dataclass
+class PretrainConfig:
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=1280, block_size=128, n_layer=2, n_head=4, d_model=128))
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    train: TrainConfig = field(default_factory=default_train_config)
+
+    def key(self):
+        """A short hash of everything that changes the resulting weights: the configs (not progress bars or
+        checkpoint intervals) and a fingerprint of the corpus text itself, so that an edited world.py counts too."""
+        t = {k: v for k, v in asdict(self.train).items() if k not in ("progress", "desc", "checkpoint_every", "device", "amp")}
+        blob = {"model": asdict(self.model), "corpus": asdict(self.corpus), "train": t, "text": corpus_fingerprint(self.corpus)}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def corpus_fingerprint(corpus_cfg, n_docs=500):
+    """SHA-256 of the user's text file, or of the world's facts and the first n_docs synthetic documents."""
+    if corpus_cfg.text_file:
+        return sha256_file(corpus_cfg.text_file)
+    world = World(seed=corpus_cfg.world_seed, n_people=corpus_cfg.n_people)
+    docs = corpus_documents(world, n_docs, seed=corpus_cfg.seed)
+    return hashlib.sha256(json.dumps([world.facts, docs], sort_keys=True).encode()).hexdigest()
+
+
+def probe_items(corpus_cfg):
+    """{name: MCItems}: the held-out look-up probe ("probe", the score recorded with the base) and the
+    diagnostic skill probes (synthetic world only)."""
+    world = World(seed=corpus_cfg.world_seed, n_people=corpus_cfg.n_people)
+    probes = {"probe": lookup_probe(world, PROBE_ITEMS, PROBE_SEED), **skill_probes(world, PROBE_ITEMS, PROBE_SEED + 1)}
+    return {name: [MCItem(p, c, a) for p, c, a in items] for name, items in probes.items()}
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_base(folder, model, tokenizer, meta):
+    """Write the base atomically: weights, tokenizer, then base.json (written last: its presence marks a complete base)."""
+    folder = Path(folder)
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_model(model, tmp)
+    with atomic_path(folder / "tokenizer.json") as tmp:
+        tokenizer.save(tmp)
+    meta = {**meta, "sha256": sha256_file(folder / "model.safetensors")}
+    write_json(folder / "base.json", meta)
+    return meta
+
+
+def load_base(folder=SHIPPED_BASE, device="cpu", check_hash=True):
+    """(model, tokenizer, meta) from a base folder; refuses weights whose SHA-256 differs from base.json."""
+    folder = Path(folder)
+    if not (folder / "base.json").exists():
+        raise FileNotFoundError(f"no base model in {folder} (base.json missing): run `make pretrain`")
+    meta = json.loads((folder / "base.json").read_text())
+    if check_hash and sha256_file(folder / "model.safetensors") != meta["sha256"]:
+        raise ValueError(f"{folder}/model.safetensors does not match the SHA-256 recorded in base.json")
+    model = GPT(GPTConfig(**meta["config"]["model"]))
+    load_model(model, folder / "model.safetensors", device=str(device))
+    model.to(device).eval()
+    return model, load_tokenizer(folder / "tokenizer.json"), meta
+
+
+def pretrain(cfg: PretrainConfig, out_dir, eval_every=500):
+    """Pretrain from scratch (resuming from out_dir/work if a checkpoint is there) and save the base in out_dir."""
+    t_start = time.time()
+    check_writable(out_dir)
+    key = cfg.key()  # before the vocabulary size is set from the tokenizer
+    cfg = copy.deepcopy(cfg)
+    tokenizer, train_tokens, val_tokens = build_corpus(cfg.corpus)
+    cfg.model.vocab_size = tokenizer.get_vocab_size()
+    print(f"corpus: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens, "
+          f"vocabulary {cfg.model.vocab_size}", flush=True)  # fmt: skip
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model)
+    print(f"model: {model.num_params():,} parameters, {cfg.model}", flush=True)
+    probes = probe_items(cfg.corpus) if not cfg.corpus.text_file else None
+    get_batch = window_batches(train_tokens, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
+    tokens_per_step = cfg.train.batch_size * cfg.model.block_size
+    log = []
+
+    def evaluate(step):
+        model.eval()
+        row = {"step": step, "tokens": step * tokens_per_step, "val_loss": validation_loss(model, val_tokens, cfg.model.block_size)}
+        for name, items in (probes or {}).items():
+            row[name] = mc_accuracy(model, tokenizer, items)[0]
+        model.train()
+        return row
+
+    rank, _ = rank_and_world()
+
+    def callback(step, model, result):
+        if rank == 0 and (step % eval_every == 0 or step == cfg.train.steps):
+            row = evaluate(step)
+            log.append(row)
+            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+    result = train(model, get_batch, cfg.train, out_dir=os.path.join(out_dir, "work"), callback=callback)
+    if rank != 0:  # under torchrun only rank 0 evaluates and writes
+        dist.barrier()
+        return None
+    final = log[-1] if log and log[-1]["step"] == cfg.train.steps else evaluate(cfg.train.steps)
+    meta = {
+        "config": {"model": asdict(cfg.model), "corpus": asdict(cfg.corpus), "train": asdict(cfg.train)},
+        "key": key,
+        "val_loss": final["val_loss"],
+        "probe_accuracy": final.get("probe"),
+        "probe_items": PROBE_ITEMS if probes else 0,
+        "skill_probes": {k: final[k] for k in (probes or {}) if k != "probe"},
+        "tokens_seen": cfg.train.steps * tokens_per_step,
+        "train_seconds_this_run": round(time.time() - t_start, 1),
+        "resumed_from_step": result.resumed_from,
+        "log": log,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    model.cpu()
+    meta = save_base(out_dir, model, tokenizer, meta)
+    if dist.is_initialized():
+        dist.barrier()
+    return meta
+
+
+BASE_CACHE = Path("runs") / "bases"
+
+
+def resolve_base(cfg: PretrainConfig):
+    """(model, tokenizer, meta, folder) for `cfg`: the shipped base when cfg is the config it was pretrained
+    with, else a cached base for cfg's key, else a new one pretrained now (and cached)."""
+    key = cfg.key()
+    for folder in (SHIPPED_BASE, BASE_CACHE / key):
+        meta_path = folder / "base.json"
+        if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
+            return (*load_base(folder), folder)
+    if (SHIPPED_BASE / "base.json").exists():
+        print(f"the model or corpus settings differ from the shipped base's: pretraining a new base into "
+              f"{BASE_CACHE / key} (this takes a while; it is cached for later runs)", flush=True)  # fmt: skip
+    pretrain(cfg, BASE_CACHE / key)
+    return (*load_base(BASE_CACHE / key), BASE_CACHE / key)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Pretrain the base model (default: the shipped one, into base/).",
+        epilog="settings (override with --section.field=value):\n" + "\n".join(config_help(PretrainConfig())),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", default=str(SHIPPED_BASE), help="folder for the base (default: %(default)s)")
+    parser.add_argument("--eval-every", type=int, default=500, help="steps between probe/validation evaluations")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = apply_overrides(PretrainConfig(), overrides)
+    rank, _ = init_distributed()  # under torchrun: join the process group; otherwise a no-op
+    cfg.train.device = pick_device(cfg.train.device)
+    if cfg.train.device == "cpu":
+        print(f"pretraining on CPU with {torch.get_num_threads()} threads", flush=True)
+    meta = pretrain(cfg, args.out, eval_every=args.eval_every)
+    if rank == 0:
+        print(json.dumps({k: meta[k] for k in ("val_loss", "probe_accuracy", "tokens_seen", "train_seconds_this_run", "sha256")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""One trainer for pretraining (all parameters) and for fine-tuning with every method (adapter parameters).
+
+It knows nothing about the model beyond `model(x, y) -> (logits, loss)` and "optimise what has
+requires_grad" (the pattern of minGPT's trainer): pretraining leaves every parameter trainable,
+inject_adapters freezes the base, and the same loop serves both.
+
+    AdamW, linear warmup then cosine decay, gradient clipping, seeded; per-step loss and step time;
+    a tqdm progress bar; atomic checkpoints that a rerun resumes from; a guard that stops on a NaN/Inf
+    loss and keeps the last good checkpoint; bf16 autocast on CUDA.
+
+Batches come from `get_batch(step) -> (x, y)`, a pure function of the step number, so that a resumed run
+sees exactly the batches an uninterrupted one would have seen.
+
+Data-parallel: started under `torchrun --nproc_per_node=N`, every process draws the same global batch and
+keeps its rows rank, rank + N, ...; DistributedDataParallel averages the gradients (of the adapter tensors
+only, when the base is frozen). The loss is rescaled so that this average is exactly the gradient of the
+single-process loss, even when the shards hold different numbers of answer tokens. Only rank 0 writes.
+"""
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_path
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300  # optimiser steps
+    batch_size: int = 32  # sequences per step (get_batch decides how they are drawn)
+    lr: float = 1e-2  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 20  # linear warmup from lr / warmup_steps
+    weight_decay: float = 0.0  # decoupled (AdamW), on matrices only: see param_groups()
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    amp: bool = True  # bf16 autocast, used on CUDA only
+    checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end); needs out_dir
+    progress: bool = True  # tqdm bar
+    desc: str = "train"  # the bar's label
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; training stopped without saving the bad state."""
+
+
+@dataclass
+class TrainResult:
+    losses: list = field(default_factory=list)  # training loss per step
+    step_times: list = field(default_factory=list)  # wall seconds per step (forward + backward + update)
+    resumed_from: int = 0  # the step a checkpoint resumed from (0 = fresh start)
+
+
+def pick_device(device="auto"):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def init_distributed():
+    """Join the process group torchrun describes in the environment -> (rank, world_size); (0, 1) otherwise.
+
+    Backend: nccl on CUDA (one GPU per process, by LOCAL_RANK), gloo on CPU.
+    """
+    if not dist.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def lr_at(step, cfg):
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def param_groups(model, weight_decay):
+    """Weight decay on matrices (dim >= 2: linear weights, embeddings, lora_A/lora_B) and on nothing else.
+
+    Biases, LayerNorm gains, DoRA's magnitude and D2-LoRA's tau are left alone: decaying a magnitude
+    or tau towards zero would pull the model away from the pretrained weights instead of towards them.
+    Decaying lora_B towards zero pulls the adapter towards the base model, a sensible prior.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def trainable_state(model):
+    """The tensors training changes: {name: tensor} for parameters with requires_grad."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(path, model, optimizer, step, result, cfg):
+    state = {
+        "step": step,
+        "trainable": trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "losses": result.losses,
+        "step_times": result.step_times,
+        "rng": torch.get_rng_state(),
+        "config": asdict(cfg),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path, model, optimizer, result):
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(model.named_parameters())
+    missing = set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad}
+    if missing:
+        raise ValueError(f"checkpoint {path} is for another model or method (tensors differ: {sorted(missing)[:5]})")
+    with torch.no_grad():
+        for n, t in state["trainable"].items():
+            params[n].copy_(t)
+    optimizer.load_state_dict(state["optimizer"])
+    result.losses[:] = state["losses"]
+    result.step_times[:] = state["step_times"]
+    torch.set_rng_state(state["rng"])
+    return state["step"]
+
+
+def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callback=None):
+    """Optimise every parameter of `model` that has requires_grad on batches from get_batch(step).
+
+    With out_dir, checkpoints go to out_dir/checkpoint.pt (atomically) and a rerun with resume=True
+    continues from the last one. callback(steps_done, model, result), if given, runs after every step in
+    every process (for periodic evaluation; it must leave the model in train mode). Returns a TrainResult.
+    Raises TrainingDiverged on a NaN/Inf loss.
+    """
+    device = pick_device(cfg.device)
+    rank, world = rank_and_world()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    model.to(device)
+    model.train()
+    torch.manual_seed(cfg.seed)  # dropout and anything else random inside the model
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and device == "cuda") else nullcontext()
+    # Under torchrun, DDP all-reduces the gradients of the trainable tensors (the frozen base has none).
+    forward = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+
+    result = TrainResult()
+    ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    start, last_saved = 0, None
+    if ckpt_path and resume and os.path.exists(ckpt_path):
+        start = last_saved = load_checkpoint(ckpt_path, model, optimizer, result)
+        result.resumed_from = start
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc, disable=not cfg.progress or rank != 0,
+               leave=False, dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+    for step in bar:
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x, y = get_batch(step)  # the global batch, the same in every process
+        n_targets = (y != -1).sum()
+        if world > 1:  # this process's shard; its mean loss is reweighted by its share of the target tokens
+            x, y = x[rank::world], y[rank::world]
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            _, loss = forward(x, y)
+        if world > 1:
+            # DDP averages gradients over processes: scale so the average is d(global mean loss)
+            loss = loss * ((y != -1).sum() * world / n_targets.to(device))
+            global_loss = loss.detach().clone()
+            dist.all_reduce(global_loss)  # sum of the scaled shard losses = world * global mean
+            global_loss = global_loss / world
+        else:
+            global_loss = loss.detach()
+        if not torch.isfinite(global_loss):  # the same decision in every process
+            where = f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}" if last_saved else "no checkpoint was written"
+            raise TrainingDiverged(f"loss is {global_loss.item()} at step {step}: training stopped; {where}. Try a lower lr.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        optimizer.step()
+        if device == "cuda":
+            torch.cuda.synchronize()  # so that step_times measure the step, not the launch
+        result.step_times.append(time.perf_counter() - t0)
+        result.losses.append(global_loss.item())
+        if step % 10 == 0 or step == cfg.steps - 1:
+            bar.set_postfix(loss=f"{result.losses[-1]:.4f}")
+        done = step + 1
+        if callback is not None:
+            callback(done, model, result)
+        if ckpt_path and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
+            if rank == 0:  # one writer; every process resumes from the same file
+                save_checkpoint(ckpt_path, model, optimizer, done, result, cfg)
+            last_saved = done
+    bar.close()
+    model.eval()
+    return result

@@ -1,0 +1,318 @@
+"""The shared trainer, the data, the tasks, the scorers and the compare plumbing (never timed)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from d2lora_min.nn import adapter_state_dict, inject_adapters
+from d2lora_min.train.cli import apply_overrides
+from d2lora_min.train.compare import CompareConfig, parse_method_spec, summarise
+from d2lora_min.train.data import CorpusConfig, read_text_file, window_batches
+from d2lora_min.train.evaluate import GenItem, MCItem, greedy_generate, mc_accuracy, rouge_l_f1, score_choices
+from d2lora_min.train.tasks import TASKS, answer_text, build_splits, finetune_batches
+from d2lora_min.train.tokenizer import EOT, train_tokenizer
+from d2lora_min.train.trainer import CHECKPOINT, TrainConfig, TrainingDiverged, lr_at, train
+from d2lora_min.train.world import World, corpus_documents
+from tiny_gpt import GPT, GPTConfig
+
+# --- a tiny counting task every trainer test shares -----------------------------------------------------------------
+
+VOCAB, BLOCK = 16, 12
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=VOCAB, block_size=BLOCK, n_layer=1, n_head=2, d_model=16))
+
+
+def count_batches(batch_size=8, seed=0):
+    """Sequences 'k, k+1, k+2, ...' (mod VOCAB) from a random start: each token predicts the next."""
+
+    def get_batch(step):
+        g = torch.Generator().manual_seed(seed * 1000 + step)
+        start = torch.randint(0, VOCAB, (batch_size, 1), generator=g)
+        seq = (start + torch.arange(BLOCK + 1)) % VOCAB  # (B, T + 1)
+        return seq[:, :-1], seq[:, 1:]
+
+    return get_batch
+
+
+def quiet(**kw):
+    return TrainConfig(progress=False, lr=1e-2, warmup_steps=2, **kw)
+
+
+def test_trainer_lowers_the_loss():
+    result = train(tiny_model(), count_batches(), quiet(steps=60))
+    assert len(result.losses) == 60 and len(result.step_times) == 60
+    assert np.mean(result.losses[-10:]) < 0.7 * np.mean(result.losses[:5])
+
+
+def test_fine_tuning_through_the_trainer_changes_only_adapter_tensors():
+    model = tiny_model()
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    inject_adapters(model, "d2lora", r=2, alpha=4)
+    adapters_before = {n: t.clone() for n, t in adapter_state_dict(model).items()}
+    train(model, count_batches(), quiet(steps=5, weight_decay=0.1))
+    now = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
+    assert all(torch.equal(now[n], t) for n, t in base_before.items())
+    moved = [n for n, t in adapter_state_dict(model).items() if not torch.equal(t, adapters_before[n])]
+    assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved) and any(n.endswith("tau") for n in moved)
+    assert all(not torch.equal(t, adapters_before[n]) for n, t in adapter_state_dict(model).items() if "lora_B" in n)
+
+
+def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
+    cfg = quiet(steps=12, checkpoint_every=4)
+    full = tiny_model()
+    inject_adapters(full, "dora", r=2, alpha=4)
+    expected = train(full, count_batches(), cfg)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_7(step, model, result):
+        if step == 7:
+            raise Interrupt
+
+    first = tiny_model()
+    inject_adapters(first, "dora", r=2, alpha=4)
+    with pytest.raises(Interrupt):
+        train(first, count_batches(), cfg, out_dir=tmp_path, callback=stop_at_7)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 4  # the last checkpoint before the stop
+
+    again = tiny_model()
+    inject_adapters(again, "dora", r=2, alpha=4)
+    resumed = train(again, count_batches(), cfg, out_dir=tmp_path)
+    assert resumed.resumed_from == 4
+    assert resumed.losses == expected.losses
+    for (n, a), (_, b) in zip(full.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = tiny_model()
+
+    def poison_after_6(step, model, result):
+        if step == 6:
+            with torch.no_grad():
+                model.blocks[0].mlp.fc_in.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 6.*last good checkpoint \(step 4\)"):
+        train(model, count_batches(), quiet(steps=20, checkpoint_every=4), out_dir=tmp_path, callback=poison_after_6)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_adapter_magnitude_and_tau_are_not_weight_decayed():
+    from d2lora_min.train.trainer import param_groups
+
+    model = inject_adapters(tiny_model(), "dora", r=2, alpha=4)
+    decayed, plain = param_groups(model, 0.1)
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+    assert plain["weight_decay"] == 0.0 and any(p is model.blocks[0].attn.q_proj.magnitude for p in plain["params"])
+
+
+# --- scorers ---------------------------------------------------------------------------------------------------
+
+
+class BigramModel(nn.Module):
+    """A stand-in language model: the logits at a position depend only on the token there (a lookup table)."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = nn.Parameter(table)  # (vocab, vocab): row = current token, column = next token
+        self.config = GPTConfig(vocab_size=table.shape[0], block_size=64)
+
+    def forward(self, idx, targets=None):
+        return self.table[idx], None  # (B, T, vocab)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["go yes no red blue green stop"] * 50 + ["Q: A:\n"] * 10, vocab_size=300)
+
+
+def one_token(tok, text):
+    ids = tok.encode(text).ids
+    assert len(ids) == 1, (text, ids)
+    return ids[0]
+
+
+def test_scorer_picks_the_likely_choice_and_normalisation_matters(tokenizer):
+    tok = tokenizer
+    go, yes, no, red, blue = (one_token(tok, t) for t in ("go", " yes", " no", " red", " blue"))
+    V = tok.get_vocab_size()
+    table = torch.full((V, V), -20.0)
+    table[go, yes], table[go, no], table[go, red] = 2.0, 0.0, 1.5  # after "go": yes > red > no
+    table[red, blue] = 5.0  # after "red": almost surely "blue"
+    model = BigramModel(table)
+    acc, preds, _ = mc_accuracy(model, tok, [MCItem("go", [" no", " yes"], 1)])
+    assert acc == 1.0 and preds == [1]
+    # " red blue" (two tokens, each likely) vs " yes" (one token): summed prefers " yes", per-token " red blue"
+    summed, per_token, _ = score_choices(model, tok, [MCItem("go", [" yes", " red blue"], 0)])
+    assert summed[0][0] > summed[0][1] and per_token[0][1] > per_token[0][0]
+    assert mc_accuracy(model, tok, [MCItem("go", [" yes", " red blue"], 0)], normalise=True)[0] == 0.0
+
+
+def test_batched_scores_equal_one_item_at_a_time(tokenizer):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=32, n_layer=1, n_head=2, d_model=16)).eval()
+    items = [MCItem("Q: go" + " red" * k + "\nA:", [" yes", " no", " red blue"], 0) for k in range(6)]
+    batched, _, _ = score_choices(model, tokenizer, items)
+    for item, row in zip(items, batched):
+        alone, _, _ = score_choices(model, tokenizer, [item])
+        assert np.allclose(alone[0], row, atol=1e-5)
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(tokenizer):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.get_vocab_size(), block_size=32, n_layer=1, n_head=2, d_model=16)).eval()
+    prompts = ["go", "go red", "Q: go red blue\nA:", "stop"]
+    batched, _ = greedy_generate(model, tokenizer, prompts, max_new_tokens=5, stop="\x00")
+    for p, out in zip(prompts, batched):
+        ids = torch.tensor([tokenizer.encode(p).ids])
+        new = model.generate(ids, 5, greedy=True)[0, ids.shape[1] :].tolist()
+        assert out == tokenizer.decode(new).strip()
+
+
+@pytest.mark.parametrize(
+    "candidate, reference, expected",
+    [
+        ("the red cup", "the red cup", 1.0),
+        ("the cup", "the red cup", 0.8),  # LCS 2: P = 1, R = 2/3
+        ("a b c d", "d c b a", 0.25),  # LCS 1
+        ("The Red cup", "the red cup", 1.0),  # case-insensitive
+        ("", "the red cup", 0.0),
+        ("blue box", "the red cup", 0.0),
+    ],
+)
+def test_rouge_l_on_known_pairs(candidate, reference, expected):
+    assert rouge_l_f1(candidate, reference) == pytest.approx(expected)
+
+
+# --- data and tasks --------------------------------------------------------------------------------------------------
+
+
+def test_corpus_generation_is_deterministic_even_across_hash_seeds():
+    code = "from d2lora_min.train.world import *; import hashlib; w = World(); print(hashlib.sha256(repr((w.facts, corpus_documents(w, 300, 1))).encode()).hexdigest())"
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": s}).stdout for s in ("1", "2")}
+    assert len(outs) == 1 and len(next(iter(outs))) == 65
+    w = World()
+    assert corpus_documents(w, 50, 1) == corpus_documents(w, 50, 1) != corpus_documents(w, 50, 2)
+
+
+def test_no_pretraining_document_uses_the_task_format():
+    docs = corpus_documents(World(), 3000, seed=1)
+    assert not any("Q:" in d or "\nA:" in d for d in docs)
+
+
+def test_splits_are_disjoint_deterministic_and_large_enough():
+    world = World()
+    splits = build_splits(world, list(TASKS), n_train=300, n_test=500, seed=0)
+    again = build_splits(world, list(TASKS), n_train=300, n_test=500, seed=0)
+    for name, (train_items, test_items) in splits.items():
+        assert len(test_items) == 500
+        assert len({it.prompt for it in test_items}) == 500, name  # distinct test items
+        assert not {it.prompt for it in train_items} & {it.prompt for it in test_items}, name
+        assert [it.prompt for it in test_items] == [it.prompt for it in again[name][1]]
+        for it in test_items:
+            if isinstance(it, MCItem):
+                assert 0 <= it.answer < len(it.choices) and len(set(it.choices)) == len(it.choices)
+    # facts and continuation are tested on people / scripts that training never asks about
+    train_people = {w for it in splits["facts"][0] for w in it.prompt.split() if w.rstrip("?") in world.names}
+    test_people = {w for it in splits["facts"][1] for w in it.prompt.split() if w.rstrip("?") in world.names}
+    assert not train_people & test_people
+    train_causes = {it.prompt.split(". What")[0].split(" ", 2)[2] for it in splits["continuation"][0]}
+    test_causes = {it.prompt.split(". What")[0].split(" ", 2)[2] for it in splits["continuation"][1]}
+    assert not train_causes & test_causes
+
+
+def test_finetune_batches_put_the_loss_on_the_answer_only(tokenizer):
+    items = [MCItem("Q: go\nA:", [" yes", " no"], 1), GenItem("Q: red\nA:", "blue green")]
+    get_batch = finetune_batches(tokenizer, {"a": items[:1], "b": items[1:]}, batch_size=6, seed=0, pad_id=tokenizer.token_to_id(EOT))
+    x, y = get_batch(0)
+    assert torch.equal(get_batch(0)[0], x) and x.shape == y.shape
+    for b in range(6):
+        targets = [t for t in y[b].tolist() if t != -1]
+        text = tokenizer.decode(targets)
+        assert text in (answer_text(items[0]), answer_text(items[1]))
+
+
+def test_window_batches_shift_by_one_and_refuse_a_tiny_corpus():
+    tokens = np.arange(100, dtype=np.uint16)
+    x, y = window_batches(tokens, block_size=8, batch_size=4, seed=0)(3)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(ValueError, match="too short for one block"):
+        window_batches(np.arange(5, dtype=np.uint16), block_size=8, batch_size=4, seed=0)
+
+
+@pytest.mark.parametrize(
+    "content, error, match",
+    [
+        (None, FileNotFoundError, "does not exist"),
+        (b"", ValueError, "at least"),
+        (b"\xff\xfe\x00bad", ValueError, "not UTF-8"),
+        (b"too short", ValueError, "at least 1000"),
+    ],
+)
+def test_bad_user_corpus_is_refused_before_training(tmp_path, content, error, match):
+    path = tmp_path / "corpus.txt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(error, match=match):
+        read_text_file(str(path))
+
+
+# --- compare plumbing ------------------------------------------------------------------------------------------------
+
+
+def test_method_specs_parse_with_types_and_defaults():
+    cfg = CompareConfig()
+    s = parse_method_spec("d2lora:r=8,project=false,tau_init=0.25", cfg)
+    assert (s.name, s.r, s.alpha, s.options) == ("d2lora", 8, 16.0, {"project": False, "tau_init": 0.25})
+    assert parse_method_spec("lora", cfg).alpha == cfg.alpha_over_r * cfg.r
+    assert parse_method_spec("full", cfg).lr == cfg.full_lr
+    assert parse_method_spec("lora:alpha=3,lr=0.001", cfg).alpha == 3.0
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("lorra", "unknown method 'lorra'.*valid methods: lora, dora, d2lora, base, full"),
+        ("d2lora:projekt=false", "unknown key 'projekt'.*valid keys: r, alpha, dropout, lr, tau_init"),
+        ("lora:tau_init=0.1", "unknown key 'tau_init' for method 'lora'"),
+        ("d2lora:project", "is not key=value"),
+        ("d2lora:project=maybe", "expected true or false"),
+    ],
+)
+def test_bad_method_specs_are_clear_errors(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parse_method_spec(spec, CompareConfig())
+
+
+def test_config_overrides_and_their_errors():
+    cfg = apply_overrides(CompareConfig(), ["--train.steps=7", "--pretrain.model.n_layer=3", "--seeds=1,2"])
+    assert cfg.train.steps == 7 and cfg.pretrain.model.n_layer == 3 and cfg.seeds == (1, 2)
+    with pytest.raises(ValueError, match="unknown setting 'train.stepz'"):
+        apply_overrides(CompareConfig(), ["train.stepz=3"])
+
+
+def test_summary_uses_binomial_error_for_one_seed_and_sd_for_several():
+    runs = [{"method": "lora", "label": "LoRA", "seed": s, "trainable_params": 10, "scores": {"yesno": a}} for s, a in [(0, 0.8), (1, 0.6)]]
+    one = summarise(runs[:1], ["yesno"], n_test=400)[0]
+    assert one["yesno"] == (0.8, pytest.approx((0.8 * 0.2 / 400) ** 0.5))
+    two = summarise(runs, ["yesno"], n_test=400)[0]
+    assert two["yesno"][0] == pytest.approx(0.7) and two["yesno"][1] == pytest.approx(np.std([0.8, 0.6], ddof=1))
