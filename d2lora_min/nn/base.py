@@ -23,12 +23,12 @@ def row_norm(weight):
     return torch.linalg.vector_norm(weight, dim=1)
 
 
-def row_scale(target, V, detach_norm):
-    """c = target / norm(V): the factor that gives row i of c[:, None] * V the norm target[i] -> (out,).
+def row_scale(target, v_norm, detach_norm):
+    """c = target / norm(V), the factor that gives row i of c[:, None] * V the norm target[i] -> (out,).
 
-    detach_norm=True treats norm(V) as a constant in backward. The clamp keeps a zero row at zero, not NaN.
+    v_norm = norm(V) (out,). detach_norm=True treats it as a constant in backward. The clamp keeps a zero
+    row at zero instead of NaN.
     """
-    v_norm = row_norm(V)  # L2 over in_features -> (out,)
     if detach_norm:
         v_norm = v_norm.detach()
     return target / v_norm.clamp_min(NORM_EPS)  # (out,)

@@ -41,12 +41,12 @@ class DoRALinear(AdapterLinear):
 
     def merged_weight(self):
         V = self.base.weight + self.delta_weight()  # (out, in)
-        c = row_scale(self.magnitude, V, self.detach_norm)  # m / norm(V): (out,)
+        c = row_scale(self.magnitude, row_norm(V), self.detach_norm)  # m / norm(V): (out,)
         return c[:, None] * V  # (out, in): row i has norm |m[i]|
 
     def forward(self, x):  # x: (..., in)
         # x @ W.T = c * (x @ V.T) = c * (x @ W0.T + s * (x @ A.T) @ B.T): the scale applies to outputs
         h = F.linear(x, self.base.weight) + self._low_rank(x, self.lora_A, self.lora_B)  # (..., out)
         V = self.base.weight + self.delta_weight()  # (out, in): the one weight-sized tensor, for its norms
-        y = row_scale(self.magnitude, V, self.detach_norm) * h  # c * (x @ V.T): (..., out) * (out,)
+        y = row_scale(self.magnitude, row_norm(V), self.detach_norm) * h  # c * (x @ V.T): (..., out) * (out,)
         return y if self.base.bias is None else y + self.base.bias  # (..., out)

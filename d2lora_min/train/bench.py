@@ -10,13 +10,15 @@ method alike; medians over the repetitions are reported, as ratios to LoRA(r) an
   train step   forward + backward + AdamW step of a fine-tuning batch
   eval         forward-only tokens/s of the base model, of each method unmerged, and merged
   memory       bytes autograd saves for backward (the activation memory of a step; exact and repeatable,
-               measured with saved-tensor hooks) and the trainable state (parameters, gradients, Adam's two
-               moments); on CUDA also torch.cuda.max_memory_allocated of the step
+               measured with saved-tensor hooks), and the step footprint: those plus every weight and the
+               trainable tensors' gradients and Adam moments (where a step peaks, at the start of backward);
+               on CUDA also torch.cuda.max_memory_allocated during the step
   PEFT         our LoRA and DoRA training step against PEFT's on the same model (when peft is installed)
 
 Shapes: the default compare model (d_model 128, 2 blocks) at sequence lengths 64, 128 and 256 with a fixed
 number of tokens per step, and one compute-bound shape (d_model 768, 2 blocks, sequence 512), where the
-D2-LoRA paper's training-overhead figure comes from.
+D2-LoRA paper's training-overhead figure comes from. Last, a sweep of sequence lengths at a fixed batch of
+sequences (tokens per step grow), for the paper's "overhead falls with longer sequences".
 """
 
 import argparse
@@ -50,9 +52,10 @@ METHODS_BENCH = [
 def shapes(quick):
     default = dict(vocab_size=1280, n_layer=2, n_head=4, d_model=128)
     tokens = 4096  # per step, at every sequence length
-    grid = [(f"default d128 seq{T}", GPTConfig(block_size=T, **default), tokens // T, T) for T in (64, 128, 256)]
+    # (name, config, batch, seq, steps timed together per repetition: short steps are timed in groups)
+    grid = [(f"default d128 seq{T}", GPTConfig(block_size=T, **default), tokens // T, T, 3) for T in (64, 128, 256)]
     big = GPTConfig(vocab_size=1280, block_size=512, n_layer=2, n_head=12, d_model=768)
-    grid.append(("compute-bound d768 seq512", big, 1 if quick else 2, 512))
+    grid.append(("compute-bound d768 seq512", big, 1 if quick else 2, 512, 1))
     return grid
 
 
@@ -111,15 +114,17 @@ def saved_bytes(model, x, y):
     return sum(v for k, v in seen.items() if k not in params)
 
 
-def timed(fn, device):
+def timed(fn, device, inner=1):
+    """Seconds per call of fn, over `inner` consecutive calls."""
     sync(device)
     t0 = time.perf_counter()
-    fn()
+    for _ in range(inner):
+        fn()
     sync(device)
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / inner
 
 
-def bench_shape(name, config, batch, seq, device, reps, peft_ok):
+def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok):
     models = make_models(config, device, peft_ok)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
@@ -134,14 +139,19 @@ def bench_shape(name, config, batch, seq, device, reps, peft_ok):
     step_times = {k: [] for k in trainable}
     for _ in range(reps):
         for k in trainable:
-            step_times[k].append(timed(steps[k][0], device))
+            step_times[k].append(timed(steps[k][0], device, inner))
 
     # memory: saved activations, trainable state (params + grads + 2 Adam moments), CUDA peak
     memory = {}
     for k in trainable:
         m = models[k]
         n_trainable = sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
-        memory[k] = {"saved_activation_bytes": saved_bytes(m, x, y), "trainable_state_bytes": 4 * n_trainable}
+        weights = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+        act = saved_bytes(m, x, y)
+        # the footprint at the start of backward, where a step peaks: every weight, the gradients and Adam's
+        # two moments of the trainable tensors, and every activation autograd kept
+        memory[k] = {"saved_activation_bytes": act, "trainable_state_bytes": 3 * n_trainable, "weight_bytes": weights,
+                     "step_footprint_bytes": weights + 3 * n_trainable + act}  # fmt: skip
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
@@ -163,7 +173,7 @@ def bench_shape(name, config, batch, seq, device, reps, peft_ok):
             m(x)
         for _ in range(reps):
             for k, m in evals.items():
-                eval_times[k].append(timed(lambda m=m: m(x), device))
+                eval_times[k].append(timed(lambda m=m: m(x), device, 3 * inner))
     tokens = batch * seq
     return {
         "name": name, "batch": batch, "seq": seq, "d_model": config.d_model, "n_layer": config.n_layer,
@@ -171,6 +181,31 @@ def bench_shape(name, config, batch, seq, device, reps, peft_ok):
         "eval_tokens_per_s": {k: tokens / statistics.median(v) for k, v in eval_times.items()},
         "memory": memory,
     }  # fmt: skip
+
+
+def sequence_sweep(device, reps, batch=8, seqs=(64, 128, 256, 512)):
+    """D2-LoRA's and DoRA's step time over LoRA(r)'s at a fixed batch of sequences (tokens per step grow with
+    the sequence), the setting of the paper's 'overhead falls with longer sequences'. Default model."""
+    config = GPTConfig(vocab_size=1280, block_size=max(seqs), n_layer=2, n_head=4, d_model=128)
+    torch.manual_seed(0)
+    base = GPT(config).to(device)
+    models = {label: inject_adapters(copy.deepcopy(base), method, r=4, alpha=8)
+              for label, method in (("LoRA(r)", "lora"), ("DoRA(r)", "dora"), ("D2-LoRA(r)", "d2lora"))}  # fmt: skip
+    rows = []
+    for seq in seqs:
+        g = torch.Generator().manual_seed(seq)
+        x = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
+        steps = {k: train_step_fn(m, x, x)[0] for k, m in models.items()}
+        for f in steps.values():
+            f()
+        times = {k: [] for k in steps}
+        for _ in range(reps):
+            for k, f in steps.items():
+                times[k].append(timed(f, device, inner=3))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        rows.append({"seq": seq, "tokens": batch * seq, "D2-LoRA(r) / LoRA(r)": med["D2-LoRA(r)"] / med["LoRA(r)"],
+                     "DoRA(r) / LoRA(r)": med["DoRA(r)"] / med["LoRA(r)"], "LoRA(r) step ms": 1000 * med["LoRA(r)"]})  # fmt: skip
+    return rows
 
 
 def ratios(result):
@@ -182,29 +217,34 @@ def ratios(result):
     return out
 
 
-def markdown(results, facts):
+def markdown(results, facts, sweep=None):
     lines = [f"machine: {facts}", ""]
     for r in results:
         rat = ratios(r)
         ev = r["eval_tokens_per_s"]
         mem = r["memory"]
         lines += [f"### {r['name']} (batch {r['batch']} x seq {r['seq']})", "",
-                  "| method | train step (ms) | × LoRA(r) | × LoRA(2r) | ours / PEFT | saved activations (MB) | × LoRA(2r) | eval tok/s unmerged | merged | merged / base |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| method | train step (ms) | × LoRA(r) | × LoRA(2r) | ours / PEFT | saved activations (MB) | step footprint (MB) | footprint × LoRA(2r) | eval tok/s unmerged | merged | merged / base |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for k, t in r["train_step_s"].items():
             unmerged, merged = ev.get(f"{k} unmerged"), ev.get(f"{k} merged")
-            act = mem[k]["saved_activation_bytes"]
+            act, foot = mem[k]["saved_activation_bytes"], mem[k]["step_footprint_bytes"]
             cells = [k, f"{1000 * t:.1f}", f"{rat[k]['vs LoRA(r)']:.2f}", f"{rat[k]['vs LoRA(2r)']:.2f}",
                      f"{rat[k]['ours / PEFT']:.2f}" if "ours / PEFT" in rat[k] else "–", f"{act / 2**20:.1f}",
-                     f"{act / mem['LoRA(2r)']['saved_activation_bytes']:.2f}",
+                     f"{foot / 2**20:.1f}", f"{foot / mem['LoRA(2r)']['step_footprint_bytes']:.2f}",
                      f"{unmerged:,.0f}" if unmerged else "–", f"{merged:,.0f}" if merged else "–",
                      f"{merged / ev['base']:.2f}" if merged else "–"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"base model eval: {ev['base']:,.0f} tok/s", ""]
     trend = [r for r in results if r["name"].startswith("default")]
     if trend:
-        lines.append("D2-LoRA(r) step / LoRA(r) step by sequence length (default model): "
+        lines.append("D2-LoRA(r) step / LoRA(r) step by sequence length, default model, 4096 tokens per step: "
                      + ", ".join(f"seq {r['seq']}: {ratios(r)['D2-LoRA(r)']['vs LoRA(r)']:.2f}" for r in trend))  # fmt: skip
+    if sweep:
+        lines += ["", "### fixed batch of 8 sequences, default model (tokens per step grow with the sequence)", "",
+                  "| seq | tokens/step | LoRA(r) step (ms) | DoRA(r) / LoRA(r) | D2-LoRA(r) / LoRA(r) |", "|---|---|---|---|---|"]  # fmt: skip
+        for row in sweep:
+            lines.append(f"| {row['seq']} | {row['tokens']} | {row['LoRA(r) step ms']:.1f} | {row['DoRA(r) / LoRA(r)']:.2f} | {row['D2-LoRA(r) / LoRA(r)']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -230,15 +270,20 @@ def main(argv=None):
              + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "") + f", {reps} interleaved reps, medians")  # fmt: skip
     print(facts, flush=True)
     results = []
-    for name, config, batch, seq in shapes(args.quick):
+    for name, config, batch, seq, inner in shapes(args.quick):
         if args.only and args.only not in name:
             continue
         t0 = time.time()
-        results.append(bench_shape(name, config, batch, seq, device, reps, peft_ok))
+        results.append(bench_shape(name, config, batch, seq, inner, device, reps, peft_ok))
         print(f"{name}: {time.time() - t0:.0f} s", flush=True)
-    text = markdown(results, facts)
+    sweep = None
+    if not args.only or args.only in "sweep":
+        t0 = time.time()
+        sweep = sequence_sweep(device, reps)
+        print(f"fixed-batch sequence sweep: {time.time() - t0:.0f} s", flush=True)
+    text = markdown(results, facts, sweep)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(args.out) / "bench.json", {"machine": facts, "results": results, "ratios": [ratios(r) for r in results]})
+    write_json(Path(args.out) / "bench.json", {"machine": facts, "results": results, "ratios": [ratios(r) for r in results], "sequence_sweep": sweep})
     write_text(Path(args.out) / "bench.md", text)
     print("\n" + text + f"\nwritten: {args.out}/bench.json, bench.md")
     return 0

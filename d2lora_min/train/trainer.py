@@ -179,10 +179,10 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc, disable=not cfg.progress or rank != 0,
                leave=False, dynamic_ncols=True, mininterval=1.0)  # fmt: skip
     for step in bar:
-        t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         x, y = get_batch(step)  # the global batch, the same in every process
+        t0 = time.perf_counter()  # step time: forward, backward and update, not the batch's construction
         n_targets = (y != -1).sum()
         if world > 1:  # this process's shard; its mean loss is reweighted by its share of the target tokens
             x, y = x[rank::world], y[rank::world]
