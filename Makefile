@@ -4,6 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --progress-bar off -c constraints.txt
 STAMP := $(VENV)/.installed
+# NPROC=N runs compare / ablate / pretrain data-parallel on N processes with torchrun (one per GPU on CUDA).
+NPROC ?= 1
+LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC))
 
 .PHONY: help venv test compare ablate pretrain bench golden clean
 
@@ -11,13 +14,13 @@ help:
 	@echo "make compare   fine-tune LoRA(r), LoRA(2r), DoRA(r), D2-LoRA(r) on the shipped base and print the table"
 	@echo "make test      run the test suite (pytest + hypothesis)"
 	@echo "make ablate    the D2-LoRA ablations as one compare run"
-	@echo "make pretrain  pretrain the default base model again (about an hour on 2 CPU cores)"
+	@echo "make pretrain  pretrain the default base model again (about 20 minutes on 2 CPU cores)"
 	@echo "make bench     speed and memory of every method, as ratios (writes runs/bench/)"
 	@echo "make golden    regenerate the golden vectors under tests/golden/"
+	@echo "options: ARGS='...' passes arguments, e.g. ARGS='--seeds 0,1,2'; NPROC=2 runs on 2 processes (torchrun)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
 	$(PIP) -e ".[test,peft]"
 	touch $(STAMP)
@@ -28,13 +31,13 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 compare: $(STAMP)
-	$(PY) -m d2lora_min.train.compare $(ARGS)
+	$(LAUNCH) -m d2lora_min.train.compare $(ARGS)
 
 ablate: $(STAMP)
-	$(PY) -m d2lora_min.train.compare --preset ablate $(ARGS)
+	$(LAUNCH) -m d2lora_min.train.compare --preset ablate $(ARGS)
 
 pretrain: $(STAMP)
-	$(PY) -m d2lora_min.train.pretrain $(ARGS)
+	$(LAUNCH) -m d2lora_min.train.pretrain $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m d2lora_min.train.bench $(ARGS)

@@ -254,3 +254,53 @@ def test_bad_rank_is_a_clear_error(cls, r):
 def test_wrapping_something_else_than_linear_is_a_type_error(cls):
     with pytest.raises(TypeError, match="nn.Linear"):
         cls(nn.Conv1d(4, 4, 1), r=1, alpha=1.0)
+
+
+# scale_rows: y = c * h + b, keeping y instead of h for backward ---------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_scale_rows_gradients_are_exact(bias):
+    from d2lora_min.nn.base import scale_rows
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    c = (torch.rand(5, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+    b = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    assert torch.autograd.gradcheck(scale_rows, (h, c, b))
+
+
+def test_scale_rows_returns_zero_gradient_where_c_is_zero():
+    from d2lora_min.nn.base import scale_rows
+
+    h = torch.randn(4, 3, dtype=torch.float64)
+    c = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64, requires_grad=True)
+    scale_rows(h, c).sum().backward()
+    assert c.grad[1] == 0 and torch.allclose(c.grad[[0, 2]], h.sum(0)[[0, 2]])
+
+
+def test_an_inplace_change_of_a_d2lora_output_is_a_loud_error():
+    torch.manual_seed(0)
+    layer = D2LoRALinear(nn.Linear(4, 3), r=1, alpha=1.0)
+    y = layer(torch.randn(2, 4))
+    y.relu_()  # documented: the output is kept for backward, so it must not be changed in place
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_bf16_autocast_forward_and_backward(method):
+    torch.manual_seed(0)
+    layer = METHODS[method](nn.Linear(16, 8), r=2, alpha=4.0)
+    from .helpers import perturb_adapters
+
+    perturb_adapters(layer, 0)
+    x = torch.randn(4, 16)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    exact = torch.autograd.grad(layer(x).square().sum(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    approx = torch.autograd.grad(y.float().square().sum(), params)
+    for a, e in zip(approx, exact):
+        assert a.dtype == e.dtype and torch.isfinite(a).all()
+        assert (a - e).norm() <= 0.05 * e.norm() + 1e-3

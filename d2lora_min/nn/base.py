@@ -34,6 +34,48 @@ def row_scale(target, v_norm, detach_norm):
     return target / v_norm.clamp_min(NORM_EPS)  # (out,)
 
 
+class _ScaleRows(torch.autograd.Function):
+    """y = c * h + b, for h (..., out), c (out,) and an optional bias b (out,), saving y instead of h.
+
+    Plain autograd would keep h, a second (..., out) tensor per layer, to compute dL/dc = sum over tokens of
+    g * h. Its output y is usually kept by the next operation anyway (attention keeps q, k, v; GELU keeps
+    its input), and h = (y - b) / c, so
+        dL/dh = g * c,    dL/dc = (sum_t g * y - b * sum_t g) / c.
+    Exact wherever c != 0. D2-LoRA's c is 0 only where the pretrained row is zero (t = 0), and there dL/dc is
+    multiplied by dc/dnorm = -t / norm^2 = 0, so 0 is returned for it. Measured by make bench: this saves
+    most of the activation memory the per-row factor would cost.
+    Because y is saved, an in-place operation on the layer's output makes backward raise an error.
+    """
+
+    @staticmethod
+    def forward(ctx, h, c, b):
+        y = h * c if b is None else torch.addcmul(b, h, c)  # (..., out)
+        ctx.save_for_backward(y, c, b)
+        ctx.h_dtype = h.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        y, c, b = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1])  # (tokens, out)
+        grad_h = grad_c = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = (g * c).to(ctx.h_dtype)  # (..., out)
+        if ctx.needs_input_grad[1]:
+            gy = (g2 * y.reshape(-1, y.shape[-1])).sum(dim=0)  # sum_t g * y: (out,)
+            if b is not None:
+                gy = gy - b * g2.sum(dim=0)  # sum_t g * (y - b) = sum_t g * c * h
+            grad_c = torch.where(c != 0, gy / torch.where(c != 0, c, 1), 0).to(c.dtype)  # sum_t g * h: (out,)
+        if b is not None and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(dim=0)  # (out,)
+        return grad_h, grad_c, grad_b
+
+
+def scale_rows(h, c, bias=None):
+    """y = c * h + bias with c (out,) scaling the output features of h (..., out); see _ScaleRows."""
+    return _ScaleRows.apply(h, c, bias)
+
+
 class AdapterLinear(nn.Module):
     """Base class: holds the frozen `base` nn.Linear and the hyper-parameters common to all methods.
 

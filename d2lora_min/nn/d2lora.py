@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import NORM_EPS, AdapterLinear, row_norm, row_scale
+from .base import NORM_EPS, AdapterLinear, row_norm, row_scale, scale_rows
 
 
 class D2LoRALinear(AdapterLinear):
@@ -29,8 +29,11 @@ class D2LoRALinear(AdapterLinear):
       project=False drops the projection: W = V, the signed residual alone.
       detach_norm=True treats norm(V) as a constant in backward (as DoRA does). With the default False
         the gradient flows through the projection and loses its radial component: each row's update
-        can turn the row but not stretch it, which is what keeps training stable.
-      tau_init=0.5 and learning tau are this project's defaults; the paper's ablations vary both.
+        can turn the row but not stretch it (docs/PORTING.md, section 5, has the formula).
+      tau_init=0.5 and a learned tau are this project's choices (DESIGN.md, section 2).
+
+    W0 is frozen: its row norms are taken once, when the layer is wrapped. Change W0 afterwards and you
+    must wrap it again.
     """
 
     OPTIONS = {"tau_init": 0.5, "learn_tau": True, "project": True, "detach_norm": False}
@@ -102,6 +105,8 @@ class D2LoRALinear(AdapterLinear):
         A, B = self._stacked_factors()  # (2r, in), (out, 2r)
         # x @ V.T = x @ W0.T + s * (x @ A.T) @ B.T, through the factors
         h = F.linear(x, self.base.weight) + self._low_rank(x, A, B)  # (..., out)
-        if self.project:
-            h = row_scale(self.target_norm, self._v_norm(A, B), self.detach_norm) * h  # c * (x @ V.T): (..., out)
-        return h if self.base.bias is None else h + self.base.bias  # (..., out)
+        if not self.project:
+            return h if self.base.bias is None else h + self.base.bias  # (..., out)
+        c = row_scale(self.target_norm, self._v_norm(A, B), self.detach_norm)  # t / norm(V): (out,)
+        # x @ W.T + b = c * (x @ V.T) + b; scale_rows keeps the output, not h, for backward (see base.py)
+        return scale_rows(h, c, self.base.bias)  # (..., out)
