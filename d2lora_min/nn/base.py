@@ -50,7 +50,7 @@ class _ScaleRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, c, b):
         y = h * c if b is None else torch.addcmul(b, h, c)  # (..., out)
-        ctx.save_for_backward(y, c, b)
+        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, c, b)  # y only serves dL/dc
         ctx.h_dtype = h.dtype
         return y
 
