@@ -34,7 +34,7 @@ import torch.distributed as dist
 from ..atomic import check_writable, write_json, write_text
 from ..nn import DEFAULT_TARGETS, METHODS, check_options, inject_adapters, merge_adapters, save_adapters, trainable_parameters
 from .cli import apply_overrides, config_help, parse_value
-from .evaluate import MCItem, generation_scores, mc_accuracy
+from .evaluate import generation_scores, mc_accuracy
 from .pretrain import PretrainConfig, corpus_fingerprint, resolve_base
 from .tasks import TASKS, build_splits, finetune_batches
 from .tokenizer import EOT
@@ -126,22 +126,31 @@ def parse_method_spec(text, cfg: CompareConfig):
 
 
 def evaluate_all(model, tokenizer, splits):
-    """{task: score} (accuracy, or ROUGE-L / exact match for generative tasks) and MC tokens/s."""
-    scores, mc_tokens, mc_seconds = {}, 0.0, 0.0
+    """{task: score}: accuracy, or ROUGE-L and exact match (`<task>_exact`) for generative tasks."""
+    scores = {}
     for name, (_, test) in splits.items():
         task = TASKS[name]
         if task.kind == "mc":
-            t0 = time.perf_counter()
-            acc, _, tok_per_s = mc_accuracy(model, tokenizer, test, normalise=task.normalise)
-            seconds = time.perf_counter() - t0
-            mc_tokens += tok_per_s * seconds
-            mc_seconds += seconds
-            scores[name] = acc
+            scores[name] = mc_accuracy(model, tokenizer, test, normalise=task.normalise)[0]
         else:
             rouge, exact, _, _ = generation_scores(model, tokenizer, test, task.max_new_tokens)
-            scores[name] = rouge
-            scores[name + "_exact"] = exact
-    return scores, (mc_tokens / mc_seconds if mc_seconds else float("nan"))
+            scores[name], scores[name + "_exact"] = rouge, exact
+    return scores
+
+
+@torch.no_grad()
+def forward_throughput(models, x, reps=7):
+    """{name: tokens/s} of each model's forward pass on batch x: interleaved repetitions, median."""
+    x = x.to(next(next(iter(models.values())).parameters()).device)
+    times = {k: [] for k in models}
+    for m in models.values():
+        m(x)  # warm-up
+    for _ in range(reps):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[k].append(time.perf_counter() - t0)
+    return {k: x.numel() / statistics.median(v) for k, v in times.items()}
 
 
 def logit_probe_batch(tokenizer, splits, n_per_task=16):
@@ -191,17 +200,17 @@ def run_one(spec, seed, base_model, tokenizer, splits, cfg, out_dir, device, tra
     if rank != 0:
         return None
     model.eval()
-    scores, tok_s = evaluate_all(model, tokenizer, splits)
-    result["scores"], result["eval_tokens_per_s"] = scores, tok_s
+    result["scores"] = evaluate_all(model, tokenizer, splits)
     if spec.name in METHODS:
         save_adapters(model, out_dir / "adapters" / f"{slug(spec.text)}_seed{seed}")
         x, lengths = logit_probe_batch(tokenizer, splits)
-        before = real_logits(model, x, lengths)
-        merge_adapters(model)
-        result["max_logit_diff"] = (real_logits(model, x, lengths) - before).abs().max().item()
-        merged_scores, merged_tok_s = evaluate_all(model, tokenizer, splits)
-        result["merged_scores"], result["merged_eval_tokens_per_s"] = merged_scores, merged_tok_s
-        result["merge_gap_pp"] = {k: 100 * (scores[k] - merged_scores[k]) for k in scores}
+        merged = merge_adapters(copy.deepcopy(model))
+        result["max_logit_diff"] = (real_logits(merged, x, lengths) - real_logits(model, x, lengths)).abs().max().item()
+        speed = forward_throughput({"base": base_model, "unmerged": model, "merged": merged}, x)
+        result["eval_tokens_per_s"], result["merged_eval_tokens_per_s"] = speed["unmerged"], speed["merged"]
+        result["base_eval_tokens_per_s"] = speed["base"]
+        result["merged_scores"] = evaluate_all(merged, tokenizer, splits)
+        result["merge_gap_pp"] = {k: 100 * (result["scores"][k] - result["merged_scores"][k]) for k in result["scores"]}
     return result
 
 
@@ -239,7 +248,7 @@ def summarise(runs, task_names, n_test):
                 n = n_test * (len(mc) if t == "mean_mc" else 1)
                 spread = math.sqrt(mean * (1 - mean) / n) if t in mc or t == "mean_mc" else float("nan")
             row[t] = (mean, spread)
-        for k in ("step_time", "volatility", "max_logit_diff", "eval_tokens_per_s", "merged_eval_tokens_per_s", "train_seconds"):
+        for k in ("step_time", "volatility", "max_logit_diff", "eval_tokens_per_s", "merged_eval_tokens_per_s", "base_eval_tokens_per_s", "train_seconds"):
             vals = [r[k] for r in rs if k in r]
             row[k] = statistics.median(vals) if vals else None
         gaps = [abs(g) for r in rs for g in r.get("merge_gap_pp", {}).values()]
@@ -266,15 +275,14 @@ def markdown_tables(rows, task_names, reference_label):
         cells += [_fmt(row[t][0]) for t in gen] + [_fmt(row[t + "_exact"][0]) for t in gen]
         lines.append("| " + " | ".join(cells) + " |")
     ref = next((r for r in rows if r["label"] == reference_label), None)
-    base = next((r for r in rows if r["method"] == "base"), None)
     head2 = ["method", f"step time (× {reference_label})", "loss volatility", "merge gap (pp, max over tasks)",
-             "max abs logit diff", "eval tok/s unmerged", "eval tok/s merged", "merged / base"]  # fmt: skip
+             "max abs logit diff", "forward tok/s unmerged", "merged", "merged / base"]  # fmt: skip
     lines += ["", "| " + " | ".join(head2) + " |", "|" + "---|" * len(head2)]
     for row in rows:
         if row["method"] == "base":
             continue
         rel = row["step_time"] / ref["step_time"] if ref and row["step_time"] and ref["step_time"] else None
-        merged_vs_base = (row["merged_eval_tokens_per_s"] / base["eval_tokens_per_s"]) if base and row["merged_eval_tokens_per_s"] else None
+        merged_vs_base = row["merged_eval_tokens_per_s"] / row["base_eval_tokens_per_s"] if row["base_eval_tokens_per_s"] else None
         cells = [row["label"], _fmt(rel, ".2f"), _fmt(row["volatility"], ".4f"), _fmt(row["max_merge_gap_pp"], ".2f"),
                  _fmt(row["max_logit_diff"], ".1e"), _fmt(row["eval_tokens_per_s"], ",.0f"),
                  _fmt(row["merged_eval_tokens_per_s"], ",.0f"), _fmt(merged_vs_base, ".2f")]  # fmt: skip
@@ -323,8 +331,7 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False):
               f" | {torch.get_num_threads()} threads | {n_procs} process(es)", flush=True)  # fmt: skip
     world = World(seed=cfg.pretrain.corpus.world_seed, n_people=cfg.pretrain.corpus.n_people)
     splits = build_splits(world, cfg.tasks, cfg.n_train, cfg.n_test, seed=0)
-    warm = [it for _, test in splits.values() for it in test[:8] if isinstance(it, MCItem)]
-    mc_accuracy(base_model.to(device), tokenizer, warm)  # untimed warm-up, so the first timed evaluation is not the slowest
+    base_model.to(device)
 
     runs = []
     for spec in specs:
