@@ -304,3 +304,25 @@ def test_bf16_autocast_forward_and_backward(method):
     for a, e in zip(approx, exact):
         assert a.dtype == e.dtype and torch.isfinite(a).all()
         assert (a - e).norm() <= 0.05 * e.norm() + 1e-3
+
+
+def test_the_benchmarks_plain_d2lora_equals_the_fast_one():
+    import copy
+
+    from d2lora_min.train.bench import with_dense_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 4))
+    from d2lora_min.nn import inject_adapters
+
+    from .helpers import perturb_adapters
+
+    perturb_adapters(inject_adapters(model, "d2lora", r=2, alpha=4, targets=("0", "2")), 1)
+    dense = with_dense_norm(copy.deepcopy(model))
+    x = torch.randn(3, 6)
+    assert_close(dense(x), model(x))
+    for (n, a), (_, b) in zip(model.named_parameters(), dense.named_parameters()):
+        if a.requires_grad:
+            (ga,) = torch.autograd.grad(model(x).square().sum(), a)
+            (gb,) = torch.autograd.grad(dense(x).square().sum(), b)
+            assert_close(ga, gb, factor=10)

@@ -14,6 +14,8 @@ method alike; medians over the repetitions are reported, as ratios to LoRA(r) an
                trainable tensors' gradients and Adam moments (where a step peaks, at the start of backward);
                on CUDA also torch.cuda.max_memory_allocated during the step
   PEFT         our LoRA and DoRA training step against PEFT's on the same model (when peft is installed)
+  dense norm   D2-LoRA written the plain way (V formed for its norms, x @ V.T kept for backward), to show
+               what the Gram form of norm(V) and scale_rows (d2lora_min/nn) save
 
 Shapes: the default compare model (d_model 128, 2 blocks) at sequence lengths 64, 128 and 256 with a fixed
 number of tokens per step, and one compute-bound shape (d_model 768, 2 blocks, sequence 512), where the
@@ -33,11 +35,32 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..atomic import write_json, write_text
-from ..nn import DEFAULT_TARGETS, inject_adapters, merge_adapters
+from ..nn import DEFAULT_TARGETS, D2LoRALinear, adapter_layers, inject_adapters, merge_adapters, row_norm, row_scale
 from .trainer import pick_device
 from tiny_gpt import GPT, GPTConfig
+
+class D2LoRADenseNorm(D2LoRALinear):
+    """D2-LoRA written the plain way, for comparison only: it forms V (out, in) for the row norms and lets
+    autograd keep x @ V.T for backward. Same outputs as D2LoRALinear (up to rounding); shows what the Gram
+    form of norm(V) and scale_rows save."""
+
+    def forward(self, x):
+        A, B = self._stacked_factors()  # (2r, in), (out, 2r)
+        h = F.linear(x, self.base.weight) + self._low_rank(x, A, B)  # (..., out)
+        V = self.base.weight + self.scaling * B @ A  # (out, in)
+        y = row_scale(self.target_norm, row_norm(V), self.detach_norm) * h  # (..., out)
+        return y if self.base.bias is None else y + self.base.bias
+
+
+def with_dense_norm(model):
+    """Turn every D2-LoRA layer of `model` into D2LoRADenseNorm (same tensors, plain forward)."""
+    for _, layer in adapter_layers(model):
+        layer.__class__ = D2LoRADenseNorm
+    return model
+
 
 METHODS_BENCH = [
     ("LoRA(r)", "lora", {"r": 4}),
@@ -46,6 +69,7 @@ METHODS_BENCH = [
     ("D2-LoRA(r)", "d2lora", {"r": 4}),
     ("D2-LoRA(r) detach_norm", "d2lora", {"r": 4, "detach_norm": True}),
     ("D2-LoRA(r) project=false", "d2lora", {"r": 4, "project": False}),
+    ("D2-LoRA(r) dense norm", "d2lora", {"r": 4}),  # converted by with_dense_norm below
 ]
 
 
@@ -73,6 +97,8 @@ def make_models(config, device, peft_ok):
         opts = dict(opts)
         r = opts.pop("r")
         models[label] = inject_adapters(copy.deepcopy(base), method, r=r, alpha=2 * r, **opts)
+        if label.endswith("dense norm"):
+            with_dense_norm(models[label])
     if peft_ok:
         from peft import LoraConfig, inject_adapter_in_model
 
