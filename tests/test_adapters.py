@@ -5,6 +5,7 @@ devices and method options, and - except where the property is about initialisat
 adapter tensors.
 """
 
+import copy
 import math
 
 import pytest
@@ -14,9 +15,10 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from d2lora_min.nn import METHODS, D2LoRALinear, DoRALinear, LoRALinear, row_norm
+from d2lora_min.nn import METHODS, D2LoRALinear, DoRALinear, LoRALinear, inject_adapters, row_norm
+from d2lora_min.train.bench import with_dense_norm
 
-from .helpers import assert_close, layer_cases, make_layer, random_input
+from .helpers import assert_close, layer_cases, make_layer, perturb_adapters, random_input
 
 
 def _base_output(base, x):
@@ -292,8 +294,6 @@ def test_an_inplace_change_of_a_d2lora_output_is_a_loud_error():
 def test_bf16_autocast_forward_and_backward(method):
     torch.manual_seed(0)
     layer = METHODS[method](nn.Linear(16, 8), r=2, alpha=4.0)
-    from .helpers import perturb_adapters
-
     perturb_adapters(layer, 0)
     x = torch.randn(4, 16)
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -307,16 +307,9 @@ def test_bf16_autocast_forward_and_backward(method):
 
 
 def test_the_benchmarks_plain_d2lora_equals_the_fast_one():
-    import copy
-
-    from d2lora_min.train.bench import with_dense_norm
-
+    # make bench's "dense norm" row (V formed, plain autograd) must compute the same function and gradients
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 4))
-    from d2lora_min.nn import inject_adapters
-
-    from .helpers import perturb_adapters
-
     perturb_adapters(inject_adapters(model, "d2lora", r=2, alpha=4, targets=("0", "2")), 1)
     dense = with_dense_norm(copy.deepcopy(model))
     x = torch.randn(3, 6)

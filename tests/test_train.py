@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from d2lora_min.nn import adapter_state_dict, inject_adapters
 from d2lora_min.train.cli import apply_overrides
-from d2lora_min.train.compare import CompareConfig, parse_method_spec, summarise
+from d2lora_min.train.compare import CompareConfig, main as compare_main, parse_method_spec, summarise
 from d2lora_min.train.data import CorpusConfig, read_text_file, window_batches
 from d2lora_min.train.evaluate import GenItem, MCItem, greedy_generate, mc_accuracy, rouge_l_f1, score_choices
 from d2lora_min.train.tasks import TASKS, answer_text, build_splits, finetune_batches
@@ -308,6 +308,12 @@ def test_config_overrides_and_their_errors():
     assert cfg.train.steps == 7 and cfg.pretrain.model.n_layer == 3 and cfg.seeds == (1, 2)
     with pytest.raises(ValueError, match="unknown setting 'train.stepz'"):
         apply_overrides(CompareConfig(), ["train.stepz=3"])
+
+
+def test_compare_refuses_a_train_seed_it_would_ignore(capsys):
+    with pytest.raises(SystemExit):
+        compare_main(["--train.seed=3"])
+    assert "comes from --seeds" in capsys.readouterr().err
 
 
 def test_summary_uses_binomial_error_for_one_seed_and_sd_for_several():

@@ -4,8 +4,10 @@
     python -m d2lora_min.train.bench --quick         # fewer repetitions, for a smoke test
 
 For each shape, every method gets its own copy of one randomly initialised model, and the measurements are
-interleaved (rep 1: method 1, 2, ...; rep 2: ...) so that a slow moment of a shared machine hits every
-method alike; medians over the repetitions are reported, as ratios to LoRA(r) and to LoRA(2r).
+interleaved: each repetition times every method once, in a fresh random order, so that a slow moment of a
+shared machine or a fixed place in the order favours no method. Times are medians over the repetitions; a
+ratio (to LoRA(r), to LoRA(2r), merged to base) is the median of the per-repetition ratios of two
+measurements taken in the same repetition, which cancels most of the machine's drift.
 
   train step   forward + backward + AdamW step of a fine-tuning batch
   eval         forward-only tokens/s of the base model, of each method unmerged, and merged
@@ -28,6 +30,7 @@ import copy
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -150,6 +153,24 @@ def timed(fn, device, inner=1):
     return (time.perf_counter() - t0) / inner
 
 
+def interleaved(fns, device, reps, inner, seed=0):
+    """{name: [seconds per call, one per repetition]}. Each repetition times every fn once, in a fresh random
+    (seeded) order."""
+    rng = random.Random(seed)
+    order = list(fns)
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        rng.shuffle(order)
+        for k in order:
+            times[k].append(timed(fns[k], device, inner))
+    return times
+
+
+def paired_ratio(times, k, ref):
+    """Median over repetitions of times[k] / times[ref], both measured in the same repetition."""
+    return statistics.median(a / b for a, b in zip(times[k], times[ref]))
+
+
 def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok):
     models = make_models(config, device, peft_ok)
     g = torch.Generator().manual_seed(0)
@@ -162,10 +183,7 @@ def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok):
     for k in trainable:  # warm-up: allocator, optimizer state
         for _ in range(2):
             steps[k][0]()
-    step_times = {k: [] for k in trainable}
-    for _ in range(reps):
-        for k in trainable:
-            step_times[k].append(timed(steps[k][0], device, inner))
+    step_times = interleaved({k: steps[k][0] for k in trainable}, device, reps, inner)
 
     # memory: saved activations, trainable state (params + grads + 2 Adam moments), CUDA peak
     memory = {}
@@ -193,19 +211,17 @@ def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok):
         evals[f"{label} merged"] = merge_adapters(copy.deepcopy(models[label]))
     for m in evals.values():
         m.eval()
-    eval_times = {k: [] for k in evals}
     with torch.no_grad():
-        for k, m in evals.items():
+        for m in evals.values():
             m(x)
-        for _ in range(reps):
-            for k, m in evals.items():
-                eval_times[k].append(timed(lambda m=m: m(x), device, 3 * inner))
+        eval_times = interleaved({k: (lambda m=m: m(x)) for k, m in evals.items()}, device, reps, 3 * inner)
     tokens = batch * seq
     return {
         "name": name, "batch": batch, "seq": seq, "d_model": config.d_model, "n_layer": config.n_layer,
         "train_step_s": {k: statistics.median(v) for k, v in step_times.items()},
         "eval_tokens_per_s": {k: tokens / statistics.median(v) for k, v in eval_times.items()},
         "memory": memory,
+        "train_step_reps_s": step_times, "eval_reps_s": eval_times,  # per repetition, for the paired ratios
     }  # fmt: skip
 
 
@@ -224,22 +240,22 @@ def sequence_sweep(device, reps, batch=8, seqs=(64, 128, 256, 512)):
         steps = {k: train_step_fn(m, x, x)[0] for k, m in models.items()}
         for f in steps.values():
             f()
-        times = {k: [] for k in steps}
-        for _ in range(reps):
-            for k, f in steps.items():
-                times[k].append(timed(f, device, inner=3))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        rows.append({"seq": seq, "tokens": batch * seq, "D2-LoRA(r) / LoRA(r)": med["D2-LoRA(r)"] / med["LoRA(r)"],
-                     "DoRA(r) / LoRA(r)": med["DoRA(r)"] / med["LoRA(r)"], "LoRA(r) step ms": 1000 * med["LoRA(r)"]})  # fmt: skip
+        times = interleaved(steps, device, reps, inner=3, seed=seq)
+        rows.append({"seq": seq, "tokens": batch * seq, "D2-LoRA(r) / LoRA(r)": paired_ratio(times, "D2-LoRA(r)", "LoRA(r)"),
+                     "DoRA(r) / LoRA(r)": paired_ratio(times, "DoRA(r)", "LoRA(r)"),
+                     "LoRA(r) step ms": 1000 * statistics.median(times["LoRA(r)"])})  # fmt: skip
     return rows
 
 
 def ratios(result):
-    st = result["train_step_s"]
-    out = {k: {"vs LoRA(r)": v / st["LoRA(r)"], "vs LoRA(2r)": v / st["LoRA(2r)"]} for k, v in st.items()}
+    st = result["train_step_reps_s"]
+    out = {k: {"vs LoRA(r)": paired_ratio(st, k, "LoRA(r)"), "vs LoRA(2r)": paired_ratio(st, k, "LoRA(2r)")} for k in st}
     for k, label in (("PEFT LoRA(r)", "LoRA(r)"), ("PEFT DoRA(r)", "DoRA(r)")):
         if k in st:
-            out[label]["ours / PEFT"] = st[label] / st[k]
+            out[label]["ours / PEFT"] = paired_ratio(st, label, k)
+    ev = result["eval_reps_s"]
+    for label, _, _ in METHODS_BENCH:  # throughput merged / base = time base / time merged
+        out[label]["merged / base"] = paired_ratio(ev, "base", f"{label} merged")
     return out
 
 
@@ -259,7 +275,7 @@ def markdown(results, facts, sweep=None):
                      f"{rat[k]['ours / PEFT']:.2f}" if "ours / PEFT" in rat[k] else "–", f"{act / 2**20:.1f}",
                      f"{foot / 2**20:.1f}", f"{foot / mem['LoRA(2r)']['step_footprint_bytes']:.2f}",
                      f"{unmerged:,.0f}" if unmerged else "–", f"{merged:,.0f}" if merged else "–",
-                     f"{merged / ev['base']:.2f}" if merged else "–"]  # fmt: skip
+                     f"{rat[k]['merged / base']:.2f}" if merged else "–"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"base model eval: {ev['base']:,.0f} tok/s", ""]
     trend = [r for r in results if r["name"].startswith("default")]

@@ -391,6 +391,8 @@ def main(argv=None):
     parser.add_argument("--fresh", action="store_true", help="recompute every run instead of reusing matching results")
     args, overrides = parser.parse_known_args(argv)
     cfg = apply_overrides(CompareConfig(), overrides)
+    if cfg.train.seed != TrainConfig().seed:
+        parser.error("--train.seed is not used by compare: each run's seed comes from --seeds")
     if args.preset == "ablate":
         cfg.methods = ABLATE_METHODS
     if args.methods:
