@@ -45,6 +45,7 @@ from ..nn import DEFAULT_TARGETS, D2LoRALinear, adapter_layers, inject_adapters,
 from .trainer import pick_device
 from tiny_gpt import GPT, GPTConfig
 
+
 class D2LoRADenseNorm(D2LoRALinear):
     """D2-LoRA written the plain way, for comparison only: it forms V (out, in) for the row norms and lets
     autograd keep x @ V.T for backward. Same outputs as D2LoRALinear (up to rounding); shows what the Gram
