@@ -84,6 +84,14 @@ def close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+def assert_same_layer(ours, y1, grads1, theirs, y2, grads2):
+    """Same output, same gradients (tensor by tensor) and same merged weight."""
+    close(y1, y2)
+    for a, b in zip(grads1, grads2, strict=True):
+        close(a, b)
+    close(ours.merged_weight().detach(), peft_merged_weight(theirs))
+
+
 @settings(max_examples=20)
 @given(shapes)
 def test_lora_equals_peft_lora(c):
@@ -95,10 +103,7 @@ def test_lora_equals_peft_lora(c):
     x, G = inputs(c)
     y1, g1 = run(ours, x, G, [ours.lora_A, ours.lora_B])
     y2, g2 = run(theirs, x, G, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
-    close(y1, y2)
-    for a, b in zip(g1, g2):
-        close(a, b)
-    close(ours.merged_weight().detach(), peft_merged_weight(theirs))
+    assert_same_layer(ours, y1, g1, theirs, y2, g2)
 
 
 @settings(max_examples=20)
@@ -113,10 +118,7 @@ def test_dora_equals_peft_dora(c):
     y1, g1 = run(ours, x, G, [ours.lora_A, ours.lora_B, ours.magnitude])
     mag = theirs.lora_magnitude_vector["default"].weight
     y2, g2 = run(theirs, x, G, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight, mag])
-    close(y1, y2)
-    for a, b in zip(g1, g2):
-        close(a, b)
-    close(ours.merged_weight().detach(), peft_merged_weight(theirs))
+    assert_same_layer(ours, y1, g1, theirs, y2, g2)
 
 
 @settings(max_examples=20)
@@ -154,7 +156,4 @@ def test_d2lora_with_tau_zero_equals_peft_dora_with_frozen_magnitude(c):
     x, G = inputs(c)
     y1, g1 = run(d2, x, G, [d2.lora_A_pos, d2.lora_B_pos])
     y2, g2 = run(theirs, x, G, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
-    close(y1, y2)
-    for a, b in zip(g1, g2):
-        close(a, b)
-    close(d2.merged_weight().detach(), peft_merged_weight(theirs))
+    assert_same_layer(d2, y1, g1, theirs, y2, g2)
