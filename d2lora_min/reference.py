@@ -45,7 +45,7 @@ def delta_weight(method, params, alpha):
     return scaling(alpha, r) * (pos - params["tau"] * neg)
 
 
-def row_scale(method, V, W0, params, project=True):
+def row_factor(method, V, W0, params, project=True):
     """The per-row factor c with W = c[:, None] * V: ones for LoRA (and D2-LoRA without projection),
     magnitude / norm(V) for DoRA, norm(W0) / norm(V) for D2-LoRA."""
     if method == "lora" or (method == "d2lora" and not project):
@@ -57,7 +57,7 @@ def row_scale(method, V, W0, params, project=True):
 def merged_weight(method, W0, params, alpha, project=True):
     """The (out, in) weight the adapted layer applies."""
     V = W0 + delta_weight(method, params, alpha)
-    return row_scale(method, V, W0, params, project)[:, None] * V
+    return row_factor(method, V, W0, params, project)[:, None] * V
 
 
 def forward(method, x, W0, bias, params, alpha, project=True):
@@ -92,7 +92,7 @@ def gradients(method, x, W0, bias, params, alpha, grad_output, project=True, det
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     G = grad_output.reshape(-1, grad_output.shape[-1])  # (N, out)
     V = W0 + delta_weight(method, params, alpha)  # (out, in)
-    c = row_scale(method, V, W0, params, project)  # (out,)
+    c = row_factor(method, V, W0, params, project)  # (out,)
     W = c[:, None] * V
     grads = {"x": (G @ W).reshape(x.shape)}
     Gw = G.T @ x2  # dL/dW: (out, in)

@@ -1,4 +1,7 @@
-"""What the tests share: tolerances, devices, strategies over every registered method, and adapter perturbation."""
+"""What the tests share: tolerances (stated once, per dtype), devices, strategies over every registered method,
+adapter perturbation, and rows built to nearly cancel or to be zero."""
+
+import copy
 
 import torch
 import torch.nn as nn
@@ -6,20 +9,32 @@ from hypothesis import strategies as st
 
 from d2lora_min.nn import METHODS, adapter_layers
 
-# Tolerances relative to the output's scale: |a - b| <= RTOL[dtype] * max(1, max|b|).
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# Tolerances relative to the output's scale: |a - b| <= RTOL[dtype] * max(1, max|b|) (times a stated factor).
+# float64/float32: a few units of rounding over short sums. bfloat16 (8-bit mantissa, u = 3.9e-3) and float16
+# (11-bit, u = 4.9e-4): what their rounding of inputs, products and the output allows.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 DTYPES = list(RTOL)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# Rows that nearly cancel: norm(V_i) / (norm(W0_i) + norm(dW_i)) down to this (the design's bar).
+CANCEL_TO = 1e-3
 
 
-def assert_close(actual, expected, dtype=None, factor=1.0):
-    """Assert two tensors agree to the dtype's tolerance, scaled by the expected tensor's magnitude."""
+# Near cancellation even the plain path loses digits: its error grows like the dtype's rounding unit times
+# ratio = (norm(W0_i) + norm(dW_i)) / norm(V_i). Tolerances there are CANCEL_UNITS rounding units times that ratio
+# (tight enough that an expansion whose error grows like ratio^2, such as norm(V)^2 from W0 A^T and A A^T, fails).
+CANCEL_UNITS = 8
+
+
+def assert_close(actual, expected, dtype=None, factor=1.0, ratio=1.0):
+    """Assert two tensors agree to the dtype's tolerance, scaled by the expected tensor's magnitude; `ratio` is
+    the layer's cancellation_ratio where rows may nearly cancel."""
     dtype = dtype or expected.dtype
     assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), "non-finite values"
+    actual, expected = actual.double(), expected.double()
     scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
-    tol = factor * RTOL[dtype] * scale
+    tol = factor * max(RTOL[dtype], CANCEL_UNITS * torch.finfo(dtype).eps * ratio) * scale
     assert err <= tol, f"max |difference| {err:.3e} > tolerance {tol:.3e}"
 
 
@@ -37,8 +52,9 @@ def option_strategy(cls):
 
 
 @st.composite
-def layer_cases(draw, methods=tuple(METHODS)):
-    """One adapter-layer case: method, options, shapes (1-wide and non-square included), rank, alpha, bias, dtype, device."""
+def layer_cases(draw, methods=tuple(METHODS), dtypes=tuple(DTYPES), rows=("random", "cancel", "zero")):
+    """One adapter-layer case: method, options, shapes (1-wide and non-square included), rank, alpha, bias, dtype,
+    device, and which special rows W0 gets (none, rows that nearly cancel the update, zero rows)."""
     method = draw(st.sampled_from(methods))
     return dict(
         method=method,
@@ -48,23 +64,97 @@ def layer_cases(draw, methods=tuple(METHODS)):
         r=draw(st.integers(1, 6)),
         alpha=draw(st.sampled_from([0.5, 1.0, 2.0, 8.0, 16.0])),
         bias=draw(st.booleans()),
-        dtype=draw(st.sampled_from(DTYPES)),
+        dtype=draw(st.sampled_from(dtypes)),
         device=draw(st.sampled_from(DEVICES)),
+        rows=draw(st.sampled_from(rows)),
+        cancel_to=draw(st.sampled_from([CANCEL_TO, 1e-2, 1e-1])),
         seed=draw(st.integers(0, 2**16)),
     )
 
 
 def make_layer(case, perturb=True):
-    """Build the case's base nn.Linear and its adapter; with perturb=True, give every adapter tensor random values."""
+    """Build the case's base nn.Linear and its adapter; with perturb=True, give every adapter tensor random values.
+
+    case["rows"] == "cancel": every other row of W0 is rebuilt as -dW_i + a small vector, so that norm(V_i) is
+    cancel_to * (norm(W0_i) + norm(dW_i)) or so (needs perturb). "zero": row 0 of W0 is zero (with B != 0 there),
+    and with two or more rows the last row of W0 and of every B are zero too, so V_i = 0: the eps guard.
+    """
     torch.manual_seed(case["seed"])
     base = nn.Linear(case["in_features"], case["out_features"], bias=case["bias"])
-    base = base.to(device=case["device"], dtype=case["dtype"])
     if case["bias"]:
         nn.init.normal_(base.bias)  # a visible bias, so a merge that drops it shows
+    base = base.to(device=case["device"], dtype=case["dtype"])
+    rows = case.get("rows", "random")
     layer = METHODS[case["method"]](base, r=case["r"], alpha=case["alpha"], **case["options"])
     if perturb:
         perturb_adapters(layer, case["seed"])
-    return base, layer
+    if rows == "cancel" and perturb:
+        layer = _with_cancelling_rows(layer, case)
+    elif rows == "zero":
+        layer = _with_zero_rows(layer, perturb)
+    return layer.base, layer
+
+
+def _rebuilt(layer, weight):
+    """The same adapter (same tensors) around a base whose weight is `weight`: wrapping again takes D2-LoRA's
+    target norms from the new weight, as wrapping always does."""
+    base = copy.deepcopy(layer.base)
+    with torch.no_grad():
+        base.weight.copy_(weight)
+    new = type(layer)(base, r=layer.r, alpha=layer.alpha, dropout=layer.dropout, **layer.options())
+    own = {k: v for k, v in layer.state_dict().items() if not k.startswith("base.") and k != "target_norm"}
+    new.load_state_dict(own, strict=False)
+    return new
+
+
+@torch.no_grad()
+def _with_cancelling_rows(layer, case):
+    g = torch.Generator().manual_seed(case["seed"] + 7)
+    dW = layer.delta_weight().double().cpu()  # (out, in)
+    W0 = layer.base.weight.detach().double().cpu().clone()
+    for i in range(0, W0.shape[0], 2):
+        size = dW[i].norm()
+        if size == 0:
+            continue
+        u = torch.randn(W0.shape[1], generator=g, dtype=torch.float64)  # a random direction
+        W0[i] = -dW[i] + u / u.norm() * (2 * size * case["cancel_to"])  # norm(V_i) = 2 cancel_to norm(dW_i)
+    return _rebuilt(layer, W0)
+
+
+@torch.no_grad()
+def _with_zero_rows(layer, perturb):
+    W0 = layer.base.weight.detach().clone()
+    W0[0] = 0.0
+    if not perturb:  # a fresh adapter around the new weight (DoRA's magnitude starts at its norms)
+        base = copy.deepcopy(layer.base)
+        base.weight.copy_(W0)
+        return type(layer)(base, r=layer.r, alpha=layer.alpha, dropout=layer.dropout, **layer.options())
+    new = _rebuilt(layer, W0)
+    if W0.shape[0] > 1:
+        with torch.no_grad():
+            new.base.weight[-1] = 0.0
+            if hasattr(new, "target_norm"):
+                new.target_norm[-1] = 0.0
+            if hasattr(new, "magnitude"):  # DoRA: a zero row of V goes with a zero magnitude (as at init)
+                new.magnitude[-1] = 0.0
+            for name, p in new.named_parameters():
+                if name.startswith("lora_B"):
+                    p[-1] = 0.0  # V's last row is exactly zero: only the eps guard stands between it and NaN
+    return new
+
+
+def cancellation_ratio(layer):
+    """max over rows of (norm(W0_i) + norm(dW_i)) / norm(V_i), computed in float64 from the layer's tensors: how
+    many digits a row loses to cancellation. Tolerances near cancellation are multiplied by it (>= 1)."""
+    with torch.no_grad():
+        lay = copy.deepcopy(layer).double()
+        W0, dW = lay.base.weight, lay.delta_weight()
+        V = W0 + dW
+        num = W0.norm(dim=1) + dW.norm(dim=1)
+        v = V.norm(dim=1)
+        live = v > 0
+        ratio = (num[live] / v[live]).max().item() if live.any() else 1.0
+    return max(1.0, ratio)
 
 
 @torch.no_grad()

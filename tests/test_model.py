@@ -180,7 +180,7 @@ def test_adapter_checkpoint_round_trip(method, tmp_path):
     with torch.no_grad():
         expected, _ = model(idx)
     save_adapters(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]  # tensors + config, one atomic file
 
     fresh = small_gpt()  # the same base, no adapters: load injects them from the config
     load_adapters(fresh, tmp_path)

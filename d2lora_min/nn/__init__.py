@@ -3,28 +3,18 @@
     from d2lora_min.nn import LoRALinear, DoRALinear, D2LoRALinear, METHODS
     from d2lora_min.nn import inject_adapters, merge_adapters, adapter_state_dict, load_adapter_state_dict
 
-Read base.py, lora.py, dora.py, d2lora.py in that order; inject.py puts them into models.
+Read lora.py, dora.py, d2lora.py in that order (each leans on base.py for what they share); fast.py is an
+optimisation of the last two; inject.py puts adapters into models, checkpoint.py saves and loads them.
 """
 
-from .base import NORM_EPS, AdapterLinear, row_norm, row_scale
+from .base import NORM_EPS, AdapterLinear, norm_dtype, row_factor, row_norm
+from .checkpoint import adapter_config, adapter_state_dict, load_adapter_state_dict, load_adapters, save_adapters
 from .d2lora import D2LoRALinear
 from .dora import DoRALinear
-from .inject import (
-    DEFAULT_TARGETS,
-    adapter_config,
-    adapter_layers,
-    adapter_state_dict,
-    check_options,
-    get_method,
-    inject_adapters,
-    load_adapter_state_dict,
-    load_adapters,
-    merge_adapters,
-    save_adapters,
-    trainable_parameters,
-)
+from .fast import set_fast_path
+from .inject import DEFAULT_TARGETS, adapter_layers, check_options, inject_adapters, merge_adapters, trainable_parameters
 from .lora import LoRALinear
-from .registry import METHODS
+from .registry import METHODS, display_name, get_method
 
 __all__ = [
     "AdapterLinear",
@@ -35,8 +25,10 @@ __all__ = [
     "NORM_EPS",
     "DEFAULT_TARGETS",
     "row_norm",
-    "row_scale",
+    "row_factor",
+    "norm_dtype",
     "get_method",
+    "display_name",
     "check_options",
     "inject_adapters",
     "merge_adapters",
@@ -47,4 +39,5 @@ __all__ = [
     "save_adapters",
     "load_adapters",
     "trainable_parameters",
+    "set_fast_path",
 ]

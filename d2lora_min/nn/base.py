@@ -1,108 +1,112 @@
-"""What every adapter shares: wrapping and freezing a base nn.Linear, the scaling s = alpha / r,
-the initialisation of the low-rank factors, and merging into a plain nn.Linear.
+"""What every adapter shares: wrapping and freezing a base nn.Linear, the scaling s = alpha / r, the
+initialisation of the low-rank factors, row norms in a safe dtype, and merging into a plain nn.Linear.
 
 Each method (lora.py, dora.py, d2lora.py) subclasses AdapterLinear and writes out its own
 `delta_weight()`, `merged_weight()` and `forward()`, so that its math reads top to bottom in one file.
 """
 
 import math
+import numbers
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Guard for dividing by a row norm: a zero row of W0 must give a zero row, never NaN.
+# Guard for dividing by a row norm: a zero row of W0 must give a zero row, never NaN. Norms are always
+# taken in float32 or float64 (see norm_dtype), where 1e-12 is representable; in float16 it would be 0.
 NORM_EPS = 1e-12
 
 
+def norm_dtype(dtype):
+    """The dtype row norms and per-row factors are computed in: float32 for float16/bfloat16 weights (a
+    float16 sum of squares overflows above 65504 and underflows below 6e-8), the weight's own dtype otherwise."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def row_norm(weight):
-    """L2 norm of each output row of an (out, in) weight, over in_features -> (out,).
+    """L2 norm of each output row of an (out, in) weight, over in_features -> (out,), in norm_dtype.
 
     Papers that store weights as (in, out) call the same quantity a column norm.
     """
-    return torch.linalg.vector_norm(weight, dim=1)
+    return torch.linalg.vector_norm(weight.to(norm_dtype(weight.dtype)), dim=1)
 
 
-def row_scale(target, v_norm, detach_norm):
-    """c = target / norm(V), the factor that gives row i of c[:, None] * V the norm target[i] -> (out,).
+def row_factor(target, v_norm, detach_norm):
+    """c = target / norm(V): the factor that gives row i of c[:, None] * V the norm |target[i]| -> (out,).
 
-    v_norm = norm(V) (out,). detach_norm=True treats it as a constant in backward. The clamp keeps a zero
-    row at zero instead of NaN.
+    detach_norm=True treats norm(V) as a constant in backward. The clamp keeps a zero row at zero instead of
+    NaN (and its gradient is 0 below NORM_EPS).
     """
     if detach_norm:
         v_norm = v_norm.detach()
-    return target / v_norm.clamp_min(NORM_EPS)  # (out,)
+    return target.to(v_norm.dtype) / v_norm.clamp_min(NORM_EPS)  # (out,)
 
 
-class _ScaleRows(torch.autograd.Function):
-    """y = c * h + b, for h (..., out), c (out,) and an optional bias b (out,), saving y instead of h.
-
-    Plain autograd would keep h, a second (..., out) tensor per layer, to compute dL/dc = sum over tokens of
-    g * h. Its output y is usually kept by the next operation anyway (attention keeps q, k, v; GELU keeps
-    its input), and h = (y - b) / c, so
-        dL/dh = g * c,    dL/dc = (sum_t g * y - b * sum_t g) / c.
-    Exact wherever c != 0. D2-LoRA's c is 0 only where the pretrained row is zero (t = 0), and there dL/dc is
-    multiplied by dc/dnorm = -t / norm^2 = 0, so 0 is returned for it. Measured by make bench: this saves
-    most of the activation memory the per-row factor would cost.
-    Because y is saved, an in-place operation on the layer's output makes backward raise an error.
-    """
-
-    @staticmethod
-    def forward(ctx, h, c, b):
-        y = h * c if b is None else torch.addcmul(b, h, c)  # (..., out)
-        ctx.save_for_backward(y if ctx.needs_input_grad[1] else None, c, b)  # y only serves dL/dc
-        ctx.h_dtype = h.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, g):
-        y, c, b = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])  # (tokens, out)
-        grad_h = grad_c = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_h = (g * c).to(ctx.h_dtype)  # (..., out)
-        if ctx.needs_input_grad[1]:
-            gy = (g2 * y.reshape(-1, y.shape[-1])).sum(dim=0)  # sum_t g * y: (out,)
-            if b is not None:
-                gy = gy - b * g2.sum(dim=0)  # sum_t g * (y - b) = sum_t g * c * h
-            grad_c = torch.where(c != 0, gy / torch.where(c != 0, c, 1), 0).to(c.dtype)  # sum_t g * h: (out,)
-        if b is not None and ctx.needs_input_grad[2]:
-            grad_b = g2.sum(dim=0)  # (out,)
-        return grad_h, grad_c, grad_b
+def factor_as(c, dtype):
+    """The per-row factor c in the activations' dtype. In float16 a factor above 65504 (a row of V that is
+    exactly zero, where the clamp divides by eps) would become inf, and inf * 0 is NaN: clamp it to the largest
+    finite value instead, so that such a row stays zero."""
+    if c.dtype == dtype:
+        return c
+    big = torch.finfo(dtype).max
+    return c.clamp(-big, big).to(dtype)
 
 
-def scale_rows(h, c, bias=None):
-    """y = c * h + bias with c (out,) scaling the output features of h (..., out); see _ScaleRows."""
-    return _ScaleRows.apply(h, c, bias)
+def scale_outputs(h, c, bias):
+    """y = c * h + bias for h (..., out) and c, bias (out,), in h's dtype (what nn.Linear returns, also
+    under autocast, where h is bfloat16 and c, bias are float32)."""
+    y = h * factor_as(c, h.dtype)  # (..., out)
+    return y if bias is None else y + bias.to(h.dtype)
+
+
+def check_bool(name, value):
+    """A real bool (or 0/1): the string "false" must not count as True."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_real(name, value, positive=False):
+    """A finite real number (not a bool, not a string)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
+    return float(value)
 
 
 class AdapterLinear(nn.Module):
     """Base class: holds the frozen `base` nn.Linear and the hyper-parameters common to all methods.
 
     Subclasses set OPTIONS (their extra constructor arguments with defaults) and implement
-    delta_weight(), merged_weight(), forward() and, when they have options, options().
+    delta_weight(), merged_weight() and forward(). `fast` selects, in DoRA and D2-LoRA, the fused
+    implementation in fast.py (the same math, fewer operations and less memory) over the plain one
+    written out in each method's forward(); LoRA has one path.
     """
 
     OPTIONS = {}
+    fast = True  # set False on a layer (or with fast.set_fast_path) to run the plain path
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{type(self).__name__} wraps an nn.Linear, got {type(base).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
             raise ValueError(f"rank r must be an integer >= 1, got {r!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        alpha = check_real("alpha", alpha, positive=True)
+        dropout = check_real("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not base.weight.is_floating_point():
+            raise TypeError(f"the base weight must be floating point, got {base.weight.dtype}")
         self.base = base
         for p in self.base.parameters():  # the pretrained layer is frozen: only adapters train
             p.requires_grad_(False)
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.r = r
+        self.r = int(r)
         self.alpha = alpha
-        self.scaling = alpha / r  # s: keeps the update's size comparable across ranks (LoRA, sec. 4.1)
+        self.scaling = alpha / self.r  # s: keeps the update's size comparable across ranks (LoRA, sec. 4.1)
         # Dropout acts on the input of the low-rank branch only, as in LoRA.
         self.dropout = dropout
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -112,9 +116,9 @@ class AdapterLinear(nn.Module):
     def _new_lora_A(self):
         """Down-projection (r, in), initialised like nn.Linear's weight: U(-1/sqrt(in), 1/sqrt(in))."""
         w = self.base.weight
-        A = torch.empty(self.r, self.in_features, device=w.device, dtype=w.dtype)
+        A = torch.empty(self.r, self.in_features, device=w.device, dtype=torch.float32)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # same bound nn.Linear uses: 1/sqrt(in)
-        return nn.Parameter(A)
+        return nn.Parameter(A.to(w.dtype))  # drawn in float32 so every dtype gets the same values
 
     def _new_lora_B(self):
         """Up-projection (out, r), zeros: the adapter starts as the identity on the base layer."""
@@ -141,7 +145,7 @@ class AdapterLinear(nn.Module):
 
     def options(self):
         """The method's options as constructor keyword arguments (saved with adapter checkpoints)."""
-        return {}
+        return {name: getattr(self, name) for name in self.OPTIONS}
 
     @torch.no_grad()
     def merge(self):

@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import NORM_EPS, AdapterLinear, row_norm, row_scale, scale_rows
+from . import fast
+from .base import AdapterLinear, check_bool, check_real, row_factor, row_norm, scale_outputs
 
 
 class D2LoRALinear(AdapterLinear):
@@ -25,12 +26,24 @@ class D2LoRALinear(AdapterLinear):
     s            = self.scaling = alpha / r
     Trainable parameters: 2r * (in + out) (+ 1 for a learned tau) = LoRA(2r)'s (+ 1).
 
+    What it is, geometrically: each output row of W lives on the sphere of radius norm(W0_i); training
+    moves it along that sphere and never changes its length. D2-LoRA(r) is a rank-2r LoRA (stacked factors
+    [A_pos; A_neg], [B_pos, -tau * B_neg]) followed by that projection; with tau > 0 it equals DoRA(2r) with
+    the magnitude frozen at norm(W0) and the norm not detached.
+
+    What tau adds, and what it does not: tau * B_neg can be rescaled into B_neg, so tau adds no
+    expressiveness. Its gradient is zero until B_neg moves away from 0. Under Adam it acts as a step size
+    of the negative branch. Nothing keeps it positive, so "subtracted" holds only while tau > 0.
+    tau_init=0.5 and a learned tau are this project's choices; the paper's ablations also fix tau.
+
     Options:
       project=False drops the projection: W = V, the signed residual alone.
       detach_norm=True treats norm(V) as a constant in backward (as DoRA does). With the default False
-        the gradient flows through the projection and loses its radial component: each row's update
-        can turn the row but not stretch it (docs/PORTING.md, section 5, has the formula).
-      tau_init=0.5 and a learned tau are this project's choices (DESIGN.md, section 2).
+        the gradient flows through the projection and loses its radial component: each row's update can
+        turn the row but not stretch it (docs/PORTING.md, section 5). DoRA detaches by default to save
+        memory and time (DoRA paper, sec. 4.3, reports no loss in accuracy); its learned magnitude sets each
+        row's length anyway. D2-LoRA has no magnitude to learn: attaching the norm makes the gradient itself
+        tangent to the sphere, which is the stabilising effect the projection is for (this project's choice).
 
     W0 is frozen: its row norms are taken once, when the layer is wrapped. Change W0 afterwards and you
     must wrap it again.
@@ -38,14 +51,12 @@ class D2LoRALinear(AdapterLinear):
 
     OPTIONS = {"tau_init": 0.5, "learn_tau": True, "project": True, "detach_norm": False}
 
-    def __init__(
-        self, base, r, alpha, dropout=0.0, tau_init=0.5, learn_tau=True, project=True, detach_norm=False
-    ):
+    def __init__(self, base, r, alpha, dropout=0.0, tau_init=0.5, learn_tau=True, project=True, detach_norm=False):
         super().__init__(base, r, alpha, dropout)
-        self.tau_init = float(tau_init)
-        self.learn_tau = bool(learn_tau)
-        self.project = bool(project)
-        self.detach_norm = bool(detach_norm)
+        self.tau_init = check_real("tau_init", tau_init)
+        self.learn_tau = check_bool("learn_tau", learn_tau)
+        self.project = check_bool("project", project)
+        self.detach_norm = check_bool("detach_norm", detach_norm)
         self.lora_A_pos = self._new_lora_A()  # (r, in)
         self.lora_B_pos = self._new_lora_B()  # (out, r)
         self.lora_A_neg = self._new_lora_A()  # (r, in)
@@ -57,18 +68,10 @@ class D2LoRALinear(AdapterLinear):
         else:
             self.register_buffer("tau", tau)
         # The norms to preserve, taken once from the pretrained weight and never recomputed.
-        self.register_buffer("target_norm", row_norm(w).detach().clone())  # (out,)
+        self.register_buffer("target_norm", row_norm(w).detach().to(w.dtype))  # (out,)
 
-    def options(self):
-        return {
-            "tau_init": self.tau_init,
-            "learn_tau": self.learn_tau,
-            "project": self.project,
-            "detach_norm": self.detach_norm,
-        }
-
-    def _stacked_factors(self):
-        """Both branches as one rank-2r pair, so each costs one matmul instead of two:
+    def stacked_factors(self):
+        """Both branches as one rank-2r pair (one matmul each instead of two):
 
         B_pos @ A_pos - tau * B_neg @ A_neg  ==  [B_pos, -tau * B_neg] @ [A_pos; A_neg]
         """
@@ -77,36 +80,24 @@ class D2LoRALinear(AdapterLinear):
         return A, B
 
     def delta_weight(self):
-        A, B = self._stacked_factors()
+        A, B = self.stacked_factors()
         return self.scaling * B @ A  # s * (B_pos @ A_pos - tau * B_neg @ A_neg): (out, in)
 
     def merged_weight(self):
         V = self.base.weight + self.delta_weight()  # (out, in)
         if not self.project:
             return V
-        c = row_scale(self.target_norm, row_norm(V), self.detach_norm)  # t / norm(V): (out,)
-        return c[:, None] * V  # (out, in): row i has norm t[i]
-
-    def _v_norm(self, A, B):
-        """norm(V) for V = W0 + s * B @ A, without forming V (out, in): expand the square of each row,
-
-            norm(V_i)^2 = norm(W0_i)^2 + 2 s <B_i, (W0 @ A.T)_i> + s^2 B_i (A @ A.T) B_i^T
-
-        with norm(W0_i) = t_i (W0 is frozen). One (out, in) @ (in, 2r) matmul and no weight-sized tensor, so
-        backward through the norm stays cheap and keeps no (out, in) activation (measured: make bench).
-        """
-        s = self.scaling
-        P = F.linear(self.base.weight, A)  # W0 @ A.T: (out, 2r)
-        G = A @ A.T  # Gram matrix of the stacked down-projections: (2r, 2r)
-        sq = self.target_norm**2 + 2 * s * (B * P).sum(dim=1) + s * s * ((B @ G) * B).sum(dim=1)  # (out,)
-        return sq.clamp_min(NORM_EPS**2).sqrt()  # (out,); the clamp also keeps sqrt's gradient finite at 0
+        c = row_factor(self.target_norm, row_norm(V), self.detach_norm)  # t / norm(V): (out,)
+        return (c[:, None] * V).to(V.dtype)  # (out, in): row i has norm t[i]
 
     def forward(self, x):  # x: (..., in)
-        A, B = self._stacked_factors()  # (2r, in), (out, 2r)
-        # x @ V.T = x @ W0.T + s * (x @ A.T) @ B.T, through the factors
-        h = F.linear(x, self.base.weight) + self._low_rank(x, A, B)  # (..., out)
+        if self.project and fast.applies(self):  # the same math, fused: fewer operations, less memory (fast.py)
+            return fast.d2lora_forward(self, x)
+        W0, b = self.base.weight, self.base.bias
+        A, B = self.stacked_factors()  # (2r, in), (out, 2r)
+        h = F.linear(x, W0) + self._low_rank(x, A, B)  # x @ V.T = x @ W0.T + s * (x @ A.T) @ B.T: (..., out)
         if not self.project:
-            return h if self.base.bias is None else h + self.base.bias  # (..., out)
-        c = row_scale(self.target_norm, self._v_norm(A, B), self.detach_norm)  # t / norm(V): (out,)
-        # x @ W.T + b = c * (x @ V.T) + b; scale_rows keeps the output, not h, for backward (see base.py)
-        return scale_rows(h, c, self.base.bias)  # (..., out)
+            return h if b is None else h + b.to(h.dtype)  # (..., out)
+        V = W0 + self.scaling * B @ A  # (out, in): only its row norms are used
+        c = row_factor(self.target_norm, row_norm(V), self.detach_norm)  # t / norm(V): (out,)
+        return scale_outputs(h, c, b)  # c * h + b: (..., out)

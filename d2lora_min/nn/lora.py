@@ -1,5 +1,7 @@
 """LoRA: a low-rank residual added to a frozen weight (Hu et al., 2021, arXiv 2106.09685)."""
 
+import torch.nn.functional as F
+
 from .base import AdapterLinear
 
 
@@ -13,7 +15,6 @@ class LoRALinear(AdapterLinear):
     Trainable parameters: r * (in + out).
     """
 
-
     def __init__(self, base, r, alpha, dropout=0.0):
         super().__init__(base, r, alpha, dropout)
         self.lora_A = self._new_lora_A()  # (r, in)
@@ -26,5 +27,5 @@ class LoRALinear(AdapterLinear):
         return self.base.weight + self.delta_weight()  # (out, in)
 
     def forward(self, x):  # x: (..., in)
-        # x @ W.T + b = (x @ W0.T + b) + s * (x @ A.T) @ B.T
-        return self.base(x) + self._low_rank(x, self.lora_A, self.lora_B)  # (..., out)
+        # x @ W.T + b = (x @ W0.T + b) + s * (x @ A.T) @ B.T: the factors, never an (out, in) matrix
+        return F.linear(x, self.base.weight, self.base.bias) + self._low_rank(x, self.lora_A, self.lora_B)  # (..., out)

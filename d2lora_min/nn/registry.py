@@ -1,7 +1,8 @@
-"""The method registry: name -> adapter class. The one extension point of the project.
+"""The method registry: name -> adapter class. The one extension point of the project, and the one place
+that names methods.
 
-Adding a method is one file in this folder plus one line here; inject_adapters, the compare run and
-the property tests (which iterate over METHODS) pick it up from this dict.
+Adding a method is one file in this folder plus one line in METHODS (and its display name in DISPLAY);
+inject_adapters, the compare run and the property tests (which iterate over METHODS) pick it up.
 """
 
 from .d2lora import D2LoRALinear
@@ -13,3 +14,24 @@ METHODS = {
     "dora": DoRALinear,
     "d2lora": D2LoRALinear,
 }
+
+DISPLAY = {"lora": "LoRA", "dora": "DoRA", "d2lora": "D2-LoRA"}  # how tables and plots write each name
+
+
+def get_method(name):
+    """The adapter class registered as `name`; a clear error listing the valid names otherwise."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def display_name(name):
+    return DISPLAY.get(name, name)
+
+
+def method_name(layer):
+    """The registry name of an adapter layer's class."""
+    for name, cls in METHODS.items():
+        if type(layer) is cls:
+            return name
+    raise ValueError(f"{type(layer).__name__} is not registered in METHODS")

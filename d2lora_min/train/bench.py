@@ -16,8 +16,9 @@ measurements taken in the same repetition, which cancels most of the machine's d
                trainable tensors' gradients and Adam moments (where a step peaks, at the start of backward);
                on CUDA also torch.cuda.max_memory_allocated during the step
   PEFT         our LoRA and DoRA training step against PEFT's on the same model (when peft is installed)
-  dense norm   D2-LoRA written the plain way (V formed for its norms, x @ V.T kept for backward), to show
-               what the Gram form of norm(V) and scale_rows (d2lora_min/nn) save
+  plain path   DoRA and D2-LoRA through the plain forward() of their method files instead of the fused
+               autograd function of nn/fast.py, to show what fusing saves
+  aten calls   operator calls per training step (torch.profiler), the cost at a dispatch-bound shape
 
 Shapes: the default compare model (d_model 128, 2 blocks) at sequence lengths 64, 128 and 256 with a fixed
 number of tokens per step, and one compute-bound shape (d_model 768, 2 blocks, sequence 512), where the
@@ -38,34 +39,15 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..atomic import write_json, write_text
-from ..nn import DEFAULT_TARGETS, D2LoRALinear, adapter_layers, inject_adapters, merge_adapters, row_norm, row_scale
-from .trainer import pick_device
+from ..nn import DEFAULT_TARGETS, inject_adapters, merge_adapters, set_fast_path
+from .trainer import TrainConfig, make_optimizer, pick_device
 from tiny_gpt import GPT, GPTConfig
 
 
-class D2LoRADenseNorm(D2LoRALinear):
-    """D2-LoRA written the plain way, for comparison only: it forms V (out, in) for the row norms and lets
-    autograd keep x @ V.T for backward. Same outputs as D2LoRALinear (up to rounding); shows what the Gram
-    form of norm(V) and scale_rows save."""
-
-    def forward(self, x):
-        A, B = self._stacked_factors()  # (2r, in), (out, 2r)
-        h = F.linear(x, self.base.weight) + self._low_rank(x, A, B)  # (..., out)
-        V = self.base.weight + self.scaling * B @ A  # (out, in)
-        y = row_scale(self.target_norm, row_norm(V), self.detach_norm) * h  # (..., out)
-        return y if self.base.bias is None else y + self.base.bias
-
-
-def with_dense_norm(model):
-    """Turn every D2-LoRA layer of `model` into D2LoRADenseNorm (same tensors, plain forward)."""
-    for _, layer in adapter_layers(model):
-        layer.__class__ = D2LoRADenseNorm
-    return model
-
-
+# (label, method, options); "plain path" rows run the plain forward() written out in the method file instead of
+# the fused one in nn/fast.py (the same math; tests/test_fast.py checks they agree), to show what fusing saves.
 METHODS_BENCH = [
     ("LoRA(r)", "lora", {"r": 4}),
     ("LoRA(2r)", "lora", {"r": 8}),
@@ -73,7 +55,8 @@ METHODS_BENCH = [
     ("D2-LoRA(r)", "d2lora", {"r": 4}),
     ("D2-LoRA(r) detach_norm", "d2lora", {"r": 4, "detach_norm": True}),
     ("D2-LoRA(r) project=false", "d2lora", {"r": 4, "project": False}),
-    ("D2-LoRA(r) dense norm", "d2lora", {"r": 4}),  # converted by with_dense_norm below
+    ("DoRA(r) plain path", "dora", {"r": 4}),
+    ("D2-LoRA(r) plain path", "d2lora", {"r": 4}),
 ]
 
 
@@ -101,8 +84,8 @@ def make_models(config, device, peft_ok):
         opts = dict(opts)
         r = opts.pop("r")
         models[label] = inject_adapters(copy.deepcopy(base), method, r=r, alpha=2 * r, **opts)
-        if label.endswith("dense norm"):
-            with_dense_norm(models[label])
+        if label.endswith("plain path"):
+            set_fast_path(models[label], False)
     if peft_ok:
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -116,7 +99,7 @@ def make_models(config, device, peft_ok):
 
 
 def train_step_fn(model, x, y):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = make_optimizer(model, TrainConfig(lr=1e-4))  # the trainer's optimizer
 
     def step():
         _, loss = model(x, y)
@@ -142,6 +125,15 @@ def saved_bytes(model, x, y):
     # parameters and buffers are not activation memory
     params = {(p.untyped_storage().data_ptr(), p.device) for p in list(model.parameters()) + list(model.buffers())}
     return sum(v for k, v in seen.items() if k not in params)
+
+
+def aten_calls(fn):
+    """Operator calls (aten::*, nested ones included) that one call of fn makes, counted by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
 def timed(fn, device, inner=1):
@@ -185,6 +177,7 @@ def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok):
         for _ in range(2):
             steps[k][0]()
     step_times = interleaved({k: steps[k][0] for k in trainable}, device, reps, inner)
+    calls = {k: aten_calls(steps[k][0]) for k in trainable}
 
     # memory: saved activations, trainable state (params + grads + 2 Adam moments), CUDA peak
     memory = {}
@@ -221,7 +214,7 @@ def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok):
         "name": name, "batch": batch, "seq": seq, "d_model": config.d_model, "n_layer": config.n_layer,
         "train_step_s": {k: statistics.median(v) for k, v in step_times.items()},
         "eval_tokens_per_s": {k: tokens / statistics.median(v) for k, v in eval_times.items()},
-        "memory": memory,
+        "memory": memory, "aten_calls_per_step": calls,
         "train_step_reps_s": step_times, "eval_reps_s": eval_times,  # per repetition, for the paired ratios
     }  # fmt: skip
 
@@ -267,13 +260,13 @@ def markdown(results, facts, sweep=None):
         ev = r["eval_tokens_per_s"]
         mem = r["memory"]
         lines += [f"### {r['name']} (batch {r['batch']} x seq {r['seq']})", "",
-                  "| method | train step (ms) | × LoRA(r) | × LoRA(2r) | ours / PEFT | saved activations (MB) | step footprint (MB) | footprint × LoRA(2r) | eval tok/s unmerged | merged | merged / base |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| method | train step (ms) | × LoRA(r) | × LoRA(2r) | ours / PEFT | aten calls / step | saved activations (MB) | step footprint (MB) | footprint × LoRA(2r) | eval tok/s unmerged | merged | merged / base |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for k, t in r["train_step_s"].items():
             unmerged, merged = ev.get(f"{k} unmerged"), ev.get(f"{k} merged")
             act, foot = mem[k]["saved_activation_bytes"], mem[k]["step_footprint_bytes"]
             cells = [k, f"{1000 * t:.1f}", f"{rat[k]['vs LoRA(r)']:.2f}", f"{rat[k]['vs LoRA(2r)']:.2f}",
-                     f"{rat[k]['ours / PEFT']:.2f}" if "ours / PEFT" in rat[k] else "–", f"{act / 2**20:.1f}",
+                     f"{rat[k]['ours / PEFT']:.2f}" if "ours / PEFT" in rat[k] else "–", f"{r['aten_calls_per_step'][k]:,}", f"{act / 2**20:.1f}",
                      f"{foot / 2**20:.1f}", f"{foot / mem['LoRA(2r)']['step_footprint_bytes']:.2f}",
                      f"{unmerged:,.0f}" if unmerged else "–", f"{merged:,.0f}" if merged else "–",
                      f"{rat[k]['merged / base']:.2f}" if merged else "–"]  # fmt: skip

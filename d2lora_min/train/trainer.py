@@ -111,6 +111,15 @@ def param_groups(model, weight_decay):
     ]
 
 
+def make_optimizer(model, cfg):
+    """AdamW over what has requires_grad. fused=True runs the update of every tensor in one kernel instead of a
+    dozen operator calls per tensor; D2-LoRA has 5 tensors per layer to LoRA's 2, so on a dispatch-bound step
+    the plain loop would charge it for its tensor count (make bench uses this same function)."""
+    params = param_groups(model, cfg.weight_decay)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in params for p in g["params"])
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, fused=fused)
+
+
 def trainable_state(model):
     """The tensors training changes: {name: tensor} for parameters with requires_grad."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -133,12 +142,44 @@ def save_checkpoint(path, model, optimizer, step, result, cfg):
         torch.save(state, tmp)
 
 
-def load_checkpoint(path, model, optimizer, result):
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    missing = set(state["trainable"]) ^ {n for n, p in params.items() if p.requires_grad}
-    if missing:
-        raise ValueError(f"checkpoint {path} is for another model or method (tensors differ: {sorted(missing)[:5]})")
+class CheckpointMismatch(ValueError):
+    """A checkpoint that cannot be resumed: unreadable, not plain tensors, or made for another model or settings."""
+
+
+# Settings that change the numbers a run produces: a checkpoint is resumed only when they all match.
+RESUME_KEYS = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed")
+
+
+def load_checkpoint(path, model, optimizer, result, cfg):
+    """Resume from `path`: refuse (CheckpointMismatch, naming the file and the tensor) anything that is not
+    exactly this model's trainable tensors (names, shapes, dtypes) saved with these settings.
+
+    weights_only=True: the file is read as tensors, numbers, lists and dicts only, never as arbitrary pickled
+    objects, so a planted payload cannot run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt, truncated, or holding objects other than tensors and plain containers
+        raise CheckpointMismatch(f"checkpoint {path} cannot be read as a plain-tensor checkpoint ({type(e).__name__}); "
+                                 f"delete it to start this run over") from None  # fmt: skip
+    fields = ("step", "trainable", "optimizer", "losses", "step_times", "rng", "config")
+    if not isinstance(state, dict) or any(k not in state for k in fields):
+        raise CheckpointMismatch(f"checkpoint {path} lacks the fields {', '.join(fields)}; delete it to start over")
+    saved = state["config"]
+    differ = [k for k in RESUME_KEYS if _plain(saved.get(k)) != _plain(getattr(cfg, k))]
+    if differ:
+        raise CheckpointMismatch(f"checkpoint {path} was made with other settings ({', '.join(differ)}); delete it to start over")
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(state["trainable"]) != set(params):
+        diff = sorted(set(state["trainable"]) ^ set(params))
+        raise CheckpointMismatch(f"checkpoint {path} is for another model or method (tensors differ: {diff[:5]})")
+    for n, p in params.items():
+        t = state["trainable"][n]
+        if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype:
+            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CheckpointMismatch(f"checkpoint {path}, tensor {n}: saved {got}, the model has {(tuple(p.shape), p.dtype)}")
+    step = state["step"]
+    if not isinstance(step, int) or not 0 < step <= cfg.steps or len(state["losses"]) != step:
+        raise CheckpointMismatch(f"checkpoint {path} has an inconsistent step count; delete it to start over")
     with torch.no_grad():
         for n, t in state["trainable"].items():
             params[n].copy_(t)
@@ -146,7 +187,12 @@ def load_checkpoint(path, model, optimizer, result):
     result.losses[:] = state["losses"]
     result.step_times[:] = state["step_times"]
     torch.set_rng_state(state["rng"])
-    return state["step"]
+    return step
+
+
+def _plain(value):
+    """Tuples and lists compare alike (a checkpoint stores a tuple as a list only after JSON, never here)."""
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callback=None):
@@ -164,7 +210,7 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
     model.to(device)
     model.train()
     torch.manual_seed(cfg.seed)  # dropout and anything else random inside the model
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    optimizer = make_optimizer(model, cfg)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and device == "cuda") else nullcontext()
     # Under torchrun, DDP all-reduces the gradients of the trainable tensors (the frozen base has none).
     forward = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
@@ -173,7 +219,7 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     start, last_saved = 0, None
     if ckpt_path and resume and os.path.exists(ckpt_path):
-        start = last_saved = load_checkpoint(ckpt_path, model, optimizer, result)
+        start = last_saved = load_checkpoint(ckpt_path, model, optimizer, result, cfg)
         result.resumed_from = start
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc, disable=not cfg.progress or rank != 0,
