@@ -30,7 +30,7 @@ def test_two_processes_match_one_and_only_rank0_writes(tmp_path):
     for n in (1, 2):
         (tmp_path / f"out{n}").mkdir()
         torchrun(n, "tests/ddp_worker.py", tmp_path / f"out{n}", tmp_path)
-        dumps[n] = [torch.load(tmp_path / f"rank{r}_of{n}.pt", weights_only=False) for r in range(n)]
+        dumps[n] = [torch.load(tmp_path / f"rank{r}_of{n}.pt", weights_only=True) for r in range(n)]
     single, (rank0, rank1) = dumps[1][0], dumps[2]
     assert rank0["world"] == rank1["world"] == 2
     for k, t in single["adapter"].items():
@@ -47,8 +47,14 @@ COMPARE = [
 ]  # fmt: skip
 
 
+def run_json(out):
+    """The finished d2lora seed-0 run's result (its file name carries a hash of the method spec)."""
+    (path,) = (out / "runs").glob("d2lora-*_seed0.json")
+    return json.loads(path.read_text())
+
+
 def adapter_of(out):
-    return load_file(out / "adapters" / "d2lora_seed0" / "adapter.safetensors")
+    return load_file(out / run_json(out)["adapter"] / "adapter.safetensors")
 
 
 def test_compare_under_torchrun_matches_a_single_process(tmp_path):
@@ -57,7 +63,7 @@ def test_compare_under_torchrun_matches_a_single_process(tmp_path):
     two, one = adapter_of(tmp_path / "two"), adapter_of(tmp_path / "one")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
-    assert json.loads((tmp_path / "two" / "runs" / "d2lora_seed0.json").read_text())["processes"] == 2
+    assert run_json(tmp_path / "two")["processes"] == 2
 
 
 def every_file_loads(folder):
@@ -68,7 +74,7 @@ def every_file_loads(folder):
         if p.suffix == ".json":
             json.loads(p.read_text())
         elif p.suffix == ".pt":
-            torch.load(p, weights_only=False)
+            torch.load(p, weights_only=True)
         elif p.suffix == ".safetensors":
             load_file(p)
 
@@ -81,8 +87,8 @@ def test_a_killed_compare_run_resumes_to_the_uninterrupted_result(tmp_path):
     proc = subprocess.Popen(cmd + ["--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, ckpt = time.time() + 120, None
     while time.time() < deadline:  # wait for a checkpoint beyond the first, checking every file as we go
-        found = list(out.glob("work/d2lora_seed0_*/checkpoint.pt"))
-        if found and torch.load(found[0], weights_only=False)["step"] >= 10:
+        found = list(out.glob("work/d2lora-*_seed0_*/checkpoint.pt"))
+        if found and torch.load(found[0], weights_only=True)["step"] >= 10:
             ckpt = found[0]
             break
         every_file_loads(out)
@@ -90,14 +96,13 @@ def test_a_killed_compare_run_resumes_to_the_uninterrupted_result(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt is not None, "no checkpoint appeared"
-    killed_at = torch.load(ckpt, weights_only=False)["step"]
+    killed_at = torch.load(ckpt, weights_only=True)["step"]
     assert 10 <= killed_at < 150, "the run was not killed partway through training"
     every_file_loads(out)
 
     subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, check=True, capture_output=True)
     every_file_loads(out)
-    resumed = json.loads((out / "runs" / "d2lora_seed0.json").read_text())
-    clean = json.loads((tmp_path / "clean" / "runs" / "d2lora_seed0.json").read_text())
+    resumed, clean = run_json(out), run_json(tmp_path / "clean")
     assert resumed["resumed_from_step"] >= killed_at
     assert resumed["losses"][-1] == clean["losses"][-1] and resumed["losses"] == clean["losses"]
     a, b = adapter_of(out), adapter_of(tmp_path / "clean")

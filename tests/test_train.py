@@ -82,7 +82,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     inject_adapters(first, "dora", r=2, alpha=4)
     with pytest.raises(Interrupt):
         train(first, count_batches(), cfg, out_dir=tmp_path, callback=stop_at_7)
-    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 4  # the last checkpoint before the stop
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 4  # the last checkpoint before the stop
 
     again = tiny_model()
     inject_adapters(again, "dora", r=2, alpha=4)
@@ -103,7 +103,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 6.*last good checkpoint \(step 4\)"):
         train(model, count_batches(), quiet(steps=20, checkpoint_every=4), out_dir=tmp_path, callback=poison_after_6)
-    state = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
 

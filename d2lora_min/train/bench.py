@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_json, write_text
+from ..atomic import check_writable, write_json, write_text
 from ..nn import DEFAULT_TARGETS, inject_adapters, merge_adapters, set_fast_path
 from .trainer import TrainConfig, make_optimizer, pick_device
 from tiny_gpt import GPT, GPTConfig
@@ -292,6 +292,11 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--only", default=None, help="run only shapes whose name contains this text")
     args = parser.parse_args(argv)
+    check_writable(args.out)  # now, not after all the measurements
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
+    if args.device not in ("auto", "cpu", "cuda"):
+        parser.error(f"--device must be auto, cpu or cuda, got {args.device!r}")
     device = pick_device(args.device)
     reps = 3 if args.quick else args.reps
     try:

@@ -1,48 +1,80 @@
-"""A tiny command-line override parser for the config dataclasses: `--section.field=value`.
+"""A tiny command-line override parser for the config dataclasses: `--section.field=value` (or `--section.field value`).
 
     python -m d2lora_min.train.pretrain --train.steps=2000 --model.n_layer=3
-    python -m d2lora_min.train.compare --train.lr=5e-3 --methods lora,d2lora:project=false
+    python -m d2lora_min.train.compare --train.lr=5e-3 --methods "lora d2lora:project=false"
 
-Values are parsed with the type of the field's default, so tests build the same configs in code.
+Values are parsed with the type of the field's default, so tests build the same configs in code. Every error
+names the setting; `run_cli` turns them into usage errors (exit status 2, no traceback).
 """
 
 import dataclasses
+import math
+import sys
 
 
-def parse_value(text, like):
+class UsageError(ValueError):
+    """Bad command-line input or settings, found before any work."""
+
+
+def parse_value(text, like, name="value"):
     """Parse `text` as the type of `like` (bool, int, float, str, tuple/list of those, or None -> str)."""
     if isinstance(like, bool):
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"expected true or false, got {text!r}")
+        raise UsageError(f"{name}: expected true or false, got {text!r}")
     if isinstance(like, (tuple, list)):
-        parts = [t for t in text.split(",") if t]
-        return type(like)(parse_value(t, like[0]) if like else t for t in parts)
-    if isinstance(like, int):
-        return int(text)
-    if isinstance(like, float):
-        return float(text)
+        parts = [t.strip() for t in text.split(",")]
+        if not text.strip() or not all(parts):
+            raise UsageError(f"{name}: expected a comma-separated list without empty items, got {text!r}")
+        return type(like)(parse_value(t, like[0], name) if like else t for t in parts)
+    try:
+        if isinstance(like, int):
+            return int(text)
+        if isinstance(like, float):
+            value = float(text)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+    except ValueError:
+        kind = "an integer" if isinstance(like, int) else "a finite number"
+        raise UsageError(f"{name}: expected {kind}, got {text!r}") from None
     return text
+
+
+def pair_up(args):
+    """['--a.b', '3', '--c=4'] -> ['--a.b=3', '--c=4']: the space-separated form becomes the '=' form."""
+    out, i = [], 0
+    while i < len(args):
+        item = args[i]
+        if "=" not in item and item.startswith("--") and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append(f"{item}={args[i + 1]}")
+            i += 2
+        else:
+            out.append(item)
+            i += 1
+    return out
 
 
 def apply_overrides(config, overrides):
     """Set fields of the dataclass tree `config` from ["section.field=value", ...]; clear error on unknown names."""
-    for item in overrides:
+    for item in pair_up(list(overrides)):
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form section.field=value")
+            raise UsageError(f"{item!r} is not of the form --section.field=value")
         path, text = item.split("=", 1)
         *parents, name = path.lstrip("-").split(".")
         target = config
         for p in parents:
             if not dataclasses.is_dataclass(target) or not hasattr(target, p):
-                raise ValueError(f"unknown config section {p!r} in {path!r}")
+                raise UsageError(f"unknown config section {p!r} in {path!r}")
             target = getattr(target, p)
         fields = {f.name for f in dataclasses.fields(target)}
         if name not in fields:
-            raise ValueError(f"unknown setting {path!r}; valid here: {', '.join(sorted(fields))}")
-        setattr(target, name, parse_value(text, getattr(target, name)))
+            raise UsageError(f"unknown setting {path!r}; valid here: {', '.join(sorted(fields))}")
+        if dataclasses.is_dataclass(getattr(target, name)):
+            raise UsageError(f"{path!r} is a section; set one of its fields, e.g. --{path}.<field>=...")
+        setattr(target, name, parse_value(text, getattr(target, name), path.lstrip("-")))
     return config
 
 
@@ -56,3 +88,26 @@ def config_help(config, prefix=""):
         else:
             lines.append(f"  --{prefix}{f.name}={value}")
     return lines
+
+
+def check_range(name, value, low=None, high=None, kind=int):
+    """value is a `kind` (int: not a bool) within [low, high]; a UsageError naming the setting otherwise."""
+    ok_type = isinstance(value, kind) and not isinstance(value, bool) if kind is int else isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok_type or (kind is float and not math.isfinite(value)):
+        raise UsageError(f"{name} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise UsageError(f"{name} must be {span}, got {value!r}")
+    return value
+
+
+def run_cli(parser, body):
+    """Run body() and turn what it raises into what a command-line user should see: a usage error (exit 2)
+    for bad input, a one-line error (exit 1) for anything else that the program reports on purpose."""
+    try:
+        return body()
+    except UsageError as e:
+        parser.error(str(e))
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1

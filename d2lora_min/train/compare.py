@@ -30,15 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 from ..atomic import check_writable, write_json, write_text
-from ..nn import DEFAULT_TARGETS, METHODS, check_options, inject_adapters, merge_adapters, save_adapters, trainable_parameters
-from .cli import apply_overrides, config_help, parse_value
+from ..nn import DEFAULT_TARGETS, METHODS, display_name, inject_adapters, merge_adapters, save_adapters, trainable_parameters
+from ..nn.inject import check_targets
+from .cli import UsageError, apply_overrides, check_range, config_help, parse_value, run_cli
 from .evaluate import generation_scores, mc_accuracy
 from .pretrain import PretrainConfig, corpus_fingerprint, resolve_base
 from .tasks import TASKS, build_splits, finetune_batches
 from .tokenizer import EOT
-from .trainer import TrainConfig, init_distributed, pick_device, rank_and_world, train
+from .trainer import TrainConfig, check_train_config, init_distributed, pick_device, rank_and_world, train
 from .world import World
 
 DEFAULT_METHODS = ("base", "lora", "lora:r=8", "dora", "d2lora")
@@ -51,7 +53,6 @@ ABLATE_METHODS = (
     "d2lora:r=8",  # rank 2r
     "lora:r=8",  # the parameter-matched LoRA
 )
-DISPLAY = {"lora": "LoRA", "dora": "DoRA", "d2lora": "D2-LoRA", "base": "base", "full": "full FT"}
 COMMON_KEYS = ("r", "alpha", "dropout", "lr")
 
 
@@ -92,7 +93,7 @@ class MethodSpec:
         if self.name == "full":
             return f"full FT (lr={self.lr:g})"
         opts = "".join(f", {k}={v}" for k, v in self.options.items())
-        return f"{DISPLAY.get(self.name, self.name)}(r={self.r}{opts})"
+        return f"{display_name(self.name)}(r={self.r}{opts})"
 
 
 def parse_method_spec(text, cfg: CompareConfig):
@@ -100,26 +101,33 @@ def parse_method_spec(text, cfg: CompareConfig):
     name, _, rest = text.strip().partition(":")
     valid_names = list(METHODS) + ["base", "full"]
     if name not in valid_names:
-        raise ValueError(f"unknown method {name!r} in {text!r}; valid methods: {', '.join(valid_names)}")
+        raise UsageError(f"unknown method {name!r} in {text!r}; valid methods: {', '.join(valid_names)}")
     option_defaults = METHODS[name].OPTIONS if name in METHODS else {}
     common = {"r": cfg.r, "alpha": None, "dropout": 0.0, "lr": cfg.full_lr if name == "full" else cfg.train.lr}
+    like = {"r": 1, "alpha": 1.0, "dropout": 0.0, "lr": 1.0}
     options = {}
-    for pair in filter(None, rest.split(",")):
+    for pair in rest.split(",") if rest else []:
         key, eq, value = pair.partition("=")
-        if not eq:
-            raise ValueError(f"{pair!r} in {text!r} is not key=value")
+        if not eq or not key:
+            raise UsageError(f"{pair!r} in {text!r} is not key=value")
         if key in common:
-            like = {"r": 1, "alpha": 1.0, "dropout": 0.0, "lr": 1.0}[key]
-            common[key] = parse_value(value, like)
+            common[key] = parse_value(value, like[key], f"{key} in {text!r}")
         elif key in option_defaults:
-            options[key] = parse_value(value, option_defaults[key])
+            options[key] = parse_value(value, option_defaults[key], f"{key} in {text!r}")
         else:
             valid = list(COMMON_KEYS) + list(option_defaults)
-            raise ValueError(f"unknown key {key!r} for method {name!r} in {text!r}; valid keys: {', '.join(valid)}")
-    if name in METHODS:
-        check_options(name, options)
+            raise UsageError(f"unknown key {key!r} for method {name!r} in {text!r}; valid keys: {', '.join(valid)}")
     alpha = common["alpha"] if common["alpha"] is not None else cfg.alpha_over_r * common["r"]
-    return MethodSpec(text, name, int(common["r"]), float(alpha), float(common["dropout"]), float(common["lr"]), options)
+    spec = MethodSpec(text, name, common["r"], float(alpha), float(common["dropout"]), float(common["lr"]), options)
+    check_range(f"lr in {text!r}", spec.lr, kind=float)
+    if spec.lr <= 0:
+        raise UsageError(f"lr in {text!r} must be > 0, got {spec.lr}")
+    if name in METHODS:  # every value checked now by building the layer on the meta device (no memory, no work)
+        try:
+            METHODS[name](nn.Linear(2, 2, device="meta"), r=spec.r, alpha=spec.alpha, dropout=spec.dropout, **options)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"{text!r}: {e}") from None
+    return spec
 
 
 # --- one run: fine-tune one method with one seed, evaluate unmerged and merged --------------------------------
@@ -153,9 +161,12 @@ def forward_throughput(models, x, reps=7):
     return {k: x.numel() / statistics.median(v) for k, v in times.items()}
 
 
-def logit_probe_batch(tokenizer, splits, n_per_task=16):
+LOGIT_PROBE_PER_TASK = 16  # test prompts per task on which unmerged and merged logits are compared
+
+
+def logit_probe_batch(tokenizer, splits, n_per_task=LOGIT_PROBE_PER_TASK):
     """A fixed batch of test prompts on which unmerged and merged logits are compared."""
-    ids = [tokenizer.encode(test[i].prompt).ids for _, test in splits.values() for i in range(n_per_task)]
+    ids = [tokenizer.encode(item.prompt).ids for _, test in splits.values() for item in test[:n_per_task]]
     pad = tokenizer.token_to_id(EOT)
     x = torch.full((len(ids), max(map(len, ids))), pad, dtype=torch.long)
     for b, r in enumerate(ids):
@@ -169,7 +180,7 @@ def real_logits(model, x, lengths):
     return torch.cat([logits[b, :n] for b, n in enumerate(lengths)]).float().cpu()  # (sum of lengths, vocab)
 
 
-def run_one(spec, seed, base_model, tokenizer, splits, cfg, out_dir, device, train_dir):
+def run_one(spec, seed, base_model, tokenizer, splits, cfg, out_dir, device, train_dir, key):
     """Fine-tune `spec` from a copy of the base with `seed`; evaluate unmerged and merged -> result dict.
 
     Training checkpoints go to train_dir so that a killed run resumes. Under torchrun every process trains
@@ -202,7 +213,8 @@ def run_one(spec, seed, base_model, tokenizer, splits, cfg, out_dir, device, tra
     model.eval()
     result["scores"] = evaluate_all(model, tokenizer, splits)
     if spec.name in METHODS:
-        save_adapters(model, out_dir / "adapters" / f"{slug(spec.text)}_seed{seed}")
+        result["adapter"] = str(Path("adapters") / f"{slug(spec.text)}_seed{seed}_{key}")  # keyed like the result
+        save_adapters(model, out_dir / result["adapter"])
         x, lengths = logit_probe_batch(tokenizer, splits)
         merged = merge_adapters(copy.deepcopy(model))
         result["max_logit_diff"] = (real_logits(merged, x, lengths) - real_logits(model, x, lengths)).abs().max().item()
@@ -215,7 +227,21 @@ def run_one(spec, seed, base_model, tokenizer, splits, cfg, out_dir, device, tra
 
 
 def slug(text):
-    return "".join(c if c.isalnum() else "_" for c in text)
+    """A file-name-safe form of a method spec, made injective by a short hash of the exact text
+    ('tau_init=-0.5' and 'tau_init=+0.5' read alike once the signs are replaced, their hashes do not)."""
+    readable = "".join(c if c.isalnum() else "_" for c in text)
+    return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
+def read_cached(path):
+    """A finished run's JSON, or None when there is none or it cannot be read (then the run is recomputed)."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        print(f"{path} is unreadable (an interrupted write from an older version?): recomputing that run", flush=True)
+        return None
 
 
 def run_key(spec, seed, cfg, base_meta):
@@ -313,16 +339,52 @@ def plot_losses(runs, path):
     os.replace(tmp, path)
 
 
-def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False):
-    t_start = time.time()
-    out_dir = Path(out_dir)
-    check_writable(out_dir)
-    specs = [parse_method_spec(m, cfg) for m in cfg.methods]  # all errors before any work
-    if not specs:
-        raise ValueError("no methods given")
+def check_compare_config(cfg: CompareConfig):
+    """Every setting of a compare run, before any work -> the parsed method specs."""
+    if not cfg.methods:
+        raise UsageError("no methods given")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise UsageError(f"a method is listed twice: {list(cfg.methods)}")
+    specs = [parse_method_spec(m, cfg) for m in cfg.methods]
+    if not cfg.seeds:
+        raise UsageError("no seeds given")
+    for seed in cfg.seeds:
+        check_range("seeds", seed, 0)
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise UsageError(f"a seed is listed twice: {list(cfg.seeds)} (a repeated seed would fake a spread of 0)")
+    if not cfg.tasks:
+        raise UsageError("no tasks given")
     for t in cfg.tasks:
         if t not in TASKS:
-            raise ValueError(f"unknown task {t!r}; valid tasks: {', '.join(TASKS)}")
+            raise UsageError(f"unknown task {t!r}; valid tasks: {', '.join(TASKS)}")
+    if len(set(cfg.tasks)) != len(cfg.tasks):
+        raise UsageError(f"a task is listed twice: {list(cfg.tasks)}")
+    check_range("r", cfg.r, 1)
+    check_range("alpha_over_r", cfg.alpha_over_r, kind=float)
+    if cfg.alpha_over_r <= 0:
+        raise UsageError(f"alpha_over_r must be > 0, got {cfg.alpha_over_r}")
+    check_targets_usage(cfg.targets)
+    check_range("n_train", cfg.n_train, 1)
+    check_range("n_test", cfg.n_test, 1)
+    check_range("full_lr", cfg.full_lr, kind=float)
+    check_train_config(cfg.train)
+    return specs
+
+
+def check_targets_usage(targets):
+    try:
+        check_targets(targets)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"targets: {e}") from None
+
+
+def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False):
+    t_start = time.time()
+    if not str(out_dir):
+        raise UsageError("the output folder is empty")
+    out_dir = Path(out_dir)
+    specs = check_compare_config(cfg)  # all errors before any work
+    check_writable(out_dir)
     device = pick_device(cfg.train.device)
     rank, n_procs = rank_and_world()
     base_model, tokenizer, base_meta, base_dir = resolve_base(cfg.pretrain)
@@ -338,7 +400,7 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False):
         for seed in (cfg.seeds if spec.name != "base" else cfg.seeds[:1]):
             path = out_dir / "runs" / f"{slug(spec.text)}_seed{seed}.json"
             key = run_key(spec, seed, cfg, base_meta)
-            cached = json.loads(path.read_text()) if (not fresh and path.exists()) else None
+            cached = None if fresh else read_cached(path)
             if cached and cached.get("key") == key:  # every process reads the same file: the same decision
                 if rank == 0:
                     print(f"{spec.label} seed {seed}: reused {path}", flush=True)
@@ -349,7 +411,7 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False):
                 shutil.rmtree(train_dir, ignore_errors=True)
             if n_procs > 1:
                 dist.barrier()
-            result = run_one(spec, seed, base_model, tokenizer, splits, cfg, out_dir, device, train_dir)
+            result = run_one(spec, seed, base_model, tokenizer, splits, cfg, out_dir, device, train_dir, key)
             if rank == 0:
                 result["key"] = key
                 write_json(path, result)
@@ -390,21 +452,26 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="output folder (default: runs/compare or runs/ablate)")
     parser.add_argument("--fresh", action="store_true", help="recompute every run instead of reusing matching results")
     args, overrides = parser.parse_known_args(argv)
-    cfg = apply_overrides(CompareConfig(), overrides)
-    if cfg.train.seed != TrainConfig().seed:
-        parser.error("--train.seed is not used by compare: each run's seed comes from --seeds")
-    if args.preset == "ablate":
-        cfg.methods = ABLATE_METHODS
-    if args.methods:
-        cfg.methods = tuple(m for m in args.methods.replace(";", " ").split() if m)
-    if args.seeds:
-        cfg.seeds = tuple(int(s) for s in args.seeds.split(","))
-    if args.steps:
-        cfg.train.steps = args.steps
-    out = args.out or ("runs/ablate" if args.preset == "ablate" else "runs/compare")
-    init_distributed()  # under torchrun: join the process group; otherwise a no-op
-    compare(cfg, out, fresh=args.fresh)
-    return 0
+
+    def body():
+        cfg = apply_overrides(CompareConfig(), overrides)
+        if cfg.train.seed != TrainConfig().seed:
+            raise UsageError("--train.seed is not used by compare: each run's seed comes from --seeds")
+        if args.preset == "ablate":
+            cfg.methods = ABLATE_METHODS
+        if args.methods is not None:
+            cfg.methods = tuple(m for m in args.methods.replace(";", " ").split() if m)
+        if args.seeds is not None:
+            cfg.seeds = parse_value(args.seeds, (0,), "--seeds")
+        if args.steps is not None:
+            cfg.train.steps = args.steps
+        out = args.out if args.out is not None else ("runs/ablate" if args.preset == "ablate" else "runs/compare")
+        check_compare_config(cfg)  # before joining a process group or loading anything
+        init_distributed()  # under torchrun: join the process group; otherwise a no-op
+        compare(cfg, out, fresh=args.fresh)
+        return 0
+
+    return run_cli(parser, body)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Pretraining the base model, and loading it.
 
-    python -m d2lora_min.train.pretrain                       # the default base, written to base/
+    python -m d2lora_min.train.pretrain                       # the default base, into runs/pretrain/<key>/
     python -m d2lora_min.train.pretrain --corpus.text_file=my.txt --out runs/my_base
+    python -m d2lora_min.train.pretrain --out base --replace-shipped   # replace the shipped base, on purpose
 
 The default base ships in the repository (base/: model.safetensors, tokenizer.json, base.json with the
-configs, the SHA-256 of the weights, the validation loss and the look-up probe score). `make compare`
+configs, the SHA-256 of each file and one over weights, tokenizer and model config, the validation loss and the
+look-up probe score). `make compare`
 starts from it. A changed model or corpus config pretrains a new base instead, cached under
 runs/bases/<key>/ where <key> is a hash of the configs.
 """
@@ -27,11 +29,11 @@ from tqdm.auto import tqdm
 from tiny_gpt import GPT, GPTConfig
 
 from ..atomic import atomic_path, check_writable, write_json
-from .cli import apply_overrides, config_help
+from .cli import UsageError, apply_overrides, check_range, config_help, run_cli
 from .data import CorpusConfig, build_corpus, window_batches
 from .evaluate import MCItem, mc_accuracy, validation_loss
 from .tokenizer import load_tokenizer
-from .trainer import TrainConfig, init_distributed, pick_device, rank_and_world, train
+from .trainer import TrainConfig, check_train_config, init_distributed, pick_device, rank_and_world, train
 from .world import World, corpus_documents, lookup_probe, skill_probes
 
 SHIPPED_BASE = Path(__file__).resolve().parents[2] / "base"
@@ -82,30 +84,65 @@ def sha256_file(path):
     return h.hexdigest()
 
 
+BASE_FILES = ("model.safetensors", "tokenizer.json")  # with the model config in base.json: all that changes behaviour
+
+
+def base_fingerprint(folder, meta):
+    """({file: SHA-256}, the base's SHA-256): one hash over the weights, the tokenizer and the model config, so
+    that a change to any of them (a swapped token, an edited config) changes the base's identity."""
+    folder = Path(folder)
+    files = {}
+    for name in BASE_FILES:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing; {REBUILD_HINT}")
+        files[name] = sha256_file(folder / name)
+    blob = json.dumps({"files": files, "model_config": meta["config"]["model"]}, sort_keys=True)
+    return files, hashlib.sha256(blob.encode()).hexdigest()
+
+
+REBUILD_HINT = ("restore the shipped base with `git checkout -- base/`, or pretrain one with `make pretrain` "
+                "(then `make pretrain ARGS='--out base --replace-shipped'` to replace the shipped one)")  # fmt: skip
+
+
 def save_base(folder, model, tokenizer, meta):
-    """Write the base atomically: weights, tokenizer, then base.json (written last: its presence marks a complete base)."""
+    """Write the base atomically: weights, tokenizer, then base.json (written last: its presence marks a complete
+    base, and it records the SHA-256 of the others)."""
     folder = Path(folder)
     with atomic_path(folder / "model.safetensors") as tmp:
         save_model(model, tmp)
     with atomic_path(folder / "tokenizer.json") as tmp:
         tokenizer.save(tmp)
-    meta = {**meta, "sha256": sha256_file(folder / "model.safetensors")}
+    files, sha = base_fingerprint(folder, meta)
+    meta = {**meta, "files": files, "sha256": sha}
     write_json(folder / "base.json", meta)
     return meta
 
 
 def load_base(folder=SHIPPED_BASE, device="cpu", check_hash=True):
-    """(model, tokenizer, meta) from a base folder; refuses weights whose SHA-256 differs from base.json."""
+    """(model, tokenizer, meta) from a base folder; refuses a missing file or one whose SHA-256 differs from
+    what base.json records (weights, tokenizer and model config are all covered)."""
     folder = Path(folder)
-    if not (folder / "base.json").exists():
-        raise FileNotFoundError(f"no base model in {folder} (base.json missing): run `make pretrain`")
-    meta = json.loads((folder / "base.json").read_text())
-    if check_hash and sha256_file(folder / "model.safetensors") != meta["sha256"]:
-        raise ValueError(f"{folder}/model.safetensors does not match the SHA-256 recorded in base.json")
-    model = GPT(GPTConfig(**meta["config"]["model"]))
+    if not (folder / "base.json").is_file():
+        raise FileNotFoundError(f"no base model in {folder} (base.json missing); {REBUILD_HINT}")
+    try:
+        meta = json.loads((folder / "base.json").read_text())
+        model_config = GPTConfig(**meta["config"]["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{folder}/base.json is unreadable ({type(e).__name__}: {e}); {REBUILD_HINT}") from None
+    if check_hash:
+        files, sha = base_fingerprint(folder, meta)
+        for name, digest in files.items():
+            if meta.get("files", {}).get(name) != digest:
+                raise ValueError(f"{folder}/{name} does not match the SHA-256 recorded in base.json; {REBUILD_HINT}")
+        if sha != meta.get("sha256"):
+            raise ValueError(f"{folder}/base.json: the model config does not match the recorded SHA-256; {REBUILD_HINT}")
+    model = GPT(model_config)
     load_model(model, folder / "model.safetensors", device=str(device))
     model.to(device).eval()
-    return model, load_tokenizer(folder / "tokenizer.json"), meta
+    tokenizer = load_tokenizer(folder / "tokenizer.json")
+    if tokenizer.get_vocab_size() != model_config.vocab_size:
+        raise ValueError(f"{folder}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model {model_config.vocab_size}")
+    return model, tokenizer, meta
 
 
 def pretrain(cfg: PretrainConfig, out_dir, eval_every=500):
@@ -142,7 +179,8 @@ def pretrain(cfg: PretrainConfig, out_dir, eval_every=500):
             log.append(row)
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
 
-    result = train(model, get_batch, cfg.train, out_dir=os.path.join(out_dir, "work"), callback=callback)
+    # the work folder is keyed by the settings, so a rerun with other settings never resumes this one's checkpoint
+    result = train(model, get_batch, cfg.train, out_dir=os.path.join(out_dir, "work", key), callback=callback)
     if rank != 0:  # under torchrun only rank 0 evaluates and writes
         dist.barrier()
         return None
@@ -173,37 +211,50 @@ BASE_CACHE = Path("runs") / "bases"
 
 def resolve_base(cfg: PretrainConfig):
     """(model, tokenizer, meta, folder) for `cfg`: the shipped base when cfg is the config it was pretrained
-    with, else a cached base for cfg's key, else a new one pretrained now (and cached)."""
+    with, else a cached base for cfg's key, else a new one pretrained now (and cached). The default settings
+    never pretrain silently: a missing or damaged shipped base is an error that says how to restore it."""
     key = cfg.key()
-    for folder in (SHIPPED_BASE, BASE_CACHE / key):
-        meta_path = folder / "base.json"
-        if meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
-            return (*load_base(folder), folder)
-    if (SHIPPED_BASE / "base.json").exists():
-        print(f"the model or corpus settings differ from the shipped base's: pretraining a new base into "
-              f"{BASE_CACHE / key} (this takes a while; it is cached for later runs)", flush=True)  # fmt: skip
-    pretrain(cfg, BASE_CACHE / key)
-    return (*load_base(BASE_CACHE / key), BASE_CACHE / key)
+    if key == PretrainConfig().key():  # the default settings: the shipped base, or an error
+        return (*load_base(SHIPPED_BASE), SHIPPED_BASE)
+    cached = BASE_CACHE / key
+    if (cached / "base.json").exists():
+        return (*load_base(cached), cached)
+    print(f"the model or corpus settings differ from the shipped base's: pretraining a new base into {cached} "
+          f"(this takes a while; it is cached for later runs)", flush=True)  # fmt: skip
+    pretrain(cfg, cached)
+    return (*load_base(cached), cached)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        description="Pretrain the base model (default: the shipped one, into base/).",
+        description="Pretrain a base model (default settings: the shipped one) into a run folder.",
         epilog="settings (override with --section.field=value):\n" + "\n".join(config_help(PretrainConfig())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", default=str(SHIPPED_BASE), help="folder for the base (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="folder for the base (default: runs/pretrain/<settings key>)")
+    parser.add_argument("--replace-shipped", action="store_true", help="allow --out to be the shipped base/ folder")
     parser.add_argument("--eval-every", type=int, default=500, help="steps between probe/validation evaluations")
     args, overrides = parser.parse_known_args(argv)
-    cfg = apply_overrides(PretrainConfig(), overrides)
-    rank, _ = init_distributed()  # under torchrun: join the process group; otherwise a no-op
-    cfg.train.device = pick_device(cfg.train.device)
-    if cfg.train.device == "cpu":
-        print(f"pretraining on CPU with {torch.get_num_threads()} threads", flush=True)
-    meta = pretrain(cfg, args.out, eval_every=args.eval_every)
-    if rank == 0:
-        print(json.dumps({k: meta[k] for k in ("val_loss", "probe_accuracy", "tokens_seen", "train_seconds_this_run", "sha256")}, indent=2))
-    return 0
+
+    def body():
+        cfg = apply_overrides(PretrainConfig(), overrides)
+        check_train_config(cfg.train)
+        check_range("--eval-every", args.eval_every, 1)
+        out = Path(args.out) if args.out else Path("runs") / "pretrain" / cfg.key()
+        if out.resolve() == SHIPPED_BASE.resolve() and not args.replace_shipped:
+            raise UsageError(f"--out {out} is the shipped base: add --replace-shipped to overwrite it on purpose")
+        if str(args.out) == "":
+            raise UsageError("--out is empty")
+        rank, _ = init_distributed()  # under torchrun: join the process group; otherwise a no-op
+        cfg.train.device = pick_device(cfg.train.device)
+        if cfg.train.device == "cpu":
+            print(f"pretraining on CPU with {torch.get_num_threads()} threads into {out}", flush=True)
+        meta = pretrain(cfg, out, eval_every=args.eval_every)
+        if rank == 0:
+            print(json.dumps({k: meta[k] for k in ("val_loss", "probe_accuracy", "tokens_seen", "train_seconds_this_run", "sha256")}, indent=2))
+        return 0
+
+    return run_cli(parser, body)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path
+from .cli import UsageError, check_range
 
 
 @dataclass
@@ -47,6 +48,28 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end); needs out_dir
     progress: bool = True  # tqdm bar
     desc: str = "train"  # the bar's label
+
+
+def check_train_config(cfg, prefix="train"):
+    """Every setting in range, before any work; a UsageError naming the first one that is not."""
+    check_range(f"{prefix}.steps", cfg.steps, 1)
+    check_range(f"{prefix}.batch_size", cfg.batch_size, 1)
+    check_range(f"{prefix}.lr", cfg.lr, kind=float)
+    if cfg.lr <= 0:
+        raise UsageError(f"{prefix}.lr must be > 0, got {cfg.lr!r}")
+    check_range(f"{prefix}.min_lr_ratio", cfg.min_lr_ratio, 0.0, 1.0, kind=float)
+    check_range(f"{prefix}.warmup_steps", cfg.warmup_steps, 0)
+    check_range(f"{prefix}.weight_decay", cfg.weight_decay, 0.0, kind=float)
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise UsageError(f"{prefix}.betas must be two numbers in [0, 1), got {cfg.betas!r}")
+    check_range(f"{prefix}.grad_clip", cfg.grad_clip, 0.0, kind=float)
+    check_range(f"{prefix}.seed", cfg.seed, 0)
+    check_range(f"{prefix}.checkpoint_every", cfg.checkpoint_every, 0)
+    if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        raise UsageError(f"{prefix}.device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if pick_device(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"{prefix}.device={cfg.device} but CUDA is not available here")
+    return cfg
 
 
 class TrainingDiverged(RuntimeError):
@@ -203,6 +226,7 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
     every process (for periodic evaluation; it must leave the model in train mode). Returns a TrainResult.
     Raises TrainingDiverged on a NaN/Inf loss.
     """
+    check_train_config(cfg)
     device = pick_device(cfg.device)
     rank, world = rank_and_world()
     if cfg.batch_size % world:
