@@ -14,6 +14,7 @@ import os
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import skip_init
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
@@ -65,12 +66,12 @@ def _check_config(config):
 
 
 def _expected_tensors(config, dtypes):
-    """{full name: (shape, dtype)} of the adapter tensors `config` describes, from layers built on the meta
-    device (no memory, no change to any model)."""
+    """{full name: (shape, dtype)} of the adapter tensors `config` describes, from a throwaway layer per target
+    (built around an uninitialised stand-in for the base, one at a time; no change to any model)."""
     cls = get_method(config["method"])
     want = {}
     for name, (n_out, n_in) in config["targets"].items():
-        shadow = nn.Linear(n_in, n_out, device="meta", dtype=dtypes[name])
+        shadow = skip_init(nn.Linear, n_in, n_out, dtype=dtypes[name])
         layer = cls(shadow, r=config["r"], alpha=config["alpha"], dropout=config["dropout"], **config["options"])
         for key, t in layer.state_dict().items():
             if not key.startswith("base."):
