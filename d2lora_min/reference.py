@@ -1,9 +1,9 @@
-"""NumPy-only reference of the math in DESIGN.md section 2: what a port of LoRA, DoRA or D2-LoRA must compute.
+"""NumPy-only reference of the math in docs/DESIGN.md, section 2: what a port of LoRA, DoRA or D2-LoRA must compute.
 
-No torch here: forward pass, merged weight, row norms, trainable-parameter counts, and the gradients of
-the scalar loss L = sum(y * G) for a given upstream gradient G = dL/dy, written out by hand (this is where
-`detach_norm` shows). The tests check the torch layers against these functions and tests/golden/ holds
-their outputs for fixed inputs.
+No torch here: forward pass (with an optional dropout mask), merged weight, row norms, trainable-parameter counts,
+and the gradients of the scalar loss L = sum(y * G) for a given upstream gradient G = dL/dy, written out by hand
+(this is where `detach_norm` and dropout show). The tests check the torch layers against these functions, and
+tests/golden/ holds the torch layers' outputs for fixed inputs, checked against these before they are written.
 
 Conventions (PyTorch's): W0 is (out, in); y = x @ W.T + b; row norms run over `in` (axis 1), one per
 output row; A = lora_A is (r, in), B = lora_B is (out, r); s = alpha / r.
@@ -55,14 +55,38 @@ def row_factor(method, V, W0, params, project=True):
 
 
 def merged_weight(method, W0, params, alpha, project=True):
-    """The (out, in) weight the adapted layer applies."""
+    """The (out, in) weight the adapted layer applies (in eval mode)."""
     V = W0 + delta_weight(method, params, alpha)
     return row_factor(method, V, W0, params, project)[:, None] * V
 
 
-def forward(method, x, W0, bias, params, alpha, project=True):
-    """y = x @ W.T + b for x of shape (..., in) -> (..., out)."""
-    y = x @ merged_weight(method, W0, params, alpha, project).T
+def _stacked(method, params):
+    """(A, B) with B @ A the low-rank product: D2-LoRA's two branches as one rank-2r pair."""
+    if method in ("lora", "dora"):
+        return params["lora_A"], params["lora_B"]
+    A = np.concatenate([params["lora_A_pos"], params["lora_A_neg"]])  # (2r, in)
+    B = np.concatenate([params["lora_B_pos"], -params["tau"] * params["lora_B_neg"]], axis=1)  # (out, 2r)
+    return A, B
+
+
+def _dropped(x, mask, p):
+    """dropout(x) with a given keep-mask (1 = kept): kept entries are scaled by 1 / (1 - p)."""
+    return x if mask is None else x * mask / (1.0 - p)
+
+
+def forward(method, x, W0, bias, params, alpha, project=True, mask=None, p=0.0):
+    """y = c * (x @ W0.T + s * (dropout(x) @ A.T) @ B.T) + b for x of shape (..., in) -> (..., out).
+
+    mask (same shape as x, 1 = kept) and p describe a training-mode dropout on the low-rank branch's input;
+    without them (eval mode, or no dropout) y = x @ merged_weight().T + b.
+    """
+    _check_method(method)
+    A, B = _stacked(method, params)
+    s = scaling(alpha, params["lora_A" if method != "d2lora" else "lora_A_pos"].shape[0])
+    V = W0 + s * B @ A
+    c = row_factor(method, V, W0, params, project)
+    h = x @ W0.T + s * (_dropped(x, mask, p) @ A.T) @ B.T
+    y = c * h
     return y if bias is None else y + bias
 
 
@@ -76,45 +100,55 @@ def trainable_parameter_count(method, in_features, out_features, r, learn_tau=Tr
     return 2 * lora + (1 if learn_tau else 0)
 
 
-def gradients(method, x, W0, bias, params, alpha, grad_output, project=True, detach_norm=None):
+def gradients(method, x, W0, bias, params, alpha, grad_output, project=True, detach_norm=None, mask=None, p=0.0):
     """dL/d(every adapter tensor) and dL/dx for L = sum(forward(...) * grad_output).
 
-    detach_norm defaults to each method's default (DoRA True, D2-LoRA False). With W = c[:, None] * V and
-    c = t / norm(V) (t = magnitude or norm(W0)), writing Gw = dL/dW:
-        detached norm:  dL/dV = c[:, None] * Gw
-        attached norm:  dL/dV = c[:, None] * (Gw - (<Gw_i, V_i> / norm(V_i)^2)[:, None] * V)
-    i.e. the attached gradient loses its component along each row V_i (the radial one), because rescaling
-    a row of V does not change W. DoRA's magnitude: dL/dm_i = <Gw_i, V_i> / norm(V_i).
+    detach_norm defaults to each method's default (DoRA True, D2-LoRA False). With h = x @ W0.T + s z @ B.T,
+    z = dropout(x) @ A.T, y = c * h + b and c = t / max(norm(V), eps) (t = magnitude or norm(W0)); G = dL/dy:
+        dL/dh = G * c;   dL/dc_i = sum over tokens of G_i * h_i
+        dL/dB = s * dL/dh.T @ z;   dL/dA = s * (dL/dh @ B).T @ dropout(x)     (the low-rank branch's own input)
+        dL/dx = dL/dh @ W0 + (s * (dL/dh @ B) @ A) * mask / (1 - p)          (W0 sees x, the branch dropout(x))
+        DoRA's magnitude:  dL/dm_i = dL/dc_i / max(norm(V_i), eps)
+        attached norm:     dL/dV_i = k_i V_i,  k_i = -dL/dc_i * c_i / norm(V_i)^2   (0 where norm(V_i) < eps)
+                           dL/dB += s * dL/dV @ A.T;   dL/dA += s * B.T @ dL/dV
+    Without dropout dL/dV = c * Gw - ... with Gw = G.T @ x is the same thing (docs/PORTING.md, section 5).
     """
     _check_method(method)
     if detach_norm is None:
         detach_norm = method == "dora"
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    xd2 = _dropped(x, mask, p).reshape(x2.shape)  # (N, in)
+    keep = None if mask is None else mask.reshape(x2.shape) / (1.0 - p)
     G = grad_output.reshape(-1, grad_output.shape[-1])  # (N, out)
-    V = W0 + delta_weight(method, params, alpha)  # (out, in)
+    A, B = _stacked(method, params)
+    r = A.shape[0] if method != "d2lora" else A.shape[0] // 2
+    s = scaling(alpha, r)
+    V = W0 + s * B @ A  # (out, in)
     c = row_factor(method, V, W0, params, project)  # (out,)
-    W = c[:, None] * V
-    grads = {"x": (G @ W).reshape(x.shape)}
-    Gw = G.T @ x2  # dL/dW: (out, in)
-    if method == "lora" or (method == "d2lora" and not project):
-        Gv = Gw
-    else:
-        Gv = c[:, None] * Gw
+    z = xd2 @ A.T  # (N, k)
+    h = x2 @ W0.T + s * z @ B.T  # (N, out)
+    Gh = G * c  # dL/dh
+    GhB = Gh @ B  # (N, k)
+    gx = Gh @ W0 + s * (GhB @ A) * (1.0 if keep is None else keep)
+    grads = {"x": gx.reshape(x.shape)}
+    dB = s * Gh.T @ z  # (out, k)
+    dA = s * GhB.T @ xd2  # (k, in)
+    scaled = method == "dora" or (method == "d2lora" and project)
+    if scaled:
+        norm = row_norm(V)
+        clamped = np.maximum(norm, NORM_EPS)
+        gc = np.sum(G * h, axis=0)  # dL/dc: (out,)
         if method == "dora":
-            grads["magnitude"] = np.sum(Gw * V, axis=1) / np.maximum(row_norm(V), NORM_EPS)
+            grads["magnitude"] = gc / clamped
         if not detach_norm:
-            n2 = np.maximum(row_norm(V), NORM_EPS) ** 2
-            Gv = Gv - (c * np.sum(Gw * V, axis=1) / n2)[:, None] * V
-    # dV = s * B @ A  =>  dL/dB = s * Gv @ A.T,  dL/dA = s * B.T @ Gv
+            k = np.where(norm >= NORM_EPS, -gc * c / clamped**2, 0.0)  # (out,)
+            dV = k[:, None] * V  # (out, in)
+            dB = dB + s * dV @ A.T
+            dA = dA + s * B.T @ dV
     if method in ("lora", "dora"):
-        A, B = params["lora_A"], params["lora_B"]
-        s = scaling(alpha, A.shape[0])
-        grads["lora_A"], grads["lora_B"] = s * B.T @ Gv, s * Gv @ A.T
-    else:
-        r = params["lora_A_pos"].shape[0]
-        s, tau = scaling(alpha, r), params["tau"]
-        Ap, Bp, An, Bn = params["lora_A_pos"], params["lora_B_pos"], params["lora_A_neg"], params["lora_B_neg"]
-        grads["lora_A_pos"], grads["lora_B_pos"] = s * Bp.T @ Gv, s * Gv @ Ap.T
-        grads["lora_A_neg"], grads["lora_B_neg"] = -s * tau * Bn.T @ Gv, -s * tau * Gv @ An.T
-        grads["tau"] = np.asarray(-s * np.sum(Gv * (Bn @ An)))
+        grads["lora_A"], grads["lora_B"] = dA, dB
+    else:  # back to the two branches: B = [B_pos, -tau * B_neg]
+        grads["lora_A_pos"], grads["lora_A_neg"] = dA[:r], dA[r:]
+        grads["lora_B_pos"], grads["lora_B_neg"] = dB[:, :r], -params["tau"] * dB[:, r:]
+        grads["tau"] = np.asarray(-np.sum(dB[:, r:] * params["lora_B_neg"]))
     return grads

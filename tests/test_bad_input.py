@@ -238,8 +238,11 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
 # --- the command lines: usage errors before any work ----------------------------------------------------------------
 
 COMPARE_CASES = [
-    (["--steps", "0"], "train.steps must be >= 1, got 0"),
-    (["--steps", "-3"], "train.steps must be >= 1"),
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--epochs", "-3"], "epochs must be >= 1"),
+    (["--train.steps=100"], "follow from the budget"),
+    (["--scoring=best"], "scoring must be task, sum or mean"),
+    (["--methods", "lora:targets=attn+attn"], "targets has duplicates"),
     (["--methods", ""], "no methods given"),
     (["--out", ""], "output folder is empty"),
     (["--seeds", "0,0"], "a seed is listed twice"),
@@ -360,8 +363,8 @@ def test_a_truncated_cached_run_is_recomputed_not_a_traceback(tmp_path, capsys):
 
 # --- kills at every write: the old complete state or the new one, never a mix ------------------------------------
 
-TINY_COMPARE = ["--methods", "d2lora", "--tasks=who", "--n_train=40", "--n_test=8", "--train.steps=4",
-                "--train.batch_size=4", "--train.checkpoint_every=2", "--train.progress=false"]  # fmt: skip
+TINY_COMPARE = ["--methods", "d2lora", "--seeds=0", "--tasks=who", "--n_train=8", "--epochs=2", "--n_test=8",
+                "--train.batch_size=4", "--checkpoints=2", "--train.progress=false"]  # fmt: skip
 
 
 class Killed(BaseException):

@@ -42,8 +42,8 @@ def test_two_processes_match_one_and_only_rank0_writes(tmp_path):
 
 
 COMPARE = [
-    "-m", "d2lora_min.train.compare", "--methods", "d2lora", "--tasks=who,compare", "--n_train=200", "--n_test=40",
-    "--train.steps=40", "--train.batch_size=8", "--train.checkpoint_every=5", "--train.progress=false",
+    "-m", "d2lora_min.train.compare", "--methods", "d2lora", "--seeds=0", "--tasks=who,compare", "--n_train=80",
+    "--epochs=2", "--n_test=40", "--train.batch_size=8", "--checkpoints=8", "--train.progress=false",
 ]  # fmt: skip
 
 
@@ -80,7 +80,7 @@ def every_file_loads(folder):
 
 
 def test_a_killed_compare_run_resumes_to_the_uninterrupted_result(tmp_path):
-    cmd = [sys.executable, *COMPARE, "--train.steps=150"]  # long enough to be killed partway
+    cmd = [sys.executable, *COMPARE, "--epochs=8", "--checkpoints=30"]  # 160 steps: long enough to be killed partway
     subprocess.run(cmd + ["--out", str(tmp_path / "clean")], cwd=ROOT, check=True, capture_output=True)
 
     out = tmp_path / "killed"
@@ -97,7 +97,7 @@ def test_a_killed_compare_run_resumes_to_the_uninterrupted_result(tmp_path):
     proc.wait()
     assert ckpt is not None, "no checkpoint appeared"
     killed_at = torch.load(ckpt, weights_only=True)["step"]
-    assert 10 <= killed_at < 150, "the run was not killed partway through training"
+    assert 10 <= killed_at < 160, "the run was not killed partway through training"
     every_file_loads(out)
 
     subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, check=True, capture_output=True)

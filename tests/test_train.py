@@ -1,5 +1,6 @@
 """The shared trainer, the data, the tasks, the scorers and the compare plumbing (never timed)."""
 
+import math
 import os
 import subprocess
 import sys
@@ -11,10 +12,11 @@ import torch.nn as nn
 
 from d2lora_min.nn import adapter_state_dict, inject_adapters
 from d2lora_min.train.cli import apply_overrides
-from d2lora_min.train.compare import CompareConfig, main as compare_main, parse_method_spec, summarise
+from d2lora_min.train.compare import CompareConfig, main as compare_main, parse_method_spec
 from d2lora_min.train.data import CorpusConfig, read_text_file, window_batches
 from d2lora_min.train.evaluate import GenItem, MCItem, greedy_generate, mc_accuracy, rouge_l_f1, score_choices
-from d2lora_min.train.tasks import TASKS, answer_text, build_splits, finetune_batches
+from d2lora_min.train.data import heldout_text
+from d2lora_min.train.tasks import TASKS, answer_text, build_splits, finetune_batches, retention_probe, steps_for, updated_facts
 from d2lora_min.train.tokenizer import EOT, train_tokenizer
 from d2lora_min.train.trainer import CHECKPOINT, TrainConfig, TrainingDiverged, lr_at, train
 from d2lora_min.train.world import World, corpus_documents
@@ -225,7 +227,8 @@ def test_splits_are_disjoint_deterministic_and_large_enough():
     again = build_splits(world, list(TASKS), n_train=300, n_test=500, seed=0)
     for name, (train_items, test_items) in splits.items():
         assert len(test_items) == 500
-        assert len({it.prompt for it in test_items}) == 500, name  # distinct test items
+        distinct = {(it.prompt, tuple(getattr(it, "choices", ()))) for it in test_items}
+        assert len(distinct) >= (400 if name == "update" else 500), name  # (update: 200 questions, other choices)
         assert not {it.prompt for it in train_items} & {it.prompt for it in test_items}, name
         assert [it.prompt for it in test_items] == [it.prompt for it in again[name][1]]
         for it in test_items:
@@ -244,11 +247,9 @@ def test_finetune_batches_put_the_loss_on_the_answer_only(tokenizer):
     items = [MCItem("Q: go\nA:", [" yes", " no"], 1), GenItem("Q: red\nA:", "blue green")]
     get_batch = finetune_batches(tokenizer, {"a": items[:1], "b": items[1:]}, batch_size=6, seed=0, pad_id=tokenizer.token_to_id(EOT))
     x, y = get_batch(0)
-    assert torch.equal(get_batch(0)[0], x) and x.shape == y.shape
-    for b in range(6):
-        targets = [t for t in y[b].tolist() if t != -1]
-        text = tokenizer.decode(targets)
-        assert text in (answer_text(items[0]), answer_text(items[1]))
+    assert torch.equal(get_batch(0)[0], x) and x.shape == y.shape and len(x) == 2  # one epoch: both items, once
+    texts = sorted(tokenizer.decode([t for t in y[b].tolist() if t != -1]) for b in range(len(x)))
+    assert texts == sorted([answer_text(items[0]), answer_text(items[1])])
 
 
 def test_window_batches_shift_by_one_and_refuse_a_tiny_corpus():
@@ -292,7 +293,7 @@ def test_method_specs_parse_with_types_and_defaults():
     "spec, match",
     [
         ("lorra", "unknown method 'lorra'.*valid methods: lora, dora, d2lora, base, full"),
-        ("d2lora:projekt=false", "unknown key 'projekt'.*valid keys: r, alpha, dropout, lr, tau_init"),
+        ("d2lora:projekt=false", "unknown key 'projekt'.*valid keys: r, alpha, dropout, lr, targets, tau_init"),
         ("lora:tau_init=0.1", "unknown key 'tau_init' for method 'lora'"),
         ("d2lora:project", "is not key=value"),
         ("d2lora:project=maybe", "expected true or false"),
@@ -304,8 +305,8 @@ def test_bad_method_specs_are_clear_errors(spec, match):
 
 
 def test_config_overrides_and_their_errors():
-    cfg = apply_overrides(CompareConfig(), ["--train.steps=7", "--pretrain.model.n_layer=3", "--seeds=1,2"])
-    assert cfg.train.steps == 7 and cfg.pretrain.model.n_layer == 3 and cfg.seeds == (1, 2)
+    cfg = apply_overrides(CompareConfig(), ["--train.lr=0.5", "--pretrain.model.n_layer=3", "--seeds=1,2"])
+    assert cfg.train.lr == 0.5 and cfg.pretrain.model.n_layer == 3 and cfg.seeds == (1, 2)
     with pytest.raises(ValueError, match="unknown setting 'train.stepz'"):
         apply_overrides(CompareConfig(), ["train.stepz=3"])
 
@@ -316,9 +317,51 @@ def test_compare_refuses_a_train_seed_it_would_ignore(capsys):
     assert "comes from --seeds" in capsys.readouterr().err
 
 
-def test_summary_uses_binomial_error_for_one_seed_and_sd_for_several():
-    runs = [{"method": "lora", "label": "LoRA", "seed": s, "trainable_params": 10, "scores": {"yesno": a}} for s, a in [(0, 0.8), (1, 0.6)]]
-    one = summarise(runs[:1], ["yesno"], n_test=400)[0]
-    assert one["yesno"] == (0.8, pytest.approx((0.8 * 0.2 / 400) ** 0.5))
-    two = summarise(runs, ["yesno"], n_test=400)[0]
-    assert two["yesno"][0] == pytest.approx(0.7) and two["yesno"][1] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+def test_the_epoch_budget_gives_the_steps_it_claims_and_visits_every_item_once_per_epoch(tokenizer):
+    items = [MCItem(f"Q: go{i}\nA:", [" yes", " no"], i % 2) for i in range(10)]
+    get_batch = finetune_batches(tokenizer, {"a": items[:7], "b": items[7:]}, batch_size=4, seed=3, pad_id=tokenizer.token_to_id(EOT))
+    assert steps_for(10, epochs=2, batch_size=4) == 6  # ceil(10 / 4) = 3 batches per epoch
+    for epoch in range(2):
+        seen = []
+        for step in range(3 * epoch, 3 * epoch + 3):
+            x, y = get_batch(step)
+            seen += [tokenizer.decode(x[b][x[b] != tokenizer.token_to_id(EOT)].tolist()).split("\n")[0] for b in range(len(x))]
+        assert sorted(seen) == sorted(f"Q: go{i}" for i in range(10))  # each item exactly once per epoch
+    assert torch.equal(get_batch(4)[0], get_batch(4)[0])  # a pure function of the step
+
+
+def test_compare_steps_follow_the_budget():
+    from d2lora_min.train.compare import budget_train_config
+
+    cfg = CompareConfig(n_train=100, epochs=2, tasks=("yesno", "who", "facts"))
+    tcfg = budget_train_config(cfg)
+    assert tcfg.steps == 2 * math.ceil(3 * 100 / cfg.train.batch_size)
+    assert tcfg.warmup_steps == round(cfg.warmup_frac * tcfg.steps) and tcfg.checkpoint_every < tcfg.steps
+
+
+def test_the_update_task_never_shows_a_test_wording_in_training_and_the_base_answer_is_a_choice():
+    world = World()
+    updates = updated_facts(world)
+    train_items, test_items = build_splits(world, ["update"], n_train=400, n_test=300, seed=0)["update"]
+    wording = lambda it, n: it.prompt.replace(n, "{n}")  # noqa: E731
+    train_w = {wording(it, it.cluster) for it in train_items}
+    test_w = {wording(it, it.cluster) for it in test_items}
+    assert train_w and test_w and not train_w & test_w
+    for it in test_items:
+        attr, old, new = updates[it.cluster]
+        assert it.choices[it.answer] == " " + new and " " + old in it.choices and old != new
+    # the updated people are kept out of the facts task, whose answers are the pretrained facts
+    facts_people = {it.cluster for tr, te in [build_splits(world, ["facts"], 300, 300, seed=0)["facts"]] for it in tr + te}
+    assert not facts_people & set(updates)
+
+
+def test_retention_is_measured_on_what_fine_tuning_never_sees():
+    world = World()
+    probe = retention_probe(world)
+    splits = build_splits(world, list(TASKS), n_train=300, n_test=50, seed=0)
+    asked = {it.cluster for t in ("facts", "update") for it in splits[t][0]}  # people whose facts training asks about
+    assert not {it.cluster for it in probe} & asked  # the probe's facts are never asked or taught in fine-tuning
+    assert not any("Q:" in it.prompt for it in probe)  # corpus wording, not the task format
+    tok = train_tokenizer(corpus_documents(world, 300, 1), 300)
+    tokens = heldout_text(world, tok, n_docs=50, exclude_names=tuple(updated_facts(world)))
+    assert len(tokens) > 100

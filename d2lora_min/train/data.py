@@ -13,6 +13,7 @@ from .tokenizer import EOT, train_tokenizer
 from .world import World, corpus_documents
 
 MIN_TEXT_CHARS = 1000  # a user corpus shorter than this cannot train anything useful
+SEED_STRIDE = 1_000_003  # a prime: seed * SEED_STRIDE + step never collides across seeds
 
 
 @dataclass
@@ -84,10 +85,18 @@ def window_batches(tokens, block_size, batch_size, seed):
         raise ValueError(f"the corpus has {len(data)} tokens: too short for one block of {block_size}")
 
     def get_batch(step):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(seed * SEED_STRIDE + step)
         starts = torch.randint(0, len(data) - block_size - 1, (batch_size,), generator=g)
         x = torch.stack([data[s : s + block_size] for s in starts.tolist()])  # (B, T)
         y = torch.stack([data[s + 1 : s + 1 + block_size] for s in starts.tolist()])  # (B, T)
         return x, y
 
     return get_batch
+
+
+def heldout_text(world, tokenizer, n_docs=300, seed=20_000, exclude_names=()):
+    """Fresh synthetic documents (a seed no pretraining split uses), tokenized: the held-out pretraining-text
+    loss before vs after fine-tuning measures what fine-tuning destroyed. Documents naming a person in
+    exclude_names (facts that fine-tuning updates on purpose) are left out."""
+    docs = [d for d in corpus_documents(world, n_docs, seed=seed) if not any(n in d for n in exclude_names)]
+    return encode_documents(tokenizer, docs)

@@ -20,12 +20,14 @@ class MCItem:
     prompt: str
     choices: list  # the answer strings, each starting with a space: [" Mira", " Kalo", ...]
     answer: int  # index of the right choice
+    cluster: str = ""  # items sharing an entity (a person, a script) share it; "" = independent (see report.py)
 
 
 @dataclass
 class GenItem:
     prompt: str
     reference: str  # the expected answer, without the final newline
+    cluster: str = ""
 
 
 def _pad(rows, pad_id):

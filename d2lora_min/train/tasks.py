@@ -1,10 +1,12 @@
-"""The downstream tasks: six multiple-choice tasks of the kinds the D2-LoRA paper evaluates on, and one
-generative task. Every task asks in the "Q: ...\\nA: ..." format, which no pretraining document uses.
+"""The downstream tasks: seven multiple-choice tasks of the kinds the D2-LoRA paper evaluates on, and one
+generative task. Every task asks in the "Q: ...\nA: ..." format, which no pretraining document uses.
 
   yesno         yes/no about a passage            "The cup is clean. ... Q: Is the cup dirty?" (BoolQ-like)
   who           who/what from a passage            "Q: Who owns the cup?"                     (reading comprehension)
   facts         world knowledge from pretraining   "Q: Where does Mira live?"                 tested on people whose
                                                                                               facts are never asked in training
+  update        knowledge update: facts that       train "Q: Where does Mira live now?"        tested in other wordings;
+                changed after pretraining          test  "Q: Which town is Mira's home these days?"  the base answers the old fact
   negation      suppression: the most-mentioned    "Kalo did not take the cup. ..."           the answer is the one
                 names are the wrong answers        "Q: Who took the cup?"                     person never mentioned again
   compare       comparison                         "Points: ... Q: Who has the most points?"
@@ -14,9 +16,16 @@ generative task. Every task asks in the "Q: ...\\nA: ..." format, which no pretr
                 and exact match                     Q: What does Mira have?" -> "the red cup"
 
 Train and test items come from different seeds (and, for facts and continuation, from disjoint people or
-scripts); a test prompt never equals a training prompt.
+scripts; for update, from disjoint question wordings); a test prompt never equals a training prompt. Items
+that share an entity (a person for facts and update, a script for continuation) carry it as their `cluster`,
+so that the statistics (report.py) do not count them as independent.
+
+The updated facts are drawn here, from the world's seed, not written into the pretraining corpus: the base
+was pretrained on the old facts, so a knowledge update is something only fine-tuning can teach.
 """
 
+import functools
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -24,7 +33,7 @@ from typing import Callable
 import torch
 
 from .evaluate import GenItem, MCItem
-from .world import ADJECTIVES, CITIES, INSTRUMENTS, JOBS, OBJECTS, PETS, SCRIPTS, World, elimination_story, owner_sentence, points_table, states_passage
+from .world import ADJECTIVES, CITIES, FACT_WORDINGS, INSTRUMENTS, JOBS, OBJECTS, PETS, SCRIPTS, World, elimination_story, owner_sentence, points_table, states_passage
 
 
 def _passage(rng, world, k_range=(3, 5)):
@@ -54,26 +63,74 @@ def make_who(rng, world, split):
     return MCItem(f"{text}\nQ: Who owns the {objs[i]}?\nA:", [" " + n for n in names], i)
 
 
-FACT_QUESTIONS = {
-    "city": ("Where does {n} live?", CITIES),
-    "job": ("What is the job of {n}?", JOBS),
-    "pet": ("What pet does {n} keep?", PETS),
-    "instrument": ("What does {n} play?", INSTRUMENTS),
+FACT_QUESTIONS = {  # attribute -> (question wordings, the values it can take)
+    "city": (["Where does {n} live?", "In which town is the home of {n}?"], CITIES),
+    "job": (["What is the job of {n}?", "What does {n} work as?"], JOBS),
+    "pet": (["What pet does {n} keep?", "Which animal does {n} have as a pet?"], PETS),
+    "instrument": (["What does {n} play?", "Which instrument does {n} play?"], INSTRUMENTS),
 }
 
 
+N_UPDATED = 120  # people whose home town or job changed after pretraining (the update task)
+
+
+@functools.lru_cache(maxsize=8)
+def _updates(world_seed, n_people, seed):
+    world = World(seed=world_seed, n_people=n_people)
+    rng = random.Random(f"updates/{world_seed}/{seed}")
+    people = rng.sample(world.names, min(N_UPDATED, len(world.names) // 3))
+    updates = {}
+    for n in people:
+        attr = rng.choice(["city", "job"])
+        old = world.facts[n][attr]
+        new = rng.choice([v for v in FACT_QUESTIONS[attr][1] if v != old])
+        updates[n] = (attr, old, new)
+    return updates
+
+
+def updated_facts(world, seed=11):
+    """{name: (attribute, old value, new value)} for N_UPDATED people: each moved town or changed job.
+    A pure function of the world (and a fixed seed), so every run and every user gets the same updates."""
+    return _updates(world.seed, world.n_people, seed)
+
+
 def people_split(world, split):
-    """Disjoint halves of the world's people: facts about test people are never asked in training."""
-    half = len(world.names) // 2
-    return world.names[:half] if split == "train" else world.names[half:]
+    """Disjoint halves of the people whose facts did not change: facts about test people are never asked in
+    training (and the updated people are left to the update task)."""
+    updated = updated_facts(world)
+    stable = [n for n in world.names if n not in updated]
+    half = len(stable) // 2
+    return stable[:half] if split == "train" else stable[half:]
 
 
 def make_facts(rng, world, split):
     n = rng.choice(people_split(world, split))
     attr = rng.choice(list(FACT_QUESTIONS))
-    question, values = FACT_QUESTIONS[attr]
+    questions, values = FACT_QUESTIONS[attr]
     choices, answer = _choices(rng, world.facts[n][attr], values, 4)
-    return MCItem(f"Q: {question.format(n=n)}\nA:", choices, answer)
+    return MCItem(f"Q: {rng.choice(questions).format(n=n)}\nA:", choices, answer, cluster=n)
+
+
+# The update task's question wordings: training and test never share one (the test is a paraphrase).
+UPDATE_QUESTIONS = {
+    "train": {"city": ["Where does {n} live now?", "{n} moved. Where does {n} live now?"],
+              "job": ["What is the job of {n} now?", "{n} changed jobs. What is the job of {n} now?"]},
+    "test": {"city": ["Which town is the home of {n} these days?", "Where is the new home of {n}?"],
+             "job": ["What does {n} work as these days?", "Which job does {n} have after the change?"]},
+}  # fmt: skip
+
+
+def make_update(rng, world, split):
+    """A fact that changed after pretraining: the right answer is the new value; the old one is always among
+    the choices (a model that only knows pretraining picks it)."""
+    updates = updated_facts(world)
+    n = rng.choice(sorted(updates))
+    attr, old, new = updates[n]
+    question = rng.choice(UPDATE_QUESTIONS[split][attr]).format(n=n)
+    others = [v for v in FACT_QUESTIONS[attr][1] if v not in (old, new)]
+    picked = [new, old] + rng.sample(others, 2)
+    rng.shuffle(picked)
+    return MCItem(f"Q: {question}\nA:", [" " + v for v in picked], picked.index(new), cluster=n)
 
 
 def make_negation(rng, world, split):
@@ -100,7 +157,7 @@ def make_continuation(rng, world, split):
     n = rng.choice(world.names)
     cause, effect = rng.choice(script_split(split))
     choices, answer = _choices(rng, effect, [e for _, e in SCRIPTS], 4)
-    return MCItem(f"Q: {n} {cause}. What did {n} do next?\nA:", choices, answer)
+    return MCItem(f"Q: {n} {cause}. What did {n} do next?\nA:", choices, answer, cluster=cause)
 
 
 def make_span(rng, world, split):
@@ -127,6 +184,7 @@ TASKS = {
         Task("yesno", "mc", make_yesno),
         Task("who", "mc", make_who),
         Task("facts", "mc", make_facts),
+        Task("update", "mc", make_update),
         Task("negation", "mc", make_negation),
         Task("compare", "mc", make_compare),
         Task("continuation", "mc", make_continuation, normalise=True),  # choices of different lengths
@@ -143,7 +201,8 @@ def answer_text(item):
 def task_items(task, world, split, n, seed, exclude_prompts=()):
     """n items of `task` for `split` ("train" or "test"), seeded; prompts in exclude_prompts are skipped.
 
-    Test sets hold distinct prompts when enough exist (for facts and bio the held-out people bound them).
+    Test sets hold distinct prompts when enough exist; where the entities bound them (the update task's 120
+    people in 4 wordings), an item may repeat a question with other choices, and its cluster says so.
     """
     rng = random.Random(f"{task.name}/{split}/{seed}")
     items, seen, tries = [], set(exclude_prompts), 0
@@ -177,21 +236,26 @@ def encode_examples(tokenizer, items):
     return [(tokenizer.encode(it.prompt).ids, tokenizer.encode(answer_text(it)).ids) for it in items]
 
 
-def finetune_batches(tokenizer, train_sets, batch_size, seed, pad_id):
-    """get_batch(step) -> (x, y) over a uniform mixture of tasks; y is -1 everywhere but on the answer tokens.
+def steps_for(n_items, epochs, batch_size):
+    """Optimiser steps of a budget of `epochs` passes over `n_items` training items: every epoch is
+    ceil(n_items / batch_size) batches (the last one may be smaller)."""
+    return epochs * math.ceil(n_items / batch_size)
 
-    train_sets: {task: train items}. Like window_batches, the batch depends only on (seed, step).
-    """
-    pools = [encode_examples(tokenizer, items) for items in train_sets.values()]
+
+def finetune_batches(tokenizer, train_sets, batch_size, seed, pad_id):
+    """get_batch(step) -> (x, y): epochs over every training item of every task, each epoch in a new seeded
+    order; y is -1 everywhere but on the answer tokens. The batch depends only on (seed, step), so a resumed
+    run sees the batches an uninterrupted one would have seen. train_sets: {task: train items}."""
+    pool = [ex for items in train_sets.values() for ex in encode_examples(tokenizer, items)]
+    per_epoch = math.ceil(len(pool) / batch_size)
 
     def get_batch(step):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        picks = []
-        for t in torch.randint(0, len(pools), (batch_size,), generator=g).tolist():
-            picks.append(pools[t][torch.randint(0, len(pools[t]), (1,), generator=g).item()])
+        epoch, i = divmod(step, per_epoch)
+        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * SEED_STRIDE + epoch))
+        picks = [pool[j] for j in order[i * batch_size : (i + 1) * batch_size].tolist()]
         T = max(len(p) + len(a) for p, a in picks) - 1
-        x = torch.full((batch_size, T), pad_id, dtype=torch.long)  # (B, T), right-padded
-        y = torch.full((batch_size, T), -1, dtype=torch.long)  # (B, T), -1 = no loss
+        x = torch.full((len(picks), T), pad_id, dtype=torch.long)  # (B, T), right-padded
+        y = torch.full((len(picks), T), -1, dtype=torch.long)  # (B, T), -1 = no loss
         for b, (p, a) in enumerate(picks):
             seq = p + a
             x[b, : len(seq) - 1] = torch.tensor(seq[:-1])
@@ -199,3 +263,20 @@ def finetune_batches(tokenizer, train_sets, batch_size, seed, pad_id):
         return x, y
 
     return get_batch
+
+
+SEED_STRIDE = 1_000_003  # a prime: seed * SEED_STRIDE + epoch never collides across seeds for < 1e6 epochs
+
+
+def retention_probe(world, n_items=400, seed=4242):
+    """World facts in the pretraining corpus's own wording ("Mira lives in" -> Brill), about people that
+    fine-tuning never asks about: what fine-tuning destroyed of the base's knowledge (before vs after)."""
+    rng = random.Random(f"retention/{seed}")
+    people = people_split(world, "test")
+    items = []
+    for _ in range(n_items):
+        n, attr = rng.choice(people), rng.choice(list(FACT_WORDINGS))
+        prompt = FACT_WORDINGS[attr][0].split("{v}")[0].format(n=n).rstrip()  # "Mira lives in"
+        choices, answer = _choices(rng, world.facts[n][attr], FACT_QUESTIONS[attr][1], 4)
+        items.append(MCItem(prompt, choices, answer, cluster=n))
+    return items

@@ -1,0 +1,85 @@
+"""The statistics of the comparison (d2lora_min/train/report.py), on synthetic per-item outcomes whose true
+difference is known: the interval covers it at the stated rate, identical methods show no difference, a large
+difference gets the right verdict, and clustered items are not counted as independent."""
+
+import numpy as np
+import pytest
+
+from d2lora_min.train.report import cluster_ids, paired_bootstrap, seed_bootstrap_ratio, verdict
+
+DEFAULT_SEEDS = 3  # make compare's default number of seeds
+
+
+def simulate(rng, delta, n_items=300, n_seeds=DEFAULT_SEEDS, tasks=2, cluster_size=5, effect_sd=0.1, seed_sd=0.02):
+    """Per-item correctness of methods a and b on the same items and seeds. Each cluster of items (a person, a
+    script) has its own difficulty and its own gain of a over b (mean delta, sd effect_sd); each seed shifts each
+    method's skill a little (sd seed_sd). Items are a fresh draw from the population, so the true difference is delta."""
+    a, b, clusters = {}, {}, {}
+    for t in range(tasks):
+        n_clusters = n_items // cluster_size
+        difficulty = np.repeat(rng.uniform(0.25, 0.75, n_clusters), cluster_size)  # (N,)
+        gain = np.repeat(rng.normal(delta, effect_sd, n_clusters), cluster_size)  # (N,): correlated within a cluster
+        seed_a = rng.normal(0, seed_sd, (n_seeds, 1))
+        seed_b = rng.normal(0, seed_sd, (n_seeds, 1))
+        p_b = np.clip(difficulty + seed_b, 0, 1)
+        p_a = np.clip(difficulty + gain + seed_a, 0, 1)
+        u = rng.uniform(size=(n_seeds, n_items))  # shared noise: the paired design (same item, same seed)
+        b[t] = (u < p_b).astype(float)
+        a[t] = (u < p_a).astype(float)
+        clusters[t] = np.repeat(np.arange(n_clusters), cluster_size)
+    return a, b, clusters
+
+
+def test_the_interval_covers_the_true_difference_at_about_95_percent():
+    rng = np.random.default_rng(0)
+    delta, sims, covered = 0.03, 150, 0
+    for i in range(sims):
+        a, b, clusters = simulate(rng, delta)
+        boot = paired_bootstrap(a, b, clusters, n_boot=300, seed=i)
+        covered += boot["lo"] <= delta <= boot["hi"]
+    assert 0.9 <= covered / sims <= 0.99, covered / sims
+
+
+def test_clustered_items_widen_the_interval():
+    rng = np.random.default_rng(1)
+    a, b, _ = simulate(rng, 0.0, n_items=300, cluster_size=10, effect_sd=0.15)
+    as_clusters = paired_bootstrap(a, b, {t: np.repeat(np.arange(30), 10) for t in a}, n_boot=1000)
+    as_items = paired_bootstrap(a, b, {t: np.arange(300) for t in a}, n_boot=1000)
+    assert as_clusters["hi"] - as_clusters["lo"] > as_items["hi"] - as_items["lo"]
+
+
+def test_identical_methods_show_no_detectable_difference():
+    rng = np.random.default_rng(2)
+    a, _, clusters = simulate(rng, 0.0)
+    boot = paired_bootstrap(a, {t: v.copy() for t, v in a.items()}, clusters)  # the very same outcomes
+    assert boot["diff"] == 0 and verdict(boot["lo"], boot["hi"]) == "no detectable difference"
+    calls = []  # methods of equal skill (their own seed and item noise): "no difference" in about 95 % of runs
+    for i in range(60):
+        a, b, clusters = simulate(rng, 0.0)
+        boot = paired_bootstrap(a, b, clusters, n_boot=200, seed=i)
+        calls.append(verdict(boot["lo"], boot["hi"]))
+    assert calls.count("no detectable difference") >= 0.88 * len(calls)
+
+
+@pytest.mark.parametrize("delta, expected", [(0.15, "better"), (-0.15, "worse")])
+def test_a_large_difference_gets_the_right_verdict(delta, expected):
+    a, b, clusters = simulate(np.random.default_rng(3), delta)
+    boot = paired_bootstrap(a, b, clusters)
+    assert verdict(boot["lo"], boot["hi"]) == expected
+    assert boot["lo"] <= delta <= boot["hi"]
+
+
+def test_cluster_ids_keep_unlabelled_items_apart():
+    assert list(cluster_ids(["Mira", "", "Mira", "Kalo", ""])) == [0, 1, 0, 2, 3]
+
+
+def test_t_quantiles():
+    from d2lora_min.train.report import t_quantile
+
+    assert [round(t_quantile(df), 3) for df in (1, 2, 5, 30, float("inf"))] == [12.706, 4.303, 2.571, 2.042, 1.96]
+
+
+def test_seed_ratio_interval():
+    ratio, lo, hi = seed_bootstrap_ratio([0.6, 0.7, 0.65, 0.62], [1.0, 1.1, 0.95, 1.05])
+    assert ratio == pytest.approx(np.mean([0.6, 0.7, 0.65, 0.62]) / np.mean([1.0, 1.1, 0.95, 1.05]) - 1)
+    assert lo <= ratio <= hi < 0
