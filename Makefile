@@ -8,16 +8,18 @@ STAMP := $(VENV)/.installed
 NPROC ?= 1
 LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC))
 
-.PHONY: help venv test compare ablate pretrain bench golden clean
+.PHONY: help venv test compare ablate replicate tour pretrain bench golden clean
 
 help:
 	@echo "make compare   fine-tune LoRA(r), LoRA(2r), DoRA(r), D2-LoRA(r) on the shipped base and print the table"
 	@echo "make test      run the test suite (pytest + hypothesis)"
-	@echo "make ablate    the D2-LoRA ablations as one compare run"
-	@echo "make pretrain  pretrain the default base model again (about 20 minutes on 2 CPU cores)"
+	@echo "make ablate    the D2-LoRA ablations (negative branch, rank, targets, tau, norm, scoring) as one compare run"
+	@echo "make replicate the paper's claims at this scale, 10 seeds (about 30 minutes on 2 CPU cores)"
+	@echo "make tour      the pictures of docs/TOUR.md (about a minute)"
+	@echo "make pretrain  pretrain the default base model into runs/pretrain/ (about 20 minutes on 2 CPU cores)"
 	@echo "make bench     speed and memory of every method, as ratios (writes runs/bench/)"
 	@echo "make golden    regenerate the golden vectors under tests/golden/"
-	@echo "options: ARGS='...' passes arguments, e.g. ARGS='--seeds 0,1,2'; NPROC=2 runs on 2 processes (torchrun)"
+	@echo "options: ARGS='...' passes arguments, e.g. ARGS='--seeds 0,1,2' or ARGS='--preset lr'; NPROC=2 runs on 2 processes (torchrun)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +37,12 @@ compare: $(STAMP)
 
 ablate: $(STAMP)
 	$(LAUNCH) -m d2lora_min.train.compare --preset ablate $(ARGS)
+
+replicate: $(STAMP)
+	$(LAUNCH) -m d2lora_min.train.compare --preset replicate $(ARGS)
+
+tour: $(STAMP)
+	$(PY) -m d2lora_min.train.tour $(ARGS)
 
 pretrain: $(STAMP)
 	$(LAUNCH) -m d2lora_min.train.pretrain $(ARGS)

@@ -42,6 +42,7 @@ import torch
 
 from ..atomic import check_writable, write_json, write_text
 from ..nn import DEFAULT_TARGETS, inject_adapters, merge_adapters, set_fast_path
+from .data import VOCAB_SIZE
 from .trainer import TrainConfig, make_optimizer, pick_device
 from tiny_gpt import GPT, GPTConfig
 
@@ -61,11 +62,11 @@ METHODS_BENCH = [
 
 
 def shapes(quick):
-    default = dict(vocab_size=1280, n_layer=2, n_head=4, d_model=128)
+    default = dict(vocab_size=VOCAB_SIZE, n_layer=2, n_head=4, d_model=128)
     tokens = 4096  # per step, at every sequence length
     # (name, config, batch, seq, steps timed together per repetition: short steps are timed in groups)
     grid = [(f"default d128 seq{T}", GPTConfig(block_size=T, **default), tokens // T, T, 3) for T in (64, 128, 256)]
-    big = GPTConfig(vocab_size=1280, block_size=512, n_layer=2, n_head=12, d_model=768)
+    big = GPTConfig(vocab_size=VOCAB_SIZE, block_size=512, n_layer=2, n_head=12, d_model=768)
     grid.append(("compute-bound d768 seq512", big, 1 if quick else 2, 512, 1))
     return grid
 
@@ -222,7 +223,7 @@ def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok):
 def sequence_sweep(device, reps, batch=8, seqs=(64, 128, 256, 512)):
     """D2-LoRA's and DoRA's step time over LoRA(r)'s at a fixed batch of sequences (tokens per step grow with
     the sequence), the setting of the paper's 'overhead falls with longer sequences'. Default model."""
-    config = GPTConfig(vocab_size=1280, block_size=max(seqs), n_layer=2, n_head=4, d_model=128)
+    config = GPTConfig(vocab_size=VOCAB_SIZE, block_size=max(seqs), n_layer=2, n_head=4, d_model=128)
     torch.manual_seed(0)
     base = GPT(config).to(device)
     models = {label: inject_adapters(copy.deepcopy(base), method, r=4, alpha=8)

@@ -41,11 +41,11 @@ from ..nn.inject import check_targets
 from . import report
 from .cli import UsageError, apply_overrides, check_range, config_help, parse_value, run_cli
 from .data import heldout_text
-from .evaluate import MCItem, greedy_generate, rouge_l_f1, score_choices, validation_loss
+from .evaluate import greedy_generate, pad_rows, rouge_l_f1, score_choices, validation_loss
 from .pretrain import PretrainConfig, corpus_fingerprint, resolve_base
 from .tasks import TASKS, build_splits, finetune_batches, retention_probe, steps_for, updated_facts
 from .tokenizer import EOT
-from .trainer import TrainConfig, check_train_config, init_distributed, pick_device, rank_and_world, train
+from .trainer import TrainConfig, TrainingDiverged, check_train_config, init_distributed, pick_device, rank_and_world, train
 from .world import World
 
 # Module groups a method spec can name as targets=...
@@ -70,7 +70,7 @@ PRESETS = {
     "replicate": {"methods": ("lora", "lora:r=8", "dora", "d2lora"), "reference": "lora:r=8", "seeds": tuple(range(10))},
     "lr": {"methods": ("lora", "lora:r=8", "dora", "d2lora"), "reference": "lora:r=8", "seeds": (0, 1)},
 }
-LR_GRID = (1e-3, 2.2e-3, 4.6e-3, 1e-2, 2.2e-2, 4.6e-2)  # 1.67 decades around the default 1e-2
+LR_GRID = tuple(round(10 ** (-3 + 0.375 * k), 6) for k in range(5))  # 1e-3 to 3.16e-2: 1.5 decades, log-even
 
 
 def default_train_config():
@@ -82,12 +82,12 @@ def default_train_config():
 class CompareConfig:
     methods: tuple = PRESETS["default"]["methods"]  # method specs, see the module docstring
     reference: str = "lora:r=8"  # every other method's difference is taken from this one (paired, same seeds)
-    seeds: tuple = (0, 1, 2)  # reported seeds; the defaults were chosen on seeds 100-102, never reported
+    seeds: tuple = (0, 1, 2)  # reported seeds; the defaults were chosen on seeds 100 and 101, never reported
     r: int = 4  # rank when a spec does not say
     alpha_over_r: float = 2.0  # alpha = alpha_over_r * r unless a spec sets alpha: the same scaling at every rank
     targets: tuple = DEFAULT_TARGETS  # module-name suffixes to adapt (a spec's targets= overrides)
     tasks: tuple = tuple(TASKS)
-    n_train: int = 64  # training items per task
+    n_train: int = 160  # training items per task
     epochs: int = 2  # passes over them: steps = epochs * ceil(n_tasks * n_train / batch_size)
     n_test: int = 500  # test items per task
     scoring: str = "task"  # multiple-choice scorer: "task" (each task's own), "sum" or "mean" log-likelihood
@@ -108,9 +108,15 @@ class MethodSpec:
     lr: float
     targets: tuple
     options: dict
+    lr_set: bool = False  # the spec names its own lr (then the label shows it)
 
     @property
     def label(self):
+        return self.method_label + (f", lr={self.lr:g}" if self.lr_set and self.name not in ("base", "full") else "")
+
+    @property
+    def method_label(self):
+        """The label without a spec's own lr: what an lr sweep groups by."""
         if self.name == "base":
             return "base"
         if self.name == "full":
@@ -156,7 +162,8 @@ def parse_method_spec(text, cfg: CompareConfig):
             valid = list(COMMON_KEYS) + list(option_defaults)
             raise UsageError(f"unknown key {key!r} for method {name!r} in {text!r}; valid keys: {', '.join(valid)}")
     alpha = common["alpha"] if common["alpha"] is not None else cfg.alpha_over_r * common["r"]
-    spec = MethodSpec(text, name, common["r"], float(alpha), float(common["dropout"]), float(common["lr"]), tuple(common["targets"]), options)
+    lr_set = any(pair.partition("=")[0] == "lr" for pair in rest.split(",")) if rest else False
+    spec = MethodSpec(text, name, common["r"], float(alpha), float(common["dropout"]), float(common["lr"]), tuple(common["targets"]), options, lr_set)
     check_range(f"lr in {text!r}", spec.lr, kind=float)
     if spec.lr <= 0:
         raise UsageError(f"lr in {text!r} must be > 0, got {spec.lr}")
@@ -225,8 +232,11 @@ def retention(model, tokenizer, probe):
     return {"heldout_loss": validation_loss(model, tokens, model.config.block_size), "facts_probe": facts}
 
 
+THROUGHPUT_REPS = 7  # interleaved forward passes per model; the median is reported
+
+
 @torch.no_grad()
-def forward_throughput(models, x, reps=7):
+def forward_throughput(models, x, reps=THROUGHPUT_REPS):
     """{name: tokens/s} of each model's forward pass on batch x: interleaved repetitions, median."""
     x = x.to(next(next(iter(models.values())).parameters()).device)
     times = {k: [] for k in models}
@@ -246,11 +256,7 @@ LOGIT_PROBE_PER_TASK = 16  # test prompts per task on which unmerged and merged 
 def logit_probe_batch(tokenizer, splits, n_per_task=LOGIT_PROBE_PER_TASK):
     """A fixed batch of test prompts on which unmerged and merged logits are compared."""
     ids = [tokenizer.encode(item.prompt).ids for _, test in splits.values() for item in test[:n_per_task]]
-    pad = tokenizer.token_to_id(EOT)
-    x = torch.full((len(ids), max(map(len, ids))), pad, dtype=torch.long)
-    for b, r in enumerate(ids):
-        x[b, : len(r)] = torch.tensor(r)
-    return x, [len(r) for r in ids]
+    return pad_rows(ids, tokenizer.token_to_id(EOT)), [len(r) for r in ids]
 
 
 @torch.no_grad()
@@ -281,11 +287,17 @@ def run_one(spec, seed, base_model, tokenizer, splits, probe, cfg, out_dir, devi
         get_batch = finetune_batches(tokenizer, {k: tr for k, (tr, _) in splits.items()}, tcfg.batch_size, seed,
                                      tokenizer.token_to_id(EOT))  # fmt: skip
         t0 = time.perf_counter()
-        trained = train(model, get_batch, tcfg, out_dir=train_dir)
+        try:
+            trained = train(model, get_batch, tcfg, out_dir=train_dir)
+        except TrainingDiverged as e:  # kept as a result (an lr sweep expects some): the last finite weights are scored
+            print(f"{spec.label} seed {seed}: {e}", flush=True)
+            trained = e.result
+            result["diverged"] = True
         result["train_seconds"] = time.perf_counter() - t0
         result["steps"], result["resumed_from_step"] = tcfg.steps, trained.resumed_from
         result["losses"] = trained.losses
-        result["step_time"] = statistics.median(trained.step_times[len(trained.step_times) // 10 :] or trained.step_times)
+        warm = len(trained.step_times) // 10  # the first tenth warms up the allocator and caches: left out
+        result["step_time"] = statistics.median(trained.step_times[warm:] or trained.step_times)
         result["volatility"] = volatility(trained.losses)
     if rank != 0:
         return None
@@ -394,7 +406,7 @@ def check_compare_config(cfg: CompareConfig):
     return specs
 
 
-def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="default"):
+def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="default", publish=False):
     t_start = time.time()
     if not str(out_dir):
         raise UsageError("the output folder is empty")
@@ -446,12 +458,15 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="def
     if rank != 0:
         return None
     wall = time.time() - t_start
-    text, summary = write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, preset)
+    text, summary = write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, preset, publish)
     print(f"\n{text}\nwritten: {out_dir}/results.md, results.json, loss_curves.png" + (", lr_sweep.png" if preset == "lr" else ""))
     return summary
 
 
-def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, preset):
+PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "results"
+
+
+def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, preset, publish=False):
     tasks = {t: TASKS[t] for t in cfg.tasks}
     clusters = {t: report.cluster_ids([it.cluster for it in splits[t][1]]) for t in cfg.tasks}
     chance = {t: float(np.mean([1 / len(it.choices) for it in splits[t][1]])) for t in cfg.tasks if TASKS[t].kind == "mc"}
@@ -484,6 +499,12 @@ def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, pre
     write_text(out_dir / "results.md", text)
     write_json(out_dir / "results.json", summary)
     report.plot_losses(runs, out_dir / "loss_curves.png")
+    if publish:  # the tables and figures the README shows live in the repository, regenerated by this command
+        PUBLISHED.mkdir(parents=True, exist_ok=True)
+        write_text(PUBLISHED / f"{preset}.md", text)
+        for png in ("loss_curves.png", "lr_sweep.png"):
+            if (out_dir / png).exists():
+                shutil.copyfile(out_dir / png, PUBLISHED / f"{preset}_{png}")
     return text, summary
 
 
@@ -571,8 +592,7 @@ def lr_points(runs, specs, tasks, clusters, scoring):
     by, points = report.group(runs), {}
     for spec in specs:
         if spec.text in by:
-            label = spec.label
-            points.setdefault(label, []).append((spec.lr, *report.mean_ci(by[spec.text], tasks, clusters, scoring)))
+            points.setdefault(spec.method_label, []).append((spec.lr, *report.mean_ci(by[spec.text], tasks, clusters, scoring)))
     return points
 
 
@@ -608,6 +628,7 @@ def main(argv=None):
     parser.add_argument("--seeds", help="comma-separated seeds (default: 0,1,2; replicate: 0-9; lr: 0,1)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<preset>, runs/compare for default)")
     parser.add_argument("--fresh", action="store_true", help="recompute every run instead of reusing matching results")
+    parser.add_argument("--publish", action="store_true", help="also write the report and plots to docs/results/ (what the README shows)")
     args, overrides = parser.parse_known_args(argv)
 
     def body():
@@ -624,7 +645,7 @@ def main(argv=None):
         out = args.out if args.out is not None else ("runs/compare" if args.preset == "default" else f"runs/{args.preset}")
         check_compare_config(cfg)  # before joining a process group or loading anything
         init_distributed()  # under torchrun: join the process group; otherwise a no-op
-        compare(cfg, out, fresh=args.fresh, preset=args.preset)
+        compare(cfg, out, fresh=args.fresh, preset=args.preset, publish=args.publish)
         return 0
 
     return run_cli(parser, body)

@@ -14,6 +14,7 @@ from .world import World, corpus_documents
 
 MIN_TEXT_CHARS = 1000  # a user corpus shorter than this cannot train anything useful
 SEED_STRIDE = 1_000_003  # a prime: seed * SEED_STRIDE + step never collides across seeds
+VOCAB_SIZE = 1280  # BPE vocabulary of the default base: large enough that every name of the world is one token
 
 
 @dataclass
@@ -23,7 +24,7 @@ class CorpusConfig:
     n_docs: int = 400_000  # documents in the training corpus (~40 tokens each)
     n_val_docs: int = 4_000  # held-out documents for the validation loss
     seed: int = 1  # which documents are drawn
-    vocab_size: int = 1280  # BPE vocabulary (1280 makes every name of the world a single token)
+    vocab_size: int = VOCAB_SIZE  # BPE vocabulary
     text_file: Optional[str] = None  # pretrain on this UTF-8 text file instead of the synthetic world
 
 

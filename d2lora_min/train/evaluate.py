@@ -30,9 +30,9 @@ class GenItem:
     cluster: str = ""
 
 
-def _pad(rows, pad_id):
-    """List of 1-D id lists -> (B, T_max) LongTensor, right-padded with pad_id."""
-    t = max(len(r) for r in rows)
+def pad_rows(rows, pad_id, length=None):
+    """List of 1-D id lists -> (B, length or the longest) LongTensor, right-padded with pad_id."""
+    t = length or max(len(r) for r in rows)
     out = torch.full((len(rows), t), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
@@ -72,7 +72,7 @@ def score_choices(model, tokenizer, items, batch_tokens=16384):
         while end < len(rows) and (end + 1 - start) * len(rows[end][0]) <= batch_tokens:
             end += 1
         batch = rows[start:end]
-        x = _pad([r[0] for r in batch], pad).to(device)  # (B, T)
+        x = pad_rows([r[0] for r in batch], pad).to(device)  # (B, T)
         logits, _ = model(x)
         logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, vocab)
         n_tokens += x.numel()
@@ -119,9 +119,7 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=12, stop="\n", bat
         lengths = torch.tensor([len(r) for r in ids], device=device)  # (B,)
         if lengths.max() + max_new_tokens > block:
             raise ValueError(f"prompt of {lengths.max().item()} tokens + {max_new_tokens} new ones exceed block_size {block}")
-        x = torch.full((len(ids), int(lengths.max()) + max_new_tokens), pad, dtype=torch.long, device=device)
-        for b, r in enumerate(ids):
-            x[b, : len(r)] = torch.tensor(r, device=device)
+        x = pad_rows(ids, pad, int(lengths.max()) + max_new_tokens).to(device)  # room for the new tokens
         rows = torch.arange(len(ids), device=device)
         done = torch.zeros(len(ids), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):

@@ -30,7 +30,7 @@ from tiny_gpt import GPT, GPTConfig
 
 from ..atomic import atomic_path, check_writable, write_json
 from .cli import UsageError, apply_overrides, check_range, config_help, run_cli
-from .data import CorpusConfig, build_corpus, window_batches
+from .data import VOCAB_SIZE, CorpusConfig, build_corpus, window_batches
 from .evaluate import MCItem, mc_accuracy, validation_loss
 from .tokenizer import load_tokenizer
 from .trainer import TrainConfig, check_train_config, init_distributed, pick_device, rank_and_world, train
@@ -47,7 +47,7 @@ def default_train_config():
 
 @dataclass
 class PretrainConfig:
-    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=1280, block_size=128, n_layer=2, n_head=4, d_model=128))
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=VOCAB_SIZE, block_size=128, n_layer=2, n_head=4, d_model=128))
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     train: TrainConfig = field(default_factory=default_train_config)
 

@@ -2,14 +2,15 @@
 generative task. Every task asks in the "Q: ...\nA: ..." format, which no pretraining document uses.
 
   yesno         yes/no about a passage            "The cup is clean. ... Q: Is the cup dirty?" (BoolQ-like)
-  who           who/what from a passage            "Q: Who owns the cup?"                     (reading comprehension)
+  who           who/what from a passage            "The cup belongs to Mira, not to Kalo. ... Q: Who owns the cup?" (reading
+                                                   comprehension; the ruled-out names are among the choices)
   facts         world knowledge from pretraining   "Q: Where does Mira live?"                 tested on people whose
                                                                                               facts are never asked in training
   update        knowledge update: facts that       train "Q: Where does Mira live now?"        tested in other wordings;
                 changed after pretraining          test  "Q: Which town is Mira's home these days?"  the base answers the old fact
   negation      suppression: the most-mentioned    "Kalo did not take the cup. ..."           the answer is the one
                 names are the wrong answers        "Q: Who took the cup?"                     person never mentioned again
-  compare       comparison                         "Points: ... Q: Who has the most points?"
+  compare       comparison                         "Points: 7 Kalo, 3 Mira, ... Q: Who has the most points?" (4-7 people)
   continuation  plausible continuation             "Q: Mira was hungry. What did Mira do next?" tested on scripts
                                                                                               never asked in training
   span          generative, ROUGE-L                "Mira has the red cup. ...                 (extractive QA)
@@ -32,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from .evaluate import GenItem, MCItem
+from .evaluate import GenItem, MCItem, pad_rows
 from .world import ADJECTIVES, CITIES, FACT_WORDINGS, INSTRUMENTS, JOBS, OBJECTS, PETS, SCRIPTS, World, elimination_story, owner_sentence, points_table, states_passage
 
 
@@ -58,9 +59,17 @@ def make_yesno(rng, world, split):
 
 
 def make_who(rng, world, split):
-    text, objs, names = _passage(rng, world)
-    i = rng.randrange(len(objs))
-    return MCItem(f"{text}\nQ: Who owns the {objs[i]}?\nA:", [" " + n for n in names], i)
+    """Owners of 4-6 objects, some stated with a wrong owner ruled out ("The cup belongs to Mira, not to Kalo."):
+    the ruled-out names are among the choices, so reading the right name matters, not finding any name."""
+    k = rng.randint(4, 6)
+    objs, names = rng.sample(OBJECTS, k), rng.sample(world.names, 2 * k)
+    owners, decoys = names[:k], names[k:]
+    sentences = [f"The {o} belongs to {a}, not to {d}." if rng.random() < 0.6 else owner_sentence(rng, o, a)
+                 for o, a, d in zip(objs, owners, decoys)]  # fmt: skip
+    i = rng.randrange(k)
+    choices = [owners[i], decoys[i]] + rng.sample([n for n in owners if n != owners[i]], 2)
+    rng.shuffle(choices)
+    return MCItem(f"{' '.join(sentences)}\nQ: Who owns the {objs[i]}?\nA:", [" " + n for n in choices], choices.index(owners[i]))
 
 
 FACT_QUESTIONS = {  # attribute -> (question wordings, the values it can take)
@@ -71,7 +80,7 @@ FACT_QUESTIONS = {  # attribute -> (question wordings, the values it can take)
 }
 
 
-N_UPDATED = 120  # people whose home town or job changed after pretraining (the update task)
+N_UPDATED = 20  # people whose home town or job changed after pretraining (the update task)
 
 
 @functools.lru_cache(maxsize=8)
@@ -113,10 +122,10 @@ def make_facts(rng, world, split):
 
 # The update task's question wordings: training and test never share one (the test is a paraphrase).
 UPDATE_QUESTIONS = {
-    "train": {"city": ["Where does {n} live now?", "{n} moved. Where does {n} live now?"],
-              "job": ["What is the job of {n} now?", "{n} changed jobs. What is the job of {n} now?"]},
-    "test": {"city": ["Which town is the home of {n} these days?", "Where is the new home of {n}?"],
-             "job": ["What does {n} work as these days?", "Which job does {n} have after the change?"]},
+    "train": {"city": ["Where does {n} live now?", "{n} moved. Where does {n} live now?", "Where is the home of {n} now?"],
+              "job": ["What is the job of {n} now?", "{n} changed jobs. What is the job of {n} now?", "What does {n} work as now?"]},
+    "test": {"city": ["In which town does {n} live now?", "{n} has moved. Where is the home of {n} now?"],
+             "job": ["Which job does {n} have now?", "{n} has a new job. What is the job of {n} now?"]},
 }  # fmt: skip
 
 
@@ -139,7 +148,7 @@ def make_negation(rng, world, split):
 
 
 def make_compare(rng, world, split):
-    table, names, points = points_table(rng, world)
+    table, names, points = points_table(rng, world, k_range=(4, 7))  # more people than the corpus's 2-4
     most = rng.random() < 0.5
     who = names[points.index(max(points) if most else min(points))]
     question = "Who has the most points?" if most else "Who has the fewest points?"
@@ -201,8 +210,8 @@ def answer_text(item):
 def task_items(task, world, split, n, seed, exclude_prompts=()):
     """n items of `task` for `split` ("train" or "test"), seeded; prompts in exclude_prompts are skipped.
 
-    Test sets hold distinct prompts when enough exist; where the entities bound them (the update task's 120
-    people in 4 wordings), an item may repeat a question with other choices, and its cluster says so.
+    Test sets hold distinct prompts when enough exist; where the entities bound them (the update task's 20
+    people in 2 test wordings), an item repeats a question with other choices, and its cluster says so.
     """
     rng = random.Random(f"{task.name}/{split}/{seed}")
     items, seen, tries = [], set(exclude_prompts), 0
@@ -253,13 +262,10 @@ def finetune_batches(tokenizer, train_sets, batch_size, seed, pad_id):
         epoch, i = divmod(step, per_epoch)
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * SEED_STRIDE + epoch))
         picks = [pool[j] for j in order[i * batch_size : (i + 1) * batch_size].tolist()]
-        T = max(len(p) + len(a) for p, a in picks) - 1
-        x = torch.full((len(picks), T), pad_id, dtype=torch.long)  # (B, T), right-padded
-        y = torch.full((len(picks), T), -1, dtype=torch.long)  # (B, T), -1 = no loss
+        x = pad_rows([(p + a)[:-1] for p, a in picks], pad_id)  # (B, T), right-padded
+        y = torch.full(x.shape, -1, dtype=torch.long)  # (B, T), -1 = no loss
         for b, (p, a) in enumerate(picks):
-            seq = p + a
-            x[b, : len(seq) - 1] = torch.tensor(seq[:-1])
-            y[b, len(p) - 1 : len(seq) - 1] = torch.tensor(a)  # position i predicts token i + 1
+            y[b, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a)  # position i predicts token i + 1
         return x, y
 
     return get_batch

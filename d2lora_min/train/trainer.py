@@ -269,7 +269,11 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
             global_loss = loss.detach()
         if not torch.isfinite(global_loss):  # the same decision in every process
             where = f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}" if last_saved else "no checkpoint was written"
-            raise TrainingDiverged(f"loss is {global_loss.item()} at step {step}: training stopped; {where}. Try a lower lr.")
+            error = TrainingDiverged(f"loss is {global_loss.item()} at step {step}: training stopped; {where}. Try a lower lr.")
+            error.result = result  # the losses and step times so far (the model keeps its last finite weights)
+            bar.close()
+            model.eval()
+            raise error
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

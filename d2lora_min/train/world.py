@@ -172,9 +172,9 @@ def doc_states(rng, world):
     return text + " " + " ".join(form.format(o=objs[i], s=states[i]) for i in order)
 
 
-def points_table(rng, world):
-    """2-4 people with distinct points 1-9 -> ('Points: 7 Kalo, 3 Mira.', names, points)."""
-    k = rng.randint(2, 4)
+def points_table(rng, world, k_range=(2, 4)):
+    """k people (2-4 in the corpus) with distinct points 1-9 -> ('Points: 7 Kalo, 3 Mira.', names, points)."""
+    k = rng.randint(*k_range)
     names, points = rng.sample(world.names, k), rng.sample(range(1, 10), k)
     return "Points: " + ", ".join(f"{p} {n}" for n, p in zip(names, points)) + ".", names, points
 

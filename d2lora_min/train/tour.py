@@ -1,0 +1,202 @@
+"""`make tour`: the pictures a learner would rather look at than read, written to docs/ (docs/TOUR.md shows them).
+
+    python -m d2lora_min.train.tour            # about a minute on 2 CPU cores
+
+  tour_toy.png      a 2x2 weight: the path of one row under LoRA, DoRA and D2-LoRA on the same toy loss, against
+                    the circle of radius norm(W0_0)
+  tour_drift.png    the tiny GPT fine-tuned with each method: per layer, the mean row-norm ratio norm(W_i)/norm(W0_i)
+  tour_tau.png      D2-LoRA's tau in each layer over that fine-tuning
+  tour_radial.png   the gradient reaching each D2-LoRA layer's rows, split into its radial part (along the row: it
+                    would stretch the row) and its tangential part, with the norm attached and detached
+"""
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..nn import METHODS, adapter_layers, inject_adapters, row_factor, row_norm
+from .compare import budget_train_config, CompareConfig
+from .pretrain import load_base
+from .report import _pyplot, save_figure
+from .tasks import TASKS, build_splits, finetune_batches
+from .tokenizer import EOT
+from .trainer import train
+from .world import World
+
+COLORS = {"lora": "tab:blue", "dora": "tab:orange", "d2lora": "tab:green"}
+LABELS = {"lora": "LoRA", "dora": "DoRA", "d2lora": "D2-LoRA"}
+
+
+def toy_paths(steps=300, lr=0.03):
+    """{method: (steps + 1, 2) path of row 0 of the merged 2x2 weight}, trained by Adam to fit a target row that is
+    longer than W0's and turned by 100 degrees."""
+    W0 = torch.tensor([[1.0, 0.0], [0.3, 0.8]], dtype=torch.float64)
+    angle = np.deg2rad(100)
+    target = torch.tensor([[1.6 * np.cos(angle), 1.6 * np.sin(angle)], [0.3, 0.8]], dtype=torch.float64)
+    x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    paths = {}
+    for method in METHODS:
+        torch.manual_seed(0)
+        base = nn.Linear(2, 2, bias=False).double()
+        with torch.no_grad():
+            base.weight.copy_(W0)
+        layer = METHODS[method](base, r=1, alpha=1.0)
+        opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=lr)
+        path = [layer.merged_weight()[0].detach().clone()]
+        for _ in range(steps):
+            loss = (layer(x) - x @ target.T).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            path.append(layer.merged_weight()[0].detach().clone())
+        paths[method] = torch.stack(path).numpy()
+    return paths, W0[0].numpy(), target[0].numpy()
+
+
+def plot_toy(path):
+    paths, w0, target = toy_paths()
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    t = np.linspace(0, 2 * np.pi, 200)
+    r = np.linalg.norm(w0)
+    ax.plot(r * np.cos(t), r * np.sin(t), color="grey", linestyle="--", linewidth=1, label="norm(W0_0) circle")
+    for method, p in paths.items():
+        ax.plot(p[:, 0], p[:, 1], color=COLORS[method], label=LABELS[method], linewidth=2)
+    ax.scatter(*w0, color="black", zorder=3, label="W0 row 0 (start)")
+    ax.scatter(*target, color="red", marker="*", s=120, zorder=3, label="target row")
+    ax.set_aspect("equal")
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("one row of a 2x2 weight during training")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def finetune_with_trace(method, base_model, tokenizer, splits, cfg, record_every=2):
+    """Fine-tune a copy of the base with `method`; record each layer's mean row-norm ratio (and tau)."""
+    model = copy.deepcopy(base_model)
+    torch.manual_seed(0)
+    inject_adapters(model, method, r=4, alpha=8)
+    names = [n for n, _ in adapter_layers(model)]
+    trace = {"step": [], "ratio": [], "tau": []}
+
+    @torch.no_grad()
+    def record(step, m, result):
+        if step % record_every:
+            return
+        layers = [layer for _, layer in adapter_layers(m)]
+        trace["step"].append(step)
+        trace["ratio"].append([(row_norm(layer.merged_weight()) / row_norm(layer.base.weight)).mean().item() for layer in layers])
+        trace["tau"].append([layer.tau.item() if hasattr(layer, "tau") else np.nan for layer in layers])
+
+    tcfg = budget_train_config(cfg)
+    tcfg.progress, tcfg.desc = False, method
+    get_batch = finetune_batches(tokenizer, {k: tr for k, (tr, _) in splits.items()}, tcfg.batch_size, 0, tokenizer.token_to_id(EOT))
+    record(0, model, None)
+    train(model, get_batch, tcfg, callback=record)
+    return model, names, trace, get_batch
+
+
+def plot_drift(traces, names, path):
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
+    for ax, (method, trace) in zip(axes, traces.items()):
+        ratio = np.asarray(trace["ratio"])  # (records, layers)
+        for j, name in enumerate(names):
+            ax.plot(trace["step"], ratio[:, j], linewidth=1, label=name.replace("blocks.", "").replace(".attn", "").replace(".mlp", ""))
+        ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(LABELS[method])
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("mean over rows of norm(W_i) / norm(W0_i)")
+    axes[-1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_tau(trace, names, path):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    tau = np.asarray(trace["tau"])
+    for j, name in enumerate(names):
+        ax.plot(trace["step"], tau[:, j], linewidth=1, label=name.replace("blocks.", "").replace(".attn", "").replace(".mlp", ""))
+    ax.set_xlabel("step")
+    ax.set_ylabel("tau")
+    ax.set_title("D2-LoRA: tau per layer (starts at 0.5)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def radial_fractions(model, get_batch, detach):
+    """Per layer: |radial part| / |dL/dV| for the trained D2-LoRA model on one more batch.
+
+    dL/dV is what moves the rows (dL/dB = s dL/dV A^T, dL/dA = s B^T dL/dV); its radial part, along each row V_i,
+    is the part that would stretch the row. Each layer runs its dense form W = (t / norm(V)) V with V a leaf."""
+    model = copy.deepcopy(model)
+    leaves = {}
+    for name, layer in adapter_layers(model):
+
+        def forward(x, layer=layer, name=name):
+            A, B = layer.stacked_factors()
+            V = (layer.base.weight + layer.scaling * B @ A).detach().requires_grad_(True)  # (out, in)
+            leaves[name] = V
+            c = row_factor(layer.target_norm, row_norm(V), detach)  # (out,)
+            return nn.functional.linear(x, c[:, None] * V, layer.base.bias)
+
+        layer.forward = forward
+    x, y = get_batch(10_000)
+    _, loss = model(x, y)
+    loss.backward()
+    out = []
+    for name, V in leaves.items():
+        g = V.grad  # (out, in)
+        v_hat = V.detach() / row_norm(V.detach())[:, None]
+        radial = (g * v_hat).sum(1, keepdim=True) * v_hat  # the component along each row
+        out.append((radial.norm() / g.norm()).item())
+    return out
+
+
+def plot_radial(model, names, get_batch, path):
+    attached = radial_fractions(model, get_batch, detach=False)
+    detached = radial_fractions(model, get_batch, detach=True)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    idx = np.arange(len(names))
+    ax.bar(idx - 0.2, detached, width=0.4, label="norm detached (as DoRA)", color="tab:red")
+    ax.bar(idx + 0.2, attached, width=0.4, label="norm attached (D2-LoRA default)", color="tab:green")
+    ax.set_xticks(idx, [n.replace("blocks.", "").replace(".attn", "").replace(".mlp", "") for n in names], rotation=45, fontsize=7)
+    ax.set_ylabel("|radial part| / |dL/dV|")
+    ax.set_title("the gradient on D2-LoRA's rows: the part that would stretch them")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "docs"))
+    parser.add_argument("--n_train", type=int, default=64, help="training items per task for the GPT pictures")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_toy(out / "tour_toy.png")
+    print(f"wrote {out / 'tour_toy.png'}", flush=True)
+    base_model, tokenizer, _ = load_base()
+    cfg = CompareConfig(n_train=args.n_train, epochs=2)
+    splits = build_splits(World(), list(TASKS), cfg.n_train, 10, seed=0)
+    traces, models = {}, {}
+    for method in METHODS:
+        models[method], names, traces[method], get_batch = finetune_with_trace(method, base_model, tokenizer, splits, cfg)
+    plot_drift(traces, names, out / "tour_drift.png")
+    plot_tau(traces["d2lora"], names, out / "tour_tau.png")
+    plot_radial(models["d2lora"], names, get_batch, out / "tour_radial.png")
+    print(f"wrote {out}/tour_drift.png, tour_tau.png, tour_radial.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
