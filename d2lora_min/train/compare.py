@@ -402,6 +402,7 @@ def check_compare_config(cfg: CompareConfig):
             raise UsageError(f"unknown reference method {cfg.reference!r}")
     if cfg.train.steps != TrainConfig().steps or cfg.train.warmup_steps != TrainConfig().warmup_steps:
         raise UsageError("train.steps and train.warmup_steps follow from the budget: set --n_train, --epochs, --warmup_frac")
+    check_range("train.batch_size", cfg.train.batch_size, 1)  # before the budget divides by it
     check_train_config(budget_train_config(cfg))
     return specs
 
