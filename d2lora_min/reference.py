@@ -1,4 +1,4 @@
-"""NumPy-only reference of the math in docs/DESIGN.md, section 2: what a port of LoRA, DoRA or D2-LoRA must compute.
+"""NumPy-only reference of the math in docs/DESIGN.md ("The math"): what a port of LoRA, DoRA or D2-LoRA must compute.
 
 No torch here: forward pass (with an optional dropout mask), merged weight, row norms, trainable-parameter counts,
 and the gradients of the scalar loss L = sum(y * G) for a given upstream gradient G = dL/dy, written out by hand

@@ -1,4 +1,4 @@
-"""Property tests of the layer-level invariants (docs/DESIGN.md, section 2), for every method in METHODS.
+"""Property tests of the layer-level invariants (docs/DESIGN.md, "Invariants"), for every method in METHODS.
 
 Each test draws random shapes (1-wide and non-square included), ranks, alphas, bias on/off, all four dtypes,
 devices, method options, and - except where the property is about initialisation - random non-zero adapter

@@ -37,7 +37,7 @@ def test_shipped_base_reproduces_its_recorded_probe_score(shipped):
     accuracy = mc_accuracy(model, tokenizer, probes["probe"])[0]
     # Equal up to one item of 300: float rounding on another CPU may flip a near-tie, nothing more.
     assert abs(accuracy - meta["probe_accuracy"]) <= 1 / len(probes["probe"]) + 1e-9
-    assert meta["probe_accuracy"] >= 0.8  # DESIGN: the base can read its context
+    assert meta["probe_accuracy"] >= 0.8  # a comparison needs a base that can read its context
 
 
 def test_a_corrupted_base_is_refused(tmp_path):

@@ -2,7 +2,7 @@
 
 For random shapes and non-zero adapter tensors (float64): our LoRA equals PEFT's LoRA and our DoRA equals
 PEFT's DoRA (outputs, gradients w.r.t. the input and every adapter tensor, merged weights), and D2-LoRA's
-degenerate cases (DESIGN invariant 6) equal PEFT LoRA of rank 2r and PEFT DoRA with a frozen magnitude.
+degenerate cases (docs/DESIGN.md, invariant 6) equal PEFT LoRA of rank 2r and PEFT DoRA with a frozen magnitude.
 """
 
 import warnings
@@ -43,13 +43,13 @@ def make_base(c):
     return base
 
 
-def peft_layer(base, r, alpha, use_dora):
+def peft_layer(base, r, alpha, use_dora, dropout=0.0):
     """PEFT's layer around a copy of `base` -> (module, its lora layer)."""
     model = One(nn.Linear(base.in_features, base.out_features, bias=base.bias is not None).double())
     model.lin.load_state_dict(base.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], lora_dropout=0.0, use_dora=use_dora), model)
+        model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], lora_dropout=dropout, use_dora=use_dora), model)
     return model, model.lin
 
 
@@ -127,7 +127,7 @@ def test_d2lora_without_projection_equals_peft_lora_of_rank_2r(c, tau):
     base = make_base(c)
     d2 = D2LoRALinear(base, r=c["r"], alpha=c["alpha"], project=False, tau_init=tau)
     perturb_adapters(d2, c["seed"])
-    # PEFT LoRA(2r) with alpha' = 2 alpha keeps the scaling alpha / r; factors stacked as in DESIGN invariant 6
+    # PEFT LoRA(2r) with alpha' = 2 alpha keeps the scaling alpha / r; factors stacked as in docs/DESIGN.md, invariant 6
     _, theirs = peft_layer(base, 2 * c["r"], 2 * c["alpha"], use_dora=False)
     A = torch.cat([d2.lora_A_pos, d2.lora_A_neg], dim=0)  # (2r, in)
     B = torch.cat([d2.lora_B_pos, -d2.tau * d2.lora_B_neg], dim=1)  # (out, 2r)
@@ -157,3 +157,21 @@ def test_d2lora_with_tau_zero_equals_peft_dora_with_frozen_magnitude(c):
     y1, g1 = run(d2, x, G, [d2.lora_A_pos, d2.lora_B_pos])
     y2, g2 = run(theirs, x, G, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
     assert_same_layer(d2, y1, g1, theirs, y2, g2)
+
+
+@settings(max_examples=10)
+@given(shapes, st.sampled_from([0.1, 0.5]))
+def test_dora_with_dropout_equals_peft_dora_in_eval_mode(c, p):
+    # in training mode the two place dropout differently (docs/PORTING.md, section 4); in eval mode they agree
+    base = make_base(c)
+    ours = DoRALinear(base, r=c["r"], alpha=c["alpha"], dropout=p)
+    perturb_adapters(ours, c["seed"])
+    model, theirs = peft_layer(base, c["r"], c["alpha"], use_dora=True, dropout=p)
+    set_peft(theirs, ours.lora_A, ours.lora_B, ours.magnitude)
+    ours.eval()
+    model.eval()
+    x, G = inputs(c)
+    y1, g1 = run(ours, x, G, [ours.lora_A, ours.lora_B, ours.magnitude])
+    mag = theirs.lora_magnitude_vector["default"].weight
+    y2, g2 = run(theirs, x, G, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight, mag])
+    assert_same_layer(ours, y1, g1, theirs, y2, g2)

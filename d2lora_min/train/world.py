@@ -2,7 +2,8 @@
 
 The world has 300 people, each with four fixed facts (home town, job, pet, instrument) and a set of
 cause -> effect scripts ("was hungry" -> "ate some bread"). Facts and scripts can only be learned by
-pretraining. The corpus is built so that *reading one's own context* pays early (see MEASURED.md):
+pretraining. The corpus is built so that *reading one's own context* pays early (a tiny GPT learns key-first look-up
+within minutes of pretraining, and name-first look-up not at all):
 
   facts       biographies of people, in several wordings                 (world knowledge)
   lookup      "The cup belongs to Mira." ... then the same facts restated in another order and wording,
