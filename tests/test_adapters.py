@@ -366,3 +366,19 @@ def test_bf16_autocast_output_dtype_finiteness_and_closeness(method, fast):
     for a, e in zip(approx, exact, strict=True):
         assert a.dtype == e.dtype and torch.isfinite(a).all()
         assert (a - e).norm() <= 0.05 * e.norm() + 1e-3
+
+
+@FAST
+def test_a_float16_factor_beyond_its_range_keeps_a_zero_row_zero(fast):
+    # DoRA with a row of V exactly zero and a non-zero magnitude: c = m / eps does not fit float16; inf * 0 would
+    # be NaN. (Training never reaches this state from initialisation, where that magnitude is 0; a loaded one can.)
+    torch.manual_seed(0)
+    base = nn.Linear(4, 3).half()
+    with torch.no_grad():
+        base.weight[1] = 0
+    layer = DoRALinear(base, r=2, alpha=2.0)
+    layer.fast = fast
+    with torch.no_grad():
+        layer.magnitude[1] = 0.5  # B is still 0, so V's row 1 is 0
+    y = layer(torch.randn(5, 4, dtype=torch.float16))
+    assert torch.isfinite(y).all() and torch.equal(y[:, 1], base.bias[1].expand(5))

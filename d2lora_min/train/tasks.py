@@ -218,6 +218,8 @@ def task_items(task, world, split, n, seed, exclude_prompts=()):
     while len(items) < n:
         item = task.make(rng, world, split)
         tries += 1
+        if tries > 1000 * n:
+            raise ValueError(f"task {task.name!r}: could not draw {n} {split} items whose prompts are not training prompts")
         if item.prompt in exclude_prompts:
             continue
         if split == "test" and item.prompt in seen and tries < 50 * n:
