@@ -18,6 +18,8 @@ from d2lora_min.nn.checkpoint import ADAPTER_FILE
 from d2lora_min.train.bench import main as bench_main
 from d2lora_min.train.compare import main as compare_main
 from d2lora_min.train.compare import read_cached
+from d2lora_min.train.data import heldout_text
+from d2lora_min.train.tasks import retention_probe
 from d2lora_min.train.pretrain import SHIPPED_BASE, load_base
 from d2lora_min.train.trainer import CHECKPOINT, CheckpointMismatch, TrainConfig, train
 from tiny_gpt import GPT, GPTConfig
@@ -387,6 +389,9 @@ def consistent(out):
 
 
 def test_a_kill_at_any_write_leaves_a_consistent_state_that_resumes_to_the_same_result(tmp_path, monkeypatch):
+    # smaller retention probes: this test is about the order of the writes, and it runs 2 x (writes + 1) compares
+    monkeypatch.setattr(compare_mod, "retention_probe", lambda world: retention_probe(world, n_items=20))
+    monkeypatch.setattr(compare_mod, "heldout_text", lambda world, tok, **kw: heldout_text(world, tok, n_docs=20, **kw))
     real_replace = os.replace
     compare_main(TINY_COMPARE + ["--out", str(tmp_path / "clean")])
     clean = json.loads(next((tmp_path / "clean" / "runs").glob("*.json")).read_text())
