@@ -309,4 +309,4 @@ def mean_ci(runs, tasks, clusters, scoring, n_boot=N_BOOT, seed=0):
     mats = {t: item_matrix(runs, t, primary_field(tasks[t].kind, scoring, tasks[t].normalise)) for t in mc}
     zero = {t: np.zeros_like(m) for t, m in mats.items()}
     b = paired_bootstrap(mats, zero, {t: clusters[t] for t in mc}, n_boot, seed)
-    return b["diff"], b["lo"], b["hi"]
+    return b["diff"], max(0.0, b["lo"]), min(1.0, b["hi"])  # an accuracy lies in [0, 1]
