@@ -213,20 +213,27 @@ def difference_table(rows, tasks, reference_label):
 
 
 def cost_table(rows, base_row, speed_reference):
-    ref = next((r for r in rows if r["method"] == speed_reference), None)
-    head = ["method", "held-out text loss (Δ vs base)", "facts probe (base → after)", f"step time (× {ref['label'] if ref else '–'})",
+    """Retention (against the base when it is among the methods, else the absolute values) and cost; step times
+    relative to `speed_reference`, or to the first method when that one did not run."""
+    ref = next((r for r in rows if r["method"] == speed_reference), None) or next((r for r in rows if r["method"] != "base"), None)
+    loss_head = "held-out text loss (Δ vs base)" if base_row else "held-out text loss (nats)"
+    probe_head = "facts probe (base → after)" if base_row else "facts probe (after)"
+    head = ["method", loss_head, probe_head, f"step time (× {ref['label'] if ref else '–'})",
             "loss volatility", "merge gap (pp, max over tasks)", "max abs logit diff", "merged / base tok/s"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if row["method"] == "base":
             continue
         rel = row["step_time"] / ref["step_time"] if ref and row["step_time"] and ref["step_time"] else None
-        d_loss = row["heldout_loss"] - base_row["heldout_loss"] if base_row and row["heldout_loss"] is not None else None
-        probe = f"{100 * base_row['facts_probe']:.1f} → {100 * row['facts_probe']:.1f}" if base_row and row["facts_probe"] is not None else "–"
+        if base_row:
+            d_loss = row["heldout_loss"] - base_row["heldout_loss"]
+            probe = f"{100 * base_row['facts_probe']:.1f} → {100 * row['facts_probe']:.1f}"
+        else:
+            d_loss, probe = row["heldout_loss"], f"{100 * row['facts_probe']:.1f}"
         gaps = row.get("merge_gap_pp")
         gap = max(abs(g) for g in gaps.values()) if gaps else None
         speed = row["merged_eval_tokens_per_s"] / row["base_eval_tokens_per_s"] if row.get("base_eval_tokens_per_s") else None
-        cells = [row["label"], _fmt(d_loss, "+.3f"), probe, _fmt(rel, ".2f"), _fmt(row["volatility"], ".4f"), _fmt(gap, ".2f"),
+        cells = [row["label"], _fmt(d_loss, "+.3f" if base_row else ".3f"), probe, _fmt(rel, ".2f"), _fmt(row["volatility"], ".4f"), _fmt(gap, ".2f"),
                  _fmt(row["max_logit_diff"], ".1e"), _fmt(speed, ".2f")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
