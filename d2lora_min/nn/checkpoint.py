@@ -40,14 +40,14 @@ def adapter_config(model):
     return {**configs[0], "targets": {name: [layer.out_features, layer.in_features] for name, layer in layers}}
 
 
+def _own_tensors(layer):
+    """{name: tensor} of one adapter layer's own tensors (factors, magnitude, tau, target norms), not its base's."""
+    return {key: t for key, t in layer.state_dict().items() if not key.startswith("base.")}
+
+
 def adapter_state_dict(model):
-    """Only the adapter tensors (factors, magnitude, tau, target norms): {full name: tensor}, nothing of the base."""
-    state = {}
-    for name, layer in adapter_layers(model):
-        for key, tensor in layer.state_dict().items():
-            if not key.startswith("base."):
-                state[f"{name}.{key}"] = tensor
-    return state
+    """Only the adapter tensors: {full name: tensor}, nothing of the base."""
+    return {f"{name}.{key}": t for name, layer in adapter_layers(model) for key, t in _own_tensors(layer).items()}
 
 
 def _check_config(config):
@@ -73,9 +73,7 @@ def _expected_tensors(config, dtypes):
     for name, (n_out, n_in) in config["targets"].items():
         shadow = skip_init(nn.Linear, n_in, n_out, dtype=dtypes[name])
         layer = cls(shadow, r=config["r"], alpha=config["alpha"], dropout=config["dropout"], **config["options"])
-        for key, t in layer.state_dict().items():
-            if not key.startswith("base."):
-                want[f"{name}.{key}"] = (tuple(t.shape), t.dtype)
+        want.update({f"{name}.{key}": (tuple(t.shape), t.dtype) for key, t in _own_tensors(layer).items()})
     return want
 
 

@@ -41,7 +41,7 @@ from ..nn.inject import check_targets
 from . import report
 from .cli import UsageError, apply_overrides, check_range, config_help, parse_value, run_cli
 from .data import heldout_text
-from .evaluate import greedy_generate, pad_rows, rouge_l_f1, score_choices, validation_loss
+from .evaluate import greedy_generate, mc_accuracy, pad_rows, rouge_l_f1, score_choices, validation_loss
 from .pretrain import PretrainConfig, corpus_fingerprint, resolve_base
 from .tasks import TASKS, build_splits, finetune_batches, retention_probe, steps_for, updated_facts
 from .tokenizer import EOT
@@ -227,8 +227,7 @@ def task_scores(items, scoring):
 def retention(model, tokenizer, probe):
     """What fine-tuning kept of pretraining: held-out corpus loss (nats) and the facts probe in corpus wording."""
     tokens, items = probe
-    summed, _, _ = score_choices(model, tokenizer, items)
-    facts = float(np.mean([np.argmax(s) == it.answer for s, it in zip(summed, items)]))
+    facts = mc_accuracy(model, tokenizer, items)[0]
     return {"heldout_loss": validation_loss(model, tokens, model.config.block_size), "facts_probe": facts}
 
 

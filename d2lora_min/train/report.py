@@ -165,7 +165,7 @@ def method_rows(runs, tasks, clusters, scoring, reference):
             vals = [r[k] for r in rs if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
             row[k] = statistics.mean(vals) if vals else None
         first = rs[0]
-        for k in ("max_logit_diff", "eval_tokens_per_s", "merged_eval_tokens_per_s", "base_eval_tokens_per_s", "merge_gap_pp"):
+        for k in ("eval_tokens_per_s", "merged_eval_tokens_per_s", "base_eval_tokens_per_s", "merge_gap_pp"):  # first seed only
             row[k] = first.get(k)
         row["max_logit_diff"] = max((r["max_logit_diff"] for r in rs if "max_logit_diff" in r), default=None)
         rows.append(row)
@@ -257,7 +257,7 @@ def headroom_lines(rows, tasks, chance):
 # --- plots -----------------------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,7 +267,7 @@ def _pyplot():
 
 
 def save_figure(fig, path):
-    plt = _pyplot()
+    plt = pyplot()
     tmp = f"{path}.tmp.png"
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
@@ -276,7 +276,7 @@ def save_figure(fig, path):
 
 def plot_losses(runs, path):
     """Training-loss curves (a moving average over 10 steps), one line per method and seed."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in runs:
         if r.get("losses"):
@@ -293,7 +293,7 @@ def plot_losses(runs, path):
 
 def plot_lr_sweep(points, path):
     """points: {method label: [(lr, mean accuracy, lo, hi)]} -> accuracy vs learning rate with 95 % CI bands."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, pts in points.items():
         pts = sorted(pts)

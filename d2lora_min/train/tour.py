@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..nn import METHODS, adapter_layers, inject_adapters, row_factor, row_norm
 from .compare import budget_train_config, CompareConfig
 from .pretrain import load_base
-from .report import _pyplot, save_figure
+from .report import pyplot, save_figure
 from .tasks import TASKS, build_splits, finetune_batches
 from .tokenizer import EOT
 from .trainer import train
@@ -60,7 +60,7 @@ def toy_paths(steps=300, lr=0.03):
 
 def plot_toy(path):
     paths, w0, target = toy_paths()
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     t = np.linspace(0, 2 * np.pi, 200)
     r = np.linalg.norm(w0)
@@ -102,7 +102,7 @@ def finetune_with_trace(method, base_model, tokenizer, splits, cfg, record_every
 
 
 def plot_drift(traces, names, path):
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
     for ax, (method, trace) in zip(axes, traces.items()):
         ratio = np.asarray(trace["ratio"])  # (records, layers)
@@ -118,7 +118,7 @@ def plot_drift(traces, names, path):
 
 
 def plot_tau(trace, names, path):
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     tau = np.asarray(trace["tau"])
     for j, name in enumerate(names):
@@ -163,7 +163,7 @@ def radial_fractions(model, get_batch, detach):
 def plot_radial(model, names, get_batch, path):
     attached = radial_fractions(model, get_batch, detach=False)
     detached = radial_fractions(model, get_batch, detach=True)
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     idx = np.arange(len(names))
     ax.bar(idx - 0.2, detached, width=0.4, label="norm detached (as DoRA)", color="tab:red")
