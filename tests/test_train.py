@@ -2,6 +2,7 @@
 
 import math
 import os
+import random
 import subprocess
 import sys
 
@@ -19,7 +20,7 @@ from d2lora_min.train.data import heldout_text
 from d2lora_min.train.tasks import TASKS, answer_text, build_splits, finetune_batches, retention_probe, steps_for, updated_facts
 from d2lora_min.train.tokenizer import EOT, train_tokenizer
 from d2lora_min.train.trainer import CHECKPOINT, TrainConfig, TrainingDiverged, lr_at, train
-from d2lora_min.train.world import World, corpus_documents
+from d2lora_min.train.world import SCRIPTS, World, corpus_documents
 from tiny_gpt import GPT, GPTConfig
 
 # --- a tiny counting task every trainer test shares -----------------------------------------------------------------
@@ -238,9 +239,32 @@ def test_splits_are_disjoint_deterministic_and_large_enough():
     train_people = {w for it in splits["facts"][0] for w in it.prompt.split() if w.rstrip("?") in world.names}
     test_people = {w for it in splits["facts"][1] for w in it.prompt.split() if w.rstrip("?") in world.names}
     assert not train_people & test_people
-    train_causes = {it.prompt.split(". What")[0].split(" ", 2)[2] for it in splits["continuation"][0]}
-    test_causes = {it.prompt.split(". What")[0].split(" ", 2)[2] for it in splits["continuation"][1]}
-    assert not train_causes & test_causes
+    def causes(items):  # every situation a story mentions, asked about or not
+        return {c for it in items for c, _ in SCRIPTS if f" {c}." in it.prompt.split("\nQ:")[0]}
+
+    assert causes(splits["continuation"][1]) and not causes(splits["continuation"][0]) & causes(splits["continuation"][1])
+
+
+def test_compare_and_continuation_answers_are_the_ones_the_question_asks_for():
+    world, rng = World(), random.Random(0)
+    for _ in range(200):
+        item = TASKS["compare"].make(rng, world, "test")
+        table = item.prompt.split("\n")[0].removeprefix("Points: ").rstrip(".").split(", ")
+        points = {name: int(p) for p, name in (entry.split(" ") for entry in table)}
+        ranked = sorted(points, key=points.get, reverse=True)  # most first
+        rank = {"most": 0, "fewest": -1, "second most": 1, "second fewest": -2}[item.prompt.split("has the ")[1].split(" points")[0]]
+        assert item.choices[item.answer] == " " + ranked[rank] and sorted(item.choices) == sorted(" " + n for n in points)
+    two_people = 0
+    for _ in range(200):
+        item = TASKS["continuation"].make(rng, world, "test")
+        story, question = item.prompt.split("\nQ: What did ")
+        asked = question.split(" do next?")[0]
+        said = {s.split(" ", 1)[0]: s.split(" ", 1)[1] for s in story.rstrip(".").split(". ")}  # name -> situation
+        effect = dict(SCRIPTS)
+        assert item.choices[item.answer] == " " + effect[said[asked]]
+        assert all(" " + effect[c] in item.choices for c in said.values())  # the other person's continuation too
+        two_people += len(said) == 2
+    assert 50 < two_people < 150
 
 
 def test_finetune_batches_put_the_loss_on_the_answer_only(tokenizer):

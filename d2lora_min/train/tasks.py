@@ -10,9 +10,11 @@ generative task. Every task asks in the "Q: ...\nA: ..." format, which no pretra
                 changed after pretraining          test  "Q: Which town is Mira's home these days?"  the base answers the old fact
   negation      suppression: the most-mentioned    "Kalo did not take the cup. ..."           the answer is the one
                 names are the wrong answers        "Q: Who took the cup?"                     person never mentioned again
-  compare       comparison                         "Points: 7 Kalo, 3 Mira, ... Q: Who has the most points?" (4-7 people)
-  continuation  plausible continuation             "Q: Mira was hungry. What did Mira do next?" tested on scripts
-                                                                                              never asked in training
+  compare       comparison                         "Points: 7 Kalo, 3 Mira, ... Q: Who has the second most points?"
+                                                   (4-7 people; most, fewest, second most or second fewest)
+  continuation  plausible continuation             "Kalo was tired. Mira was hungry.           scripts learned in pretraining,
+                                                    Q: What did Mira do next?" (one or two     tested on scripts never asked
+                                                   people; the other's continuation is a choice) in training
   span          generative, ROUGE-L                "Mira has the red cup. ...                 (extractive QA)
                 and exact match                     Q: What does Mira have?" -> "the red cup"
 
@@ -147,12 +149,17 @@ def make_negation(rng, world, split):
     return MCItem(f"{story}\nQ: Who took the {obj}?\nA:", [" " + n for n in names], names.index(taker))
 
 
+RANK_QUESTIONS = [("Who has the most points?", 0), ("Who has the fewest points?", -1),
+                  ("Who has the second most points?", 1), ("Who has the second fewest points?", -2)]  # (question, rank)
+
+
 def make_compare(rng, world, split):
-    table, names, points = points_table(rng, world, k_range=(4, 7))  # more people than the corpus's 2-4
-    most = rng.random() < 0.5
-    who = names[points.index(max(points) if most else min(points))]
-    question = "Who has the most points?" if most else "Who has the fewest points?"
-    return MCItem(f"{table}\nQ: {question}\nA:", [" " + n for n in names], names.index(who))
+    """A points table of 4-7 people (the corpus has 2-4, and names only the most and the fewest): who has the
+    most, the fewest, the second most or the second fewest points."""
+    table, names, points = points_table(rng, world, k_range=(4, 7))
+    question, rank = rng.choice(RANK_QUESTIONS)
+    ranked = sorted(names, key=lambda n: -points[names.index(n)])  # most points first
+    return MCItem(f"{table}\nQ: {question}\nA:", [" " + n for n in names], names.index(ranked[rank]))
 
 
 def script_split(split, seed=7):
@@ -163,10 +170,16 @@ def script_split(split, seed=7):
 
 
 def make_continuation(rng, world, split):
-    n = rng.choice(world.names)
-    cause, effect = rng.choice(script_split(split))
-    choices, answer = _choices(rng, effect, [e for _, e in SCRIPTS], 4)
-    return MCItem(f"Q: {n} {cause}. What did {n} do next?\nA:", choices, answer, cluster=cause)
+    """One or two people, each in a situation; what did one of them do next? With two, the other person's
+    plausible continuation is among the choices, so the situation must be bound to the right person."""
+    scripts = rng.sample(script_split(split), rng.randint(1, 2))
+    names = rng.sample(world.names, len(scripts))
+    i = rng.randrange(len(scripts))
+    effects = [e for _, e in scripts]
+    choices = effects + rng.sample([e for _, e in SCRIPTS if e not in effects], 4 - len(effects))
+    rng.shuffle(choices)
+    story = " ".join(f"{n} {c}." for n, (c, _) in zip(names, scripts))
+    return MCItem(f"{story}\nQ: What did {names[i]} do next?\nA:", [" " + c for c in choices], choices.index(effects[i]), cluster=scripts[i][0])
 
 
 def make_span(rng, world, split):
