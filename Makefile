@@ -14,7 +14,7 @@ help:
 	@echo "make compare   fine-tune LoRA(r), LoRA(2r), DoRA(r), D2-LoRA(r) on the shipped base and print the table"
 	@echo "make test      run the test suite (pytest + hypothesis)"
 	@echo "make ablate    the D2-LoRA ablations (negative branch, rank, targets, tau, norm, scoring) as one compare run"
-	@echo "make replicate the paper's claims at this scale, 32 seeds (about 30 minutes on 2 CPU cores)"
+	@echo "make replicate the paper's claims at this scale, 28 seeds (about 30 minutes on 2 CPU cores)"
 	@echo "make tour      the pictures of docs/TOUR.md (about a minute)"
 	@echo "make pretrain  pretrain the default base model into runs/pretrain/ (about 20 minutes on 2 CPU cores)"
 	@echo "make bench     speed and memory of every method, as ratios (writes runs/bench/)"

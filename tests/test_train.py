@@ -229,7 +229,7 @@ def test_splits_are_disjoint_deterministic_and_large_enough():
     for name, (train_items, test_items) in splits.items():
         assert len(test_items) == 500
         distinct = {(it.prompt, tuple(getattr(it, "choices", ()))) for it in test_items}
-        assert len(distinct) >= (300 if name == "update" else 500), name  # (update: 40 questions, other choices)
+        assert len(distinct) >= (300 if name == "update" else 500), name  # (update: 80 questions, other choices)
         assert not {it.prompt for it in train_items} & {it.prompt for it in test_items}, name
         assert [it.prompt for it in test_items] == [it.prompt for it in again[name][1]]
         for it in test_items:

@@ -82,7 +82,7 @@ FACT_QUESTIONS = {  # attribute -> (question wordings, the values it can take)
 }
 
 
-N_UPDATED = 20  # people whose home town or job changed after pretraining (the update task)
+N_UPDATED = 40  # people whose home town or job changed after pretraining (the update task)
 
 
 @functools.lru_cache(maxsize=8)
