@@ -5,7 +5,7 @@ difference gets the right verdict, and clustered items are not counted as indepe
 import numpy as np
 import pytest
 
-from d2lora_min.train.report import cluster_ids, paired_bootstrap, seed_bootstrap_ratio, verdict
+from d2lora_min.train.report import cluster_ids, headroom_lines, paired_bootstrap, seed_bootstrap_ratio, verdict
 
 DEFAULT_SEEDS = 3  # make compare's default number of seeds
 
@@ -83,3 +83,16 @@ def test_seed_ratio_interval():
     ratio, lo, hi = seed_bootstrap_ratio([0.6, 0.7, 0.65, 0.62], [1.0, 1.1, 0.95, 1.05])
     assert ratio == pytest.approx(np.mean([0.6, 0.7, 0.65, 0.62]) / np.mean([1.0, 1.1, 0.95, 1.05]) - 1)
     assert lo <= ratio <= hi < 0
+
+
+def test_headroom_lines_flag_a_task_whose_best_method_saturates_and_a_small_lift():
+    from d2lora_min.train.tasks import TASKS
+
+    tasks = {t: TASKS[t] for t in ("yesno", "who", "facts")}
+    rows = [{"method": "base", "scores": {"yesno": 0.50, "who": 0.30, "facts": 0.70}, "mean_mc": 0.5},
+            {"method": "lora", "scores": {"yesno": 0.60, "who": 0.97, "facts": 0.90}, "mean_mc": 0.82},
+            {"method": "d2lora", "scores": {"yesno": 0.62, "who": 0.80, "facts": 0.96}, "mean_mc": 0.79}]  # fmt: skip
+    saturated, lift = headroom_lines(rows, tasks, chance={"yesno": 0.5, "who": 0.25, "facts": 0.25})
+    assert saturated.startswith("saturated tasks (best method >= 97 %): who;")  # one method at 97 % is enough
+    assert "82.0 %" in saturated
+    assert lift == "lift of the best method over max(base, chance): below 15 pp on yesno (+12.0)"

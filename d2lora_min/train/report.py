@@ -244,9 +244,9 @@ def headroom_lines(rows, tasks, chance):
     methods = [r for r in rows if r["method"] not in ("base",)]
     base = next((r for r in rows if r["method"] == "base"), None)
     mc = [t for t in tasks if tasks[t].kind == "mc"]
-    saturated = [t for t in mc if methods and min(r["scores"][t] for r in methods) >= 0.97]
+    saturated = [t for t in mc if methods and max(r["scores"][t] for r in methods) >= 0.97]  # the best method's mean
     best_mean = max((r["mean_mc"] for r in methods), default=float("nan"))
-    out = [f"saturated tasks (every method >= 97 %): {', '.join(saturated) or 'none'}; best mean accuracy {100 * best_mean:.1f} %"]
+    out = [f"saturated tasks (best method >= 97 %): {', '.join(saturated) or 'none'}; best mean accuracy {100 * best_mean:.1f} %"]
     if base:
         lifts = {t: max(r["scores"][t] for r in methods) - max(base["scores"][t], chance.get(t, 0.0)) for t in tasks if methods}
         low = [f"{t} ({100 * v:+.1f})" if tasks[t].kind == "mc" else f"{t} ({v:+.3f})" for t, v in lifts.items() if v < 0.15]
