@@ -239,6 +239,7 @@ def test_splits_are_disjoint_deterministic_and_large_enough():
     train_people = {w for it in splits["facts"][0] for w in it.prompt.split() if w.rstrip("?") in world.names}
     test_people = {w for it in splits["facts"][1] for w in it.prompt.split() if w.rstrip("?") in world.names}
     assert not train_people & test_people
+
     def causes(items):  # every situation a story mentions, asked about or not
         return {c for it in items for c, _ in SCRIPTS if f" {c}." in it.prompt.split("\nQ:")[0]}
 
@@ -254,13 +255,12 @@ def test_compare_and_continuation_answers_are_the_ones_the_question_asks_for():
         ranked = sorted(points, key=points.get, reverse=True)  # most first
         rank = {"most": 0, "fewest": -1, "second most": 1, "second fewest": -2}[item.prompt.split("has the ")[1].split(" points")[0]]
         assert item.choices[item.answer] == " " + ranked[rank] and sorted(item.choices) == sorted(" " + n for n in points)
-    two_people = 0
+    effect, two_people = dict(SCRIPTS), 0
     for _ in range(200):
         item = TASKS["continuation"].make(rng, world, "test")
         story, question = item.prompt.split("\nQ: What did ")
         asked = question.split(" do next?")[0]
         said = {s.split(" ", 1)[0]: s.split(" ", 1)[1] for s in story.rstrip(".").split(". ")}  # name -> situation
-        effect = dict(SCRIPTS)
         assert item.choices[item.answer] == " " + effect[said[asked]]
         assert all(" " + effect[c] in item.choices for c in said.values())  # the other person's continuation too
         two_people += len(said) == 2

@@ -5,7 +5,7 @@ and report how each differs from a reference method, with a confidence interval 
     python -m d2lora_min.train.compare --methods "lora d2lora:project=false" --seeds 0,1,2,3
     python -m d2lora_min.train.compare --preset ablate                   # the D2-LoRA ablations
     python -m d2lora_min.train.compare --preset replicate                # the paper's claims, 28 seeds
-    python -m d2lora_min.train.compare --preset lr                       # every method over 6 learning rates
+    python -m d2lora_min.train.compare --preset lr                       # every method over 5 learning rates
 
 The budget is the paper's kind: n_train training items per task and `epochs` passes over them (the steps follow).
 A method is written `name[:key=value,...]`. Names: the adapters in d2lora_min.nn.METHODS, plus `base` (the

@@ -12,9 +12,9 @@ generative task. Every task asks in the "Q: ...\nA: ..." format, which no pretra
                 names are the wrong answers        "Q: Who took the cup?"                     person never mentioned again
   compare       comparison                         "Points: 7 Kalo, 3 Mira, ... Q: Who has the second most points?"
                                                    (4-7 people; most, fewest, second most or second fewest)
-  continuation  plausible continuation             "Kalo was tired. Mira was hungry.           scripts learned in pretraining,
-                                                    Q: What did Mira do next?" (one or two     tested on scripts never asked
-                                                   people; the other's continuation is a choice) in training
+  continuation  plausible continuation             "Kalo was tired. Mira was hungry.          tested on scripts never asked
+                                                    Q: What did Mira do next?"                in training; with two people,
+                                                   (one or two people)                        the other's continuation is a choice
   span          generative, ROUGE-L                "Mira has the red cup. ...                 (extractive QA)
                 and exact match                     Q: What does Mira have?" -> "the red cup"
 
@@ -158,7 +158,7 @@ def make_compare(rng, world, split):
     most, the fewest, the second most or the second fewest points."""
     table, names, points = points_table(rng, world, k_range=(4, 7))
     question, rank = rng.choice(RANK_QUESTIONS)
-    ranked = sorted(names, key=lambda n: -points[names.index(n)])  # most points first
+    ranked = [n for _, n in sorted(zip(points, names), reverse=True)]  # most points first (points are distinct)
     return MCItem(f"{table}\nQ: {question}\nA:", [" " + n for n in names], names.index(ranked[rank]))
 
 
