@@ -17,7 +17,7 @@ from d2lora_min.nn import METHODS, adapter_config, adapter_layers, adapter_state
 from d2lora_min.nn.checkpoint import ADAPTER_FILE
 from d2lora_min.train.bench import main as bench_main
 from d2lora_min.train.compare import main as compare_main
-from d2lora_min.train.compare import read_cached
+from d2lora_min.train.cache import read_cached
 from d2lora_min.train.data import heldout_text
 from d2lora_min.train.tasks import retention_probe
 from d2lora_min.train.pretrain import SHIPPED_BASE, load_base
@@ -296,7 +296,7 @@ def test_compare_refuses_bad_input_with_a_usage_error(argv, match, no_work, caps
 
 def test_space_separated_overrides_work_like_the_equals_form():
     from d2lora_min.train.cli import apply_overrides
-    from d2lora_min.train.compare import CompareConfig
+    from d2lora_min.train.presets import CompareConfig
 
     cfg = apply_overrides(CompareConfig(), ["--n_test", "200", "--train.lr=0.5"])
     assert cfg.n_test == 200 and cfg.train.lr == 0.5

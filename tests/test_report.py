@@ -5,7 +5,8 @@ difference gets the right verdict, and clustered items are not counted as indepe
 import numpy as np
 import pytest
 
-from d2lora_min.train.report import cluster_ids, headroom_lines, paired_bootstrap, seed_bootstrap_ratio, verdict
+from d2lora_min.train.stats import cluster_ids, paired_bootstrap, seed_bootstrap_ratio, verdict
+from d2lora_min.train.tables import headroom_lines
 
 DEFAULT_SEEDS = 3  # make compare's default number of seeds
 
@@ -74,7 +75,7 @@ def test_cluster_ids_keep_unlabelled_items_apart():
 
 
 def test_t_quantiles():
-    from d2lora_min.train.report import t_quantile
+    from d2lora_min.train.stats import t_quantile
 
     assert [round(t_quantile(df), 3) for df in (1, 2, 5, 30, float("inf"))] == [12.706, 4.303, 2.571, 2.042, 1.96]
 

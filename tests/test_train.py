@@ -13,7 +13,9 @@ import torch.nn as nn
 
 from d2lora_min.nn import adapter_state_dict, inject_adapters
 from d2lora_min.train.cli import apply_overrides
-from d2lora_min.train.compare import CompareConfig, main as compare_main, parse_method_spec
+from d2lora_min.train.compare import main as compare_main
+from d2lora_min.train.presets import CompareConfig
+from d2lora_min.train.specs import parse_method_spec
 from d2lora_min.train.data import CorpusConfig, read_text_file, window_batches
 from d2lora_min.train.evaluate import GenItem, MCItem, greedy_generate, mc_accuracy, rouge_l_f1, score_choices
 from d2lora_min.train.data import heldout_text
@@ -355,7 +357,7 @@ def test_the_epoch_budget_gives_the_steps_it_claims_and_visits_every_item_once_p
 
 
 def test_compare_steps_follow_the_budget():
-    from d2lora_min.train.compare import budget_train_config
+    from d2lora_min.train.presets import budget_train_config
 
     cfg = CompareConfig(n_train=100, epochs=2, tasks=("yesno", "who", "facts"))
     tcfg = budget_train_config(cfg)

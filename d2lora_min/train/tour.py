@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from ..nn import METHODS, adapter_layers, inject_adapters, row_factor, row_norm
-from .compare import budget_train_config, CompareConfig
+from .presets import CompareConfig, budget_train_config
 from .pretrain import load_base
-from .report import pyplot, save_figure
+from .plots import pyplot, save_figure
 from .tasks import TASKS, build_splits, finetune_batches
 from .tokenizer import EOT
 from .trainer import train

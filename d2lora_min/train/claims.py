@@ -1,0 +1,78 @@
+"""The paper's claims at this scale (`make replicate`): each claim of the D2-LoRA paper (Fujisawa & Kondo, 2026,
+arXiv 2602.14728, as its abstract states them) with our figure, its 95 % CI and a verdict.
+
+  replicated      the CI excludes 0 on the paper's side
+  not replicated  the CI contains 0
+  opposite        the CI excludes 0 on the other side
+"""
+
+import numpy as np
+
+from . import stats
+
+
+PAPER = {  # the paper's figures (Fujisawa & Kondo, 2026, arXiv 2602.14728), as its abstract states them
+    "vs LoRA(r)": 2.2, "vs LoRA(2r)": 1.6, "vs DoRA(r)": None, "ROUGE-L vs LoRA(r)": 1.2, "volatility": -36.0,
+    "merge gap mean": 0.03, "merge gap worst": 0.7, "merged / unmerged throughput": 1.91, "training overhead": 19.0,
+}  # fmt: skip  (vs DoRA: the paper reports D2-LoRA ahead; no single figure is quoted here)
+
+
+def _claim(name, paper, diff, lo, hi, unit="pp", sign=None):
+    """A claim with a CI: replicated / not replicated / opposite, by which side of 0 the CI lies on (the paper's
+    side is the sign of its figure, or `sign` where it gives a direction without a figure)."""
+    side = sign if paper is None else (1 if paper > 0 else -1)
+    if lo > 0:
+        v = "replicated" if side > 0 else "opposite"
+    elif hi < 0:
+        v = "replicated" if side < 0 else "opposite"
+    else:
+        v = "not replicated"
+    inside = None if paper is None else lo <= paper <= hi
+    return {"claim": name, "paper": paper, "ours": diff, "lo": lo, "hi": hi, "unit": unit, "verdict": v, "paper_in_ci": inside}
+
+
+def replicate_claims(runs, tasks, clusters, scoring):
+    by = stats.group(runs)
+    need = ("lora", "lora:r=8", "dora", "d2lora")
+    if not all(m in by for m in need):
+        return []
+    mc = [t for t in tasks if tasks[t].kind == "mc"]
+    gen = [t for t in tasks if tasks[t].kind == "gen"]
+
+    def mats(m, ts, fld=None):
+        return {t: stats.item_matrix(by[m], t, fld or stats.primary_field(tasks[t].kind, scoring, tasks[t].normalise)) for t in ts}
+
+    claims = []
+    for name, other in (("vs LoRA(r)", "lora"), ("vs LoRA(2r)", "lora:r=8"), ("vs DoRA(r)", "dora")):
+        b = stats.paired_bootstrap(mats("d2lora", mc), mats(other, mc), {t: clusters[t] for t in mc})
+        claims.append(_claim(f"D2-LoRA(r) mean accuracy {name}", PAPER[name], 100 * b["diff"], 100 * b["lo"], 100 * b["hi"], sign=1))
+    if gen:
+        b = stats.paired_bootstrap(mats("d2lora", gen), mats("lora", gen), {t: clusters[t] for t in gen})
+        claims.append(_claim("D2-LoRA(r) generative ROUGE-L vs LoRA(r) (points)", PAPER["ROUGE-L vs LoRA(r)"], 100 * b["diff"], 100 * b["lo"], 100 * b["hi"], "points"))
+    vol_d2, vol_lora = [r["volatility"] for r in by["d2lora"]], [r["volatility"] for r in by["lora"]]
+    ratio, lo, hi = stats.seed_bootstrap_ratio(vol_d2, vol_lora)
+    claims.append(_claim("training-loss volatility, D2-LoRA(r) vs LoRA(r)", PAPER["volatility"], 100 * ratio, 100 * lo, 100 * hi, "%"))
+    gaps = [abs(g) for m in need for r in by[m] for g in r.get("merge_gap_pp", {}).values()]
+    speed = [r["merged_eval_tokens_per_s"] / r["eval_tokens_per_s"] for r in by["d2lora"] if r.get("eval_tokens_per_s")]
+    claims += [
+        {"claim": "merge gap, mean over tasks and methods (pp)", "paper": PAPER["merge gap mean"], "ours": float(np.mean(gaps)) if gaps else None, "verdict": "measured"},
+        {"claim": "merge gap, worst task (pp)", "paper": PAPER["merge gap worst"], "ours": max(gaps) if gaps else None, "verdict": "measured"},
+        {"claim": "merged / unmerged evaluation throughput, D2-LoRA", "paper": PAPER["merged / unmerged throughput"], "ours": float(np.median(speed)) if speed else None, "verdict": "measured"},
+        {"claim": "training overhead over LoRA(r) (%)", "paper": PAPER["training overhead"], "ours": None, "verdict": "see make bench"},
+    ]  # fmt: skip
+    return claims
+
+
+def claims_table(claims):
+    lines = ["| claim | paper | ours [95 % CI] | verdict | paper's figure in our CI |", "|---|---|---|---|---|"]
+    for c in claims:
+        if "lo" in c:
+            ours = f"{c['ours']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] {c['unit']}"
+            inside = "–" if c["paper_in_ci"] is None else "yes" if c["paper_in_ci"] else "no"
+        else:
+            ours, inside = (f"{c['ours']:.3g}" if c["ours"] is not None else "–"), "–"
+        paper = "ahead" if c["paper"] is None else f"{c['paper']:+g}"
+        lines.append(f"| {c['claim']} | {paper} | {ours} | {c['verdict']} | {inside} |")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,59 @@
+"""The plots of a comparison: training-loss curves and accuracy by learning rate (matplotlib, no display)."""
+
+import os
+
+import numpy as np
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path):
+    plt = pyplot()
+    tmp = f"{path}.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_losses(runs, path):
+    """Training-loss curves (a moving average over 10 steps), one line per method and seed."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        if r.get("losses"):
+            k = min(10, len(r["losses"]))
+            smooth = np.convolve(r["losses"], np.ones(k) / k, mode="valid")
+            ax.plot(smooth, label=f"{r['label']} s{r['seed']}", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (moving mean)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_lr_sweep(points, path):
+    """points: {method label: [(lr, mean accuracy, lo, hi)]} -> accuracy vs learning rate with 95 % CI bands."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, pts in points.items():
+        pts = sorted(pts)
+        lr = [p[0] for p in pts]
+        ax.plot(lr, [100 * p[1] for p in pts], marker="o", label=label)
+        ax.fill_between(lr, [100 * p[2] for p in pts], [100 * p[3] for p in pts], alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("mean accuracy over tasks (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+

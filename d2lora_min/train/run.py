@@ -1,0 +1,161 @@
+"""One run of a comparison: fine-tune one method with one seed from a copy of the base, evaluate every test item,
+measure retention, save the adapter, and check the merge (logits and, on the first seed, every item and the
+throughput of the base, unmerged and merged models).
+"""
+
+import copy
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..nn import METHODS, inject_adapters, merge_adapters, save_adapters, trainable_parameters
+from .cache import slug
+from .evaluate import greedy_generate, mc_accuracy, pad_rows, rouge_l_f1, score_choices, validation_loss
+from .presets import budget_train_config
+from .stats import primary_field
+from .tasks import TASKS, finetune_batches
+from .tokenizer import EOT
+from .trainer import TrainingDiverged, rank_and_world, train
+
+
+def evaluate_items(model, tokenizer, splits):
+    """{task: per-item results}: for multiple choice each choice's summed log-likelihood and whether the summed
+    and the length-normalised scorer pick the right choice; for generative tasks the greedy answer, its ROUGE-L
+    and exact match."""
+    out = {}
+    for name, (_, test) in splits.items():
+        task = TASKS[name]
+        if task.kind == "mc":
+            summed, per_token, _ = score_choices(model, tokenizer, test)
+            out[name] = {
+                "correct_sum": [int(np.argmax(s) == it.answer) for s, it in zip(summed, test)],
+                "correct_mean": [int(np.argmax(s) == it.answer) for s, it in zip(per_token, test)],
+                "logp": [[round(v, 4) for v in s] for s in summed],
+            }
+        else:
+            answers, _ = greedy_generate(model, tokenizer, [it.prompt for it in test], task.max_new_tokens)
+            out[name] = {
+                "rouge": [rouge_l_f1(a, it.reference) for a, it in zip(answers, test)],
+                "exact": [int(a.strip() == it.reference.strip()) for a, it in zip(answers, test)],
+                "answer": answers,
+            }
+    return out
+
+
+def task_scores(items, scoring):
+    """{task: score} from evaluate_items' per-item results (accuracy, or ROUGE-L and `<task>_exact`)."""
+    scores = {}
+    for name, res in items.items():
+        task = TASKS[name]
+        if task.kind == "mc":
+            scores[name] = float(np.mean(res[primary_field("mc", scoring, task.normalise)]))
+        else:
+            scores[name], scores[name + "_exact"] = float(np.mean(res["rouge"])), float(np.mean(res["exact"]))
+    return scores
+
+
+def retention(model, tokenizer, probe):
+    """What fine-tuning kept of pretraining: held-out corpus loss (nats) and the facts probe in corpus wording."""
+    tokens, items = probe
+    facts = mc_accuracy(model, tokenizer, items)[0]
+    return {"heldout_loss": validation_loss(model, tokens, model.config.block_size), "facts_probe": facts}
+
+
+THROUGHPUT_REPS = 7  # interleaved forward passes per model; the median is reported
+
+
+@torch.no_grad()
+def forward_throughput(models, x, reps=THROUGHPUT_REPS):
+    """{name: tokens/s} of each model's forward pass on batch x: interleaved repetitions, median."""
+    x = x.to(next(next(iter(models.values())).parameters()).device)
+    times = {k: [] for k in models}
+    for m in models.values():
+        m(x)  # warm-up
+    for _ in range(reps):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[k].append(time.perf_counter() - t0)
+    return {k: x.numel() / statistics.median(v) for k, v in times.items()}
+
+
+LOGIT_PROBE_PER_TASK = 16  # test prompts per task on which unmerged and merged logits are compared
+
+
+def logit_probe_batch(tokenizer, splits, n_per_task=LOGIT_PROBE_PER_TASK):
+    """A fixed batch of test prompts on which unmerged and merged logits are compared."""
+    ids = [tokenizer.encode(item.prompt).ids for _, test in splits.values() for item in test[:n_per_task]]
+    return pad_rows(ids, tokenizer.token_to_id(EOT)), [len(r) for r in ids]
+
+
+@torch.no_grad()
+def real_logits(model, x, lengths):
+    logits, _ = model(x.to(next(model.parameters()).device))
+    return torch.cat([logits[b, :n] for b, n in enumerate(lengths)]).float().cpu()  # (sum of lengths, vocab)
+
+
+def run_one(spec, seed, base_model, tokenizer, splits, probe, cfg, out_dir, device, train_dir, key, full_merge):
+    """Fine-tune `spec` from a copy of the base with `seed`, evaluate every test item -> result dict.
+
+    Training checkpoints go to train_dir so that a killed run resumes. The merged model is evaluated on every item
+    when full_merge (the first seed), else compared with the unmerged one on the logit probe only. Under torchrun
+    every process trains its shard; only rank 0 evaluates and writes (the others return None).
+    """
+    rank, n_procs = rank_and_world()
+    model = copy.deepcopy(base_model).to(device)
+    torch.manual_seed(seed)  # the adapter initialisation
+    if spec.name == "full":
+        model.requires_grad_(True)
+    elif spec.name in METHODS:
+        inject_adapters(model, spec.name, r=spec.r, alpha=spec.alpha, targets=spec.targets, dropout=spec.dropout, **spec.options)
+    result = {"method": spec.text, "label": spec.label, "seed": seed, "trainable_params": 0, "processes": n_procs}
+    if spec.name != "base":
+        result["trainable_params"] = trainable_parameters(model)
+        tcfg = budget_train_config(cfg)
+        tcfg.lr, tcfg.seed, tcfg.device, tcfg.desc = spec.lr, seed, device, f"{spec.label} seed {seed}"
+        get_batch = finetune_batches(tokenizer, {k: tr for k, (tr, _) in splits.items()}, tcfg.batch_size, seed,
+                                     tokenizer.token_to_id(EOT))  # fmt: skip
+        t0 = time.perf_counter()
+        try:
+            trained = train(model, get_batch, tcfg, out_dir=train_dir)
+        except TrainingDiverged as e:  # kept as a result (an lr sweep expects some): the last finite weights are scored
+            print(f"{spec.label} seed {seed}: {e}", flush=True)
+            trained = e.result
+            result["diverged"] = True
+        result["train_seconds"] = time.perf_counter() - t0
+        result["steps"], result["resumed_from_step"] = tcfg.steps, trained.resumed_from
+        result["losses"] = trained.losses
+        warm = len(trained.step_times) // 10  # the first tenth warms up the allocator and caches: left out
+        result["step_time"] = statistics.median(trained.step_times[warm:] or trained.step_times)
+        result["volatility"] = volatility(trained.losses)
+    if rank != 0:
+        return None
+    model.eval()
+    result["items"] = evaluate_items(model, tokenizer, splits)
+    result["scores"] = task_scores(result["items"], cfg.scoring)
+    result.update(retention(model, tokenizer, probe))
+    if spec.name in METHODS:
+        result["adapter"] = str(Path("adapters") / f"{slug(spec.text)}_seed{seed}_{key}")  # keyed like the result
+        save_adapters(model, out_dir / result["adapter"])
+        x, lengths = logit_probe_batch(tokenizer, splits)
+        merged = merge_adapters(copy.deepcopy(model))
+        result["max_logit_diff"] = (real_logits(merged, x, lengths) - real_logits(model, x, lengths)).abs().max().item()
+        if full_merge:
+            speed = forward_throughput({"base": base_model, "unmerged": model, "merged": merged}, x)
+            result["eval_tokens_per_s"], result["merged_eval_tokens_per_s"] = speed["unmerged"], speed["merged"]
+            result["base_eval_tokens_per_s"] = speed["base"]
+            merged_scores = task_scores(evaluate_items(merged, tokenizer, splits), cfg.scoring)
+            result["merge_gap_pp"] = {k: 100 * (result["scores"][k] - merged_scores[k]) for k in result["scores"]}
+    return result
+
+
+def volatility(losses):
+    """Training-loss volatility: the standard deviation of step-to-step changes of the loss over the second half
+    of training, where the schedule no longer drives the loss down fast (nan for fewer than 4 steps)."""
+    second_half = np.asarray(losses[len(losses) // 2 :])
+    return float(np.std(np.diff(second_half))) if len(second_half) > 2 else float("nan")
+
+

@@ -1,0 +1,101 @@
+"""Method specs: how a comparison names what it runs, `name[:key=value,...]`.
+
+    "lora"                    LoRA at the comparison's rank (r), alpha = alpha_over_r * r, all default targets
+    "d2lora:r=8,project=false" D2-LoRA at rank 8 without the projection
+    "dora:lr=5e-3"            DoRA at its own learning rate
+
+Names: the adapters in d2lora_min.nn.METHODS, plus `base` (the pretrained model, not fine-tuned) and `full` (every
+parameter fine-tuned). Keys: r, alpha, dropout, lr, targets (attn, mlp, all, or module names joined by +), and the
+method's own options (d2lora: tau_init, learn_tau, project, detach_norm). Every value is checked when it is parsed.
+"""
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from ..nn import DEFAULT_TARGETS, METHODS, display_name
+from ..nn.inject import check_targets
+from .cli import UsageError, check_range, parse_value
+
+
+# Module groups a method spec can name as targets=...
+TARGET_GROUPS = {"all": DEFAULT_TARGETS, "attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("fc_in", "fc_out")}
+
+
+@dataclass
+class MethodSpec:
+    text: str  # as written, e.g. "d2lora:project=false"
+    name: str  # registry name, "base" or "full"
+    r: int
+    alpha: float
+    dropout: float
+    lr: float
+    targets: tuple
+    options: dict
+    lr_set: bool = False  # the spec names its own lr (then the label shows it)
+
+    @property
+    def label(self):
+        return self.method_label + (f", lr={self.lr:g}" if self.lr_set and self.name not in ("base", "full") else "")
+
+    @property
+    def method_label(self):
+        """The label without a spec's own lr: what an lr sweep groups by."""
+        if self.name == "base":
+            return "base"
+        if self.name == "full":
+            return f"full FT (lr={self.lr:g})"
+        extra = dict(self.options)
+        if self.targets != DEFAULT_TARGETS:
+            extra["targets"] = next((g for g, t in TARGET_GROUPS.items() if t == self.targets), "+".join(self.targets))
+        opts = "".join(f", {k}={v}" for k, v in extra.items())
+        return f"{display_name(self.name)}(r={self.r}{opts})"
+
+
+COMMON_KEYS = {"r": 1, "alpha": 1.0, "dropout": 0.0, "lr": 1.0, "targets": ""}  # key -> a value of its type
+
+
+def parse_targets(text, where):
+    targets = TARGET_GROUPS.get(text) or tuple(t for t in text.split("+") if t)
+    try:
+        return check_targets(targets)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"targets in {where}: {e}") from None
+
+
+def parse_method_spec(text, cfg):
+    """'d2lora:r=8,project=false' -> MethodSpec; a UsageError naming the spec and the key otherwise."""
+    name, _, rest = text.strip().partition(":")
+    valid_names = list(METHODS) + ["base", "full"]
+    if name not in valid_names:
+        raise UsageError(f"unknown method {name!r} in {text!r}; valid methods: {', '.join(valid_names)}")
+    option_defaults = METHODS[name].OPTIONS if name in METHODS else {}
+    common = {"r": cfg.r, "alpha": None, "dropout": 0.0, "lr": cfg.full_lr if name == "full" else cfg.train.lr, "targets": cfg.targets}
+    options = {}
+    for pair in rest.split(",") if rest else []:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise UsageError(f"{pair!r} in {text!r} is not key=value")
+        if key == "targets":
+            common[key] = parse_targets(value, repr(text))
+        elif key in common:
+            common[key] = parse_value(value, COMMON_KEYS[key], f"{key} in {text!r}")
+        elif key in option_defaults:
+            options[key] = parse_value(value, option_defaults[key], f"{key} in {text!r}")
+        else:
+            valid = list(COMMON_KEYS) + list(option_defaults)
+            raise UsageError(f"unknown key {key!r} for method {name!r} in {text!r}; valid keys: {', '.join(valid)}")
+    alpha = common["alpha"] if common["alpha"] is not None else cfg.alpha_over_r * common["r"]
+    lr_set = any(pair.partition("=")[0] == "lr" for pair in rest.split(",")) if rest else False
+    spec = MethodSpec(text, name, common["r"], float(alpha), float(common["dropout"]), float(common["lr"]), tuple(common["targets"]), options, lr_set)
+    check_range(f"lr in {text!r}", spec.lr, kind=float)
+    if spec.lr <= 0:
+        raise UsageError(f"lr in {text!r} must be > 0, got {spec.lr}")
+    if name in METHODS:  # every value checked now, by building the layer around a 1x1 stand-in (no real work)
+        try:
+            METHODS[name](nn.Linear(1, 1), r=spec.r, alpha=spec.alpha, dropout=spec.dropout, **options)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"{text!r}: {e}") from None
+    return spec
+
+

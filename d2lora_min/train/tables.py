@@ -1,0 +1,123 @@
+"""The Markdown tables of a comparison's report: scores, differences from the reference, retention and cost, the
+headroom checks, the two scorers side by side, and accuracy by learning rate.
+"""
+
+import math
+
+import numpy as np
+
+from . import stats
+
+
+def _fmt(x, spec=".3f"):
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _pp(x):
+    return f"{100 * x:+.1f}"
+
+
+def score_table(rows, tasks):
+    mc = [t for t in tasks if tasks[t].kind == "mc"]
+    gen = [t for t in tasks if tasks[t].kind == "gen"]
+    head = ["method", "trainable"] + mc + ["mean acc"] + [f"{t} ROUGE-L" for t in gen] + [f"{t} EM" for t in gen]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["label"], f"{row['trainable_params']:,}"] + [f"{100 * row['scores'][t]:.1f}" for t in mc]
+        cells += [f"**{100 * row['mean_mc']:.1f}**"] + [_fmt(row["scores"][t]) for t in gen] + [_fmt(row["scores"][f"{t}_exact"]) for t in gen]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def difference_table(rows, tasks, reference_label):
+    mc = [t for t in tasks if tasks[t].kind == "mc"]
+    gen = [t for t in tasks if tasks[t].kind == "gen"]
+    head = ["method", f"Δ mean acc vs {reference_label} (pp) [95 % CI]", "verdict", "detectable (pp)"] + mc + [f"Δ {t} ROUGE-L" for t in gen]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        v = row.get("vs_reference")
+        if not v:
+            continue
+        cells = [row["label"], f"{_pp(v['diff'])} [{_pp(v['lo'])}, {_pp(v['hi'])}]", v["verdict"], f"{100 * v['detectable']:.1f}"]
+        cells += [f"{_pp(v['per_task'][t][0])} [{_pp(v['per_task'][t][1])}, {_pp(v['per_task'][t][2])}]" for t in mc]
+        g = row.get("gen_vs_reference")
+        cells += [f"{g['per_task'][t][0]:+.3f} [{g['per_task'][t][1]:+.3f}, {g['per_task'][t][2]:+.3f}]" if g else "–" for t in gen]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(rows, base_row, speed_reference):
+    """Retention (against the base when it is among the methods, else the absolute values) and cost; step times
+    relative to `speed_reference`, or to the first method when that one did not run."""
+    ref = next((r for r in rows if r["method"] == speed_reference), None) or next((r for r in rows if r["method"] != "base"), None)
+    loss_head = "held-out text loss (Δ vs base)" if base_row else "held-out text loss (nats)"
+    probe_head = "facts probe (base → after)" if base_row else "facts probe (after)"
+    head = ["method", loss_head, probe_head, f"step time (× {ref['label'] if ref else '–'})",
+            "loss volatility", "merge gap (pp, max over tasks)", "max abs logit diff", "merged / base tok/s"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        if row["method"] == "base":
+            continue
+        rel = row["step_time"] / ref["step_time"] if ref and row["step_time"] and ref["step_time"] else None
+        if base_row:
+            d_loss = row["heldout_loss"] - base_row["heldout_loss"]
+            probe = f"{100 * base_row['facts_probe']:.1f} → {100 * row['facts_probe']:.1f}"
+        else:
+            d_loss, probe = row["heldout_loss"], f"{100 * row['facts_probe']:.1f}"
+        gaps = row.get("merge_gap_pp")
+        gap = max(abs(g) for g in gaps.values()) if gaps else None
+        speed = row["merged_eval_tokens_per_s"] / row["base_eval_tokens_per_s"] if row.get("base_eval_tokens_per_s") else None
+        cells = [row["label"], _fmt(d_loss, "+.3f" if base_row else ".3f"), probe, _fmt(rel, ".2f"), _fmt(row["volatility"], ".4f"), _fmt(gap, ".2f"),
+                 _fmt(row["max_logit_diff"], ".1e"), _fmt(speed, ".2f")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def headroom_lines(rows, tasks, chance):
+    """The headroom bars, checked on this run: saturated tasks, the best mean, the lift over max(base, chance)."""
+    methods = [r for r in rows if r["method"] not in ("base",)]
+    base = next((r for r in rows if r["method"] == "base"), None)
+    mc = [t for t in tasks if tasks[t].kind == "mc"]
+    saturated = [t for t in mc if methods and max(r["scores"][t] for r in methods) >= 0.97]  # the best method's mean
+    best_mean = max((r["mean_mc"] for r in methods), default=float("nan"))
+    out = [f"saturated tasks (best method >= 97 %): {', '.join(saturated) or 'none'}; best mean accuracy {100 * best_mean:.1f} %"]
+    if base:
+        lifts = {t: max(r["scores"][t] for r in methods) - max(base["scores"][t], chance.get(t, 0.0)) for t in tasks if methods}
+        low = [f"{t} ({100 * v:+.1f})" if tasks[t].kind == "mc" else f"{t} ({v:+.3f})" for t, v in lifts.items() if v < 0.15]
+        out.append("lift of the best method over max(base, chance): " + (f"below 15 pp on {', '.join(low)}" if low else "at least 15 pp on every task"))
+    return out
+
+
+def scoring_table(runs, tasks, clusters):
+    """Per method: mean accuracy with the summed and with the length-normalised scorer, and their paired difference."""
+    mc = [t for t in tasks if tasks[t].kind == "mc"]
+    lines = ["| method | summed log-likelihood | length-normalised | Δ (pp) [95 % CI] |", "|---|---|---|---|"]
+    for method, rs in stats.group(runs).items():
+        a = {t: stats.item_matrix(rs, t, "correct_sum") for t in mc}
+        b = {t: stats.item_matrix(rs, t, "correct_mean") for t in mc}
+        boot = stats.paired_bootstrap(b, a, {t: clusters[t] for t in mc})
+        sa, sb = np.mean([a[t].mean() for t in mc]), np.mean([b[t].mean() for t in mc])
+        lines.append(f"| {rs[0]['label']} | {100 * sa:.1f} | {100 * sb:.1f} | {100 * boot['diff']:+.1f} [{100 * boot['lo']:+.1f}, {100 * boot['hi']:+.1f}] |")
+    return "\n".join(lines)
+
+
+def lr_points(runs, specs, tasks, clusters, scoring):
+    """{method label without lr: [(lr, mean accuracy, lo, hi)]} from runs of `name:lr=...` specs."""
+    by, points = stats.group(runs), {}
+    for spec in specs:
+        if spec.text in by:
+            points.setdefault(spec.method_label, []).append((spec.lr, *stats.mean_ci(by[spec.text], tasks, clusters, scoring)))
+    return points
+
+
+def lr_table(points):
+    lrs = sorted({p[0] for pts in points.values() for p in pts})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |", "|---|" + "---|" * (len(lrs) + 1)]
+    for label, pts in points.items():
+        at = {p[0]: p for p in pts}
+        cells = [f"{100 * at[lr][1]:.1f} [{100 * at[lr][2]:.1f}, {100 * at[lr][3]:.1f}]" if lr in at else "–" for lr in lrs]
+        best = max(pts, key=lambda p: p[1])[0]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {best:g} |")
+    return "\n".join(lines)
+
+
