@@ -240,8 +240,8 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
 # --- the command lines: usage errors before any work ----------------------------------------------------------------
 
 COMPARE_CASES = [
-    (["--epochs", "0"], "epochs must be >= 1, got 0"),
-    (["--epochs", "-3"], "epochs must be >= 1"),
+    (["--epochs", "0"], "epochs must be in [1, 1000], got 0"),
+    (["--epochs", "-3"], "epochs must be in [1, 1000]"),
     (["--train.steps=100"], "follow from the budget"),
     (["--scoring=best"], "scoring must be task, sum or mean"),
     (["--methods", "lora:targets=attn+attn"], "targets has duplicates"),
@@ -249,11 +249,11 @@ COMPARE_CASES = [
     (["--out", ""], "output folder is empty"),
     (["--seeds", "0,0"], "a seed is listed twice"),
     (["--seeds", "abc"], "--seeds: expected an integer, got 'abc'"),
-    (["--seeds", "-1"], "seeds must be >= 0"),
+    (["--seeds", "-1"], "seeds must be in [0, 4294967295]"),
     (["--methods", "lora lora"], "a method is listed twice"),
-    (["--n_test=0"], "n_test must be >= 1"),
-    (["--n_train=0"], "n_train must be >= 1"),
-    (["--train.batch_size=0"], "train.batch_size must be >= 1"),
+    (["--n_test=0"], "n_test must be in [1, 100000]"),
+    (["--n_train=0"], "n_train must be in [1, 100000]"),
+    (["--train.batch_size=0"], "train.batch_size must be in [1, 100000]"),
     (["--tasks="], "tasks: expected a comma-separated list"),
     (["--tasks=yesno,yesno"], "a task is listed twice"),
     (["--tasks=yesno,nope"], "unknown task 'nope'"),
@@ -267,7 +267,7 @@ COMPARE_CASES = [
     (["--train.device=tpu"], "train.device must be auto, cpu, cuda"),
     (["--train.seed=3"], "comes from --seeds"),
     (["--trian.steps=3"], "unknown config section 'trian'"),
-    (["--r=0"], "rank r must be an integer >= 1, got 0"),
+    (["--r=0"], "r must be in [1, 128], got 0"),
     (["--targets=q_proj,q_proj"], "targets has duplicates"),
 ]
 
@@ -311,8 +311,9 @@ def test_pretrain_refuses_to_overwrite_the_shipped_base(capsys):
 def test_bench_refuses_an_unwritable_output_before_measuring(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    with pytest.raises(PermissionError, match="not writable"):
-        bench_main(["--out", str(blocker / "bench"), "--quick"])
+    assert bench_main(["--out", str(blocker / "bench"), "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert "not writable" in err and "Traceback" not in err
 
 
 # --- the shipped base: every file that changes its behaviour is covered -----------------------------------------

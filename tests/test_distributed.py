@@ -49,7 +49,7 @@ COMPARE = [
 
 def run_json(out):
     """The finished d2lora seed-0 run's result (its file name carries a hash of the method spec)."""
-    (path,) = (out / "runs").glob("d2lora-*_seed0.json")
+    (path,) = (out / "runs").glob("d2lora-*_seed0_*.json")
     return json.loads(path.read_text())
 
 

@@ -143,6 +143,11 @@ class AdapterLinear(nn.Module):
         """The (out, in) weight that forward() applies: forward(x) == x @ merged_weight().T + bias."""
         raise NotImplementedError
 
+    def derived_buffers(self):
+        """{name: tensor} of the buffers computed from the base weight when the layer is wrapped (never trained, e.g.
+        D2-LoRA's target_norm). A loaded adapter file must agree with them, and they keep the base's values."""
+        return {}
+
     def options(self):
         """The method's options as constructor keyword arguments (saved with adapter checkpoints)."""
         return {name: getattr(self, name) for name in self.OPTIONS}

@@ -3,13 +3,16 @@
     save_adapters(model, "runs/my_adapter")   # runs/my_adapter/adapter.safetensors
     load_adapters(base_model, "runs/my_adapter")
 
-The config (method, r, alpha, dropout, options, and each target's [out, in]) travels in the file's metadata,
-so the tensors and their description are written in one atomic rename: a kill leaves the old file or the new
-one, never a mix. Nothing is unpickled. Loading checks names, shapes, dtypes and finiteness exactly, and every
-check runs before the model is changed.
+The config (format version, method, r, alpha, dropout, every option, and each target's [out, in]) and a SHA-256
+of the tensors travel in the file's metadata, so the tensors and their description are written in one atomic
+rename: a kill leaves the old file or the new one, never a mix. Nothing is unpickled. Loading checks the checksum,
+names, shapes, dtypes and finiteness exactly, and that the tensors a layer derives from its base (D2-LoRA's target
+norms) agree with the base it is loaded onto; every check runs before the model is changed.
 """
 
+import hashlib
 import json
+import math
 import os
 
 import torch
@@ -24,6 +27,10 @@ from .registry import get_method, method_name
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_KEY = "d2lora_min.adapter_config"  # the metadata entry holding the config as JSON
+CHECKSUM_KEY = "d2lora_min.tensors_sha256"  # the metadata entry holding tensors_sha256() of the tensors
+FORMAT = 2  # 2: every option stored, tensors checksummed; files without "format" are format 1 (see upgrade_config)
+MAX_CONFIG_CHARS = 1_000_000  # a config longer than this is not ours (and is not parsed)
+CONFIG_KEYS = ("format", "method", "r", "alpha", "dropout", "options", "targets")
 
 
 def adapter_config(model):
@@ -37,7 +44,7 @@ def adapter_config(model):
     ]
     if any(c != configs[0] for c in configs):
         raise ValueError("adapter layers differ in method or hyper-parameters; one config cannot describe them")
-    return {**configs[0], "targets": {name: [layer.out_features, layer.in_features] for name, layer in layers}}
+    return {"format": FORMAT, **configs[0], "targets": {name: [layer.out_features, layer.in_features] for name, layer in layers}}
 
 
 def _own_tensors(layer):
@@ -50,40 +57,85 @@ def adapter_state_dict(model):
     return {f"{name}.{key}": t for name, layer in adapter_layers(model) for key, t in _own_tensors(layer).items()}
 
 
+def tensors_sha256(tensors):
+    """SHA-256 over {name: tensor} (names in sorted order, each with its dtype, shape and raw bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-d tensor (tau) cannot be viewed as bytes
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def upgrade_config(config):
+    """A format-1 config (written before D2-LoRA had its paper form) as a format-2 one: format 1 knew one D2-LoRA
+    form, the exact-norm one, so its files load as readd_delta=False. Any other config is returned as it is."""
+    if not isinstance(config, dict) or "format" in config:
+        return config
+    config = {**config, "format": FORMAT}
+    if (config.get("method") == "d2lora" and isinstance(config.get("options"), dict) and "readd_delta" not in config["options"]
+            and "readd_delta" in get_method("d2lora").OPTIONS):
+        config["options"] = {**config["options"], "readd_delta": False}
+    return config
+
+
 def _check_config(config):
-    """The config's fields and their types, or a ValueError naming the first one that is wrong."""
+    """The config's fields and their types, or a ValueError naming the first one that is wrong. Option values must
+    have their default's type, so nothing deeper than the config's own fields is ever compared."""
     if not isinstance(config, dict):
         raise ValueError(f"adapter config must be a dict, got {type(config).__name__}")
-    kinds = {"method": str, "r": int, "alpha": (int, float), "dropout": (int, float), "options": dict, "targets": dict}
+    unknown = sorted(str(k) for k in set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"adapter config has unknown fields {unknown}; expected {', '.join(CONFIG_KEYS)}")
+    kinds = {"format": int, "method": str, "r": int, "alpha": (int, float), "dropout": (int, float), "options": dict, "targets": dict}
     for key, kind in kinds.items():
         if key not in config or isinstance(config[key], bool) or not isinstance(config[key], kind):
-            raise ValueError(f"adapter config: {key!r} is missing or has the wrong type ({config.get(key)!r})")
-    get_method(config["method"])
+            raise ValueError(f"adapter config: {key!r} is missing or has the wrong type ({type(config.get(key)).__name__})")
+    if config["format"] != FORMAT:
+        raise ValueError(f"adapter config has format {config['format']}; this version reads format {FORMAT} (and format 1)")
+    if config["r"] < 1:
+        raise ValueError(f"adapter config: r must be >= 1, got {config['r']}")
+    defaults = get_method(config["method"]).OPTIONS
     check_options(config["method"], config["options"])
+    missing = sorted(set(defaults) - set(config["options"]))
+    if missing:  # a file says everything about its adapter: no option silently takes today's default
+        raise ValueError(f"adapter config for {config['method']!r} does not say {', '.join(missing)} (every option is stored)")
+    for key, value in config["options"].items():
+        like = defaults[key]
+        ok = isinstance(value, bool) if isinstance(like, bool) else (isinstance(value, (int, float)) and not isinstance(value, bool))
+        if not ok or (not isinstance(value, bool) and not math.isfinite(value)):
+            raise ValueError(f"adapter config: option {key!r} = {value!r} is not a {type(like).__name__}")
     for name, shape in config["targets"].items():
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and v > 0 for v in shape)):
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
             raise ValueError(f"adapter config: target {name!r} has shape {shape!r}, expected [out, in]")
 
 
-def _expected_tensors(config, dtypes):
-    """{full name: (shape, dtype)} of the adapter tensors `config` describes, from a throwaway layer per target
-    (built around an uninitialised stand-in for the base, one at a time; no change to any model)."""
+def _expected_tensors(config, bases):
+    """{full name: (shape, dtype)} of the adapter tensors `config` describes, and {full name: tensor} of those a layer
+    derives from its base weight, from a throwaway layer per target built around a CPU copy of that target's base
+    weight (one at a time; no change to any model). bases: {target name: the model's nn.Linear there}."""
     cls = get_method(config["method"])
-    want = {}
+    want, derived = {}, {}
     for name, (n_out, n_in) in config["targets"].items():
-        shadow = skip_init(nn.Linear, n_in, n_out, dtype=dtypes[name])
+        weight = bases[name].weight
+        shadow = skip_init(nn.Linear, n_in, n_out, bias=False, dtype=weight.dtype)
+        with torch.no_grad():
+            shadow.weight.copy_(weight.detach().cpu())
         layer = cls(shadow, r=config["r"], alpha=config["alpha"], dropout=config["dropout"], **config["options"])
         want.update({f"{name}.{key}": (tuple(t.shape), t.dtype) for key, t in _own_tensors(layer).items()})
-    return want
+        derived.update({f"{name}.{key}": t for key, t in layer.derived_buffers().items()})
+    return want, derived
 
 
 def load_adapter_state_dict(model, state_dict, config, source="adapter checkpoint"):
     """Load adapter tensors saved by adapter_state_dict with their adapter_config (in place; returns the model).
 
-    A model without adapters gets them injected from `config`. Anything that does not match (other targets,
-    shapes, method, rank, options, dtypes; missing, extra or non-finite tensors) is a ValueError naming the
-    tensor, raised before the model is changed.
+    A model without adapters gets them injected from `config` (each new layer in the mode of the layer it replaces).
+    Anything that does not match (other targets, shapes, method, rank, options, dtypes; missing, extra or non-finite
+    tensors; target norms of another base) is a ValueError naming the tensor, raised before the model is changed.
+    Tensors a layer derives from its base (D2-LoRA's target_norm) keep the values computed from this model's base.
     """
+    config = upgrade_config(config)
     _check_config(config)
     want_targets = {name: list(shape) for name, shape in config["targets"].items()}
     layers = adapter_layers(model)
@@ -104,20 +156,29 @@ def load_adapter_state_dict(model, state_dict, config, source="adapter checkpoin
         for key in ("method", "r", "alpha", "dropout", "options"):
             if have[key] != config[key]:
                 raise ValueError(f"{source} has {key}={config[key]!r}, the model's adapters have {have[key]!r}")
+    if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise ValueError(f"{source}: the state dict must map names to tensors")
+    largest = max((max(t.shape, default=1) for t in state_dict.values()), default=1)
+    if config["r"] > largest:  # the rank is a dimension of the stored factors: refuse before allocating for it
+        raise ValueError(f"{source}: rank r={config['r']} is larger than any dimension of the stored tensors ({largest})")
 
     modules = dict(model.named_modules())
-    dtypes = {name: (modules[name].base if name in dict(layers) else modules[name]).weight.dtype for name in want_targets}
-    want = _expected_tensors(config, dtypes)
+    bases = {name: modules[name].base if name in dict(layers) else modules[name] for name in want_targets}
+    want, derived = _expected_tensors(config, bases)
     missing, extra = sorted(set(want) - set(state_dict)), sorted(set(state_dict) - set(want))
     if missing or extra:
         raise ValueError(f"{source} does not fit the model: missing {missing}, unexpected {extra}")
     for key, (shape, dt) in want.items():
         t = state_dict[key]
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dt:
-            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{source}, tensor {key}: stored {got}, the model needs {(shape, dt)}")
+        if tuple(t.shape) != shape or t.dtype != dt:
+            raise ValueError(f"{source}, tensor {key}: stored {(tuple(t.shape), t.dtype)}, the model needs {(shape, dt)}")
         if not torch.isfinite(t).all():
             raise ValueError(f"{source}, tensor {key}: holds NaN or Inf")
+    for key, from_base in derived.items():
+        stored, tol = state_dict[key].double().cpu(), 1e-2 if from_base.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        if not torch.allclose(stored, from_base.double(), rtol=tol, atol=tol * float(from_base.abs().max()) if from_base.numel() else 0.0):
+            raise ValueError(f"{source}, tensor {key}: the stored values are not those of this model's base weight "
+                             f"(saved for another base, or edited); {key.rpartition('.')[2]} is derived from the base")  # fmt: skip
 
     if not layers:
         targets = tuple(want_targets)
@@ -125,30 +186,38 @@ def load_adapter_state_dict(model, state_dict, config, source="adapter checkpoin
                         dropout=config["dropout"], **config["options"])  # fmt: skip
     with torch.no_grad():
         for key, tensor in adapter_state_dict(model).items():
-            tensor.copy_(state_dict[key])  # same shape and dtype, checked above; shares storage with the layer
+            if key not in derived:  # derived tensors keep what the layer computed from this model's base
+                tensor.copy_(state_dict[key])  # same shape and dtype, checked above; shares storage with the layer
     return model
 
 
 def save_adapters(model, folder):
-    """Write folder/adapter.safetensors (tensors + config in its metadata) atomically; returns its path."""
+    """Write folder/adapter.safetensors (tensors, config and their checksum in its metadata) atomically; returns its path."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
     path = os.path.join(folder, ADAPTER_FILE)
+    metadata = {CONFIG_KEY: json.dumps(adapter_config(model), sort_keys=True), CHECKSUM_KEY: tensors_sha256(tensors)}
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={CONFIG_KEY: json.dumps(adapter_config(model), sort_keys=True)})
+        save_file(tensors, tmp, metadata=metadata)
     return path
 
 
 def read_adapter_file(path):
-    """(tensors on CPU, config) from an adapter file; a clear ValueError for a missing, truncated or foreign file."""
+    """(tensors on CPU, config) from an adapter file; a clear ValueError for a missing, truncated, edited or foreign file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no adapter file at {path}")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
+        text = metadata[CONFIG_KEY]
+        if len(text) > MAX_CONFIG_CHARS:
+            raise ValueError(f"its config has {len(text)} characters")
+        config = json.loads(text)
         tensors = load_file(path)
-        config = json.loads(metadata[CONFIG_KEY])
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable d2lora_min adapter file ({type(e).__name__}: {e})") from None
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not a readable d2lora_min adapter file ({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(config, dict) and "format" in config:  # format 1 files carry no checksum
+        if metadata.get(CHECKSUM_KEY) != tensors_sha256(tensors):
+            raise ValueError(f"{path}: the tensors do not match the checksum stored with them (a damaged or edited file)")
     return tensors, config
 
 

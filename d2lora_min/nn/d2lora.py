@@ -70,6 +70,9 @@ class D2LoRALinear(AdapterLinear):
         # The norms to preserve, taken once from the pretrained weight and never recomputed.
         self.register_buffer("target_norm", row_norm(w).detach().to(w.dtype))  # (out,)
 
+    def derived_buffers(self):
+        return {"target_norm": self.target_norm}
+
     def stacked_factors(self):
         """Both branches as one rank-2r pair (one matmul each instead of two):
 

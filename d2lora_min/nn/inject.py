@@ -17,6 +17,16 @@ from .registry import get_method
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc_in", "fc_out")
 
 
+# Hugging Face's Conv1D (GPT-2 and its relatives) computes x @ weight + bias with weight stored (in, out),
+# the transpose of nn.Linear's (out, in). Every row norm and merge here assumes nn.Linear's layout.
+CONV1D_HINT = (
+    "; Conv1D (GPT-2's transformers.pytorch_utils.Conv1D) stores its weight as (in, out), the transpose of"
+    " nn.Linear's (out, in). Convert it first: in_features, out_features = conv.weight.shape; linear ="
+    " nn.Linear(in_features, out_features) with linear.weight = conv.weight.T and linear.bias = conv.bias (the"
+    " same output); conv1d_to_linear(model) in examples/hf_recipe.py does this for every Conv1D of a model"
+)
+
+
 def check_options(method, options):
     """Raise if `options` holds a keyword that `method` does not take."""
     valid = get_method(method).OPTIONS
@@ -58,7 +68,9 @@ def inject_adapters(model, method, r=4, alpha=8.0, targets=DEFAULT_TARGETS, drop
     """Freeze every parameter of `model` and wrap each targeted nn.Linear in the `method`'s adapter (in place).
 
     targets: module-name suffixes (or full names). Every target must match at least one module, and every
-    matched module must be an nn.Linear. Returns the model. On any error the model is left as it was.
+    matched module must be an nn.Linear that its parent calls (a Hugging Face Conv1D is refused, with how to convert
+    it). A layer registered under several names (shared) gets one adapter, under every name. Each adapter starts in
+    the mode (train or eval) of the layer it replaces. Returns the model. On any error the model is left as it was.
     """
     cls = get_method(method)
     check_options(method, options)
@@ -66,29 +78,53 @@ def inject_adapters(model, method, r=4, alpha=8.0, targets=DEFAULT_TARGETS, drop
     if adapter_layers(model):
         raise ValueError("model already has adapters: merge_adapters(model) first, or start from the base model")
 
-    modules = [(name, m) for name, m in model.named_modules() if name]
-    chosen = [(name, m) for name, m in modules if any(_matches(name, t) for t in targets)]
-    for t in targets:
-        if not any(_matches(name, t) for name, _ in modules):
-            linears = sorted({name.rsplit(".", 1)[-1] for name, m in modules if isinstance(m, nn.Linear)})
-            raise ValueError(f"target {t!r} matches no module; the model's nn.Linear names end in: {', '.join(linears)}")
-    for name, m in chosen:
-        if not isinstance(m, nn.Linear):
-            raise TypeError(f"target module {name!r} is a {type(m).__name__}, not an nn.Linear")
-
+    chosen = find_targets(model, targets)
     # Build every adapter first (a bad r, alpha or option raises here); wrapping freezes each base layer,
     # so remember what was trainable and restore it if anything fails.
     trainable = {p: p.requires_grad for p in model.parameters()}
     try:
-        wrapped = [(name, cls(m, r=r, alpha=alpha, dropout=dropout, **options)) for name, m in chosen]
+        wrapped = [(names, cls(m, r=r, alpha=alpha, dropout=dropout, **options).train(m.training)) for m, names in chosen]
     except BaseException:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
         raise
     model.requires_grad_(False)  # the base is frozen; the adapters built above are not in it yet and keep theirs
-    for name, layer in wrapped:
-        _replace_module(model, name, layer)
+    for names, layer in wrapped:  # each adapter takes the mode (train or eval) of the layer it replaces
+        for name in names:  # a shared layer stays shared: the same adapter under every name
+            _replace_module(model, name, layer)
     return model
+
+
+def find_targets(model, targets):
+    """The modules `targets` select -> [(module, [every name it is registered under])], in model order; a clear
+    error when a target matches nothing or selects something an adapter cannot wrap. Changes nothing."""
+    targets = check_targets(targets)
+    # every name a module is registered under (a module shared by two parents has two names)
+    modules = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name]
+    chosen = {}  # id(module) -> (module, [every name it has]), for modules that a target matches
+    for name, m in modules:
+        if any(_matches(name, t) for t in targets):
+            chosen[id(m)] = (m, [n for n, other in modules if other is m])
+    for t in targets:
+        if not any(_matches(name, t) for name, _ in modules):
+            linears = sorted({name.rsplit(".", 1)[-1] for name, m in modules if isinstance(m, nn.Linear)})
+            raise ValueError(f"target {t!r} matches no module; the model's nn.Linear names end in: {', '.join(linears)}")
+    parents = dict(modules)
+    for m, names in chosen.values():
+        parent_name = names[0].rpartition(".")[0]
+        check_wrappable(names[0], m, parents[parent_name] if parent_name else model)
+    return list(chosen.values())
+
+
+def check_wrappable(name, module, parent):
+    """A target must be an nn.Linear that its parent calls as a module (an adapter replaces the module; a parent
+    that reads module.weight itself would bypass it)."""
+    if not isinstance(module, nn.Linear):
+        hint = CONV1D_HINT if type(module).__name__ == "Conv1D" else ""  # GPT-2's Conv1D, found by name (no import)
+        raise TypeError(f"target module {name!r} is a {type(module).__name__}, not an nn.Linear{hint}")
+    if isinstance(parent, nn.MultiheadAttention):
+        raise TypeError(f"target module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                        f"directly instead of calling it: an adapter there would be bypassed")  # fmt: skip
 
 
 @torch.no_grad()
@@ -96,9 +132,14 @@ def merge_adapters(model):
     """Replace every adapter layer by the plain nn.Linear it equals (in place); returns the model."""
     if isinstance(model, AdapterLinear):
         return model.merge()
-    merged = [(name, layer.merge()) for name, layer in adapter_layers(model)]  # all merges before any change
-    for name, linear in merged:
-        _replace_module(model, name, linear)
+    names = {}  # id(adapter) -> every name it is registered under (a shared layer has several)
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, AdapterLinear):
+            names.setdefault(id(m), []).append(name)
+    merged = [(names[id(layer)], layer.merge()) for _, layer in adapter_layers(model)]  # all merges before any change
+    for layer_names, linear in merged:
+        for name in layer_names:
+            _replace_module(model, name, linear)
     return model
 
 

@@ -28,7 +28,6 @@ sequences (tokens per step grow), for the paper's "overhead falls with longer se
 
 import argparse
 import copy
-import json
 import os
 import platform
 import random
@@ -43,6 +42,7 @@ import torch
 from ..atomic import check_writable, write_json, write_text
 from ..nn import DEFAULT_TARGETS, inject_adapters, merge_adapters, set_fast_path
 from .data import VOCAB_SIZE
+from .cli import UsageError, run_cli
 from .trainer import TrainConfig, make_optimizer, pick_device
 from tiny_gpt import GPT, GPTConfig
 
@@ -293,42 +293,46 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--only", default=None, help="run only shapes whose name contains this text")
     args = parser.parse_args(argv)
-    check_writable(args.out)  # now, not after all the measurements
-    if args.reps < 1:
-        parser.error(f"--reps must be >= 1, got {args.reps}")
-    if args.device not in ("auto", "cpu", "cuda"):
-        parser.error(f"--device must be auto, cpu or cuda, got {args.device!r}")
-    device = pick_device(args.device)
-    reps = 3 if args.quick else args.reps
-    try:
-        import peft  # noqa: F401
 
-        peft_ok = True
-    except ImportError:
-        peft_ok = False
-        print("peft not installed: skipping the comparison with PEFT (pip install -e '.[peft]')")
-    facts = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads, device {device}"
-             + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "") + f", {reps} interleaved reps, medians")  # fmt: skip
-    print(facts, flush=True)
-    results = []
-    for name, config, batch, seq, inner in shapes(args.quick):
-        if args.only and args.only not in name:
-            continue
-        t0 = time.time()
-        results.append(bench_shape(name, config, batch, seq, inner, device, reps, peft_ok))
-        print(f"{name}: {time.time() - t0:.0f} s", flush=True)
-    sweep = None
-    if not args.only or args.only in "sweep":
-        t0 = time.time()
-        sweep = sequence_sweep(device, reps)
-        print(f"fixed-batch sequence sweep: {time.time() - t0:.0f} s", flush=True)
-    text = markdown(results, facts, sweep)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_json(Path(args.out) / "bench.json", {"machine": facts, "results": results, "ratios": [ratios(r) for r in results], "sequence_sweep": sweep})
-    write_text(Path(args.out) / "bench.md", text)
-    print("\n" + text + f"\nwritten: {args.out}/bench.json, bench.md")
-    return 0
+    def body():
+        check_writable(args.out)  # now, not after all the measurements
+        if args.reps < 1:
+            raise UsageError(f"--reps must be >= 1, got {args.reps}")
+        if args.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"--device must be auto, cpu or cuda, got {args.device!r}")
+        device = pick_device(args.device)
+        reps = 3 if args.quick else args.reps
+        try:
+            import peft  # noqa: F401
+
+            peft_ok = True
+        except ImportError:
+            peft_ok = False
+            print("peft not installed: skipping the comparison with PEFT (pip install -e '.[peft]')")
+        facts = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                 f"{torch.get_num_threads()} threads, device {device}"
+                 + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "") + f", {reps} interleaved reps, medians")  # fmt: skip
+        print(facts, flush=True)
+        results = []
+        for name, config, batch, seq, inner in shapes(args.quick):
+            if args.only and args.only not in name:
+                continue
+            t0 = time.time()
+            results.append(bench_shape(name, config, batch, seq, inner, device, reps, peft_ok))
+            print(f"{name}: {time.time() - t0:.0f} s", flush=True)
+        sweep = None
+        if not args.only or args.only in "sweep":
+            t0 = time.time()
+            sweep = sequence_sweep(device, reps)
+            print(f"fixed-batch sequence sweep: {time.time() - t0:.0f} s", flush=True)
+        text = markdown(results, facts, sweep)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.out) / "bench.json", {"machine": facts, "results": results, "ratios": [ratios(r) for r in results], "sequence_sweep": sweep})
+        write_text(Path(args.out) / "bench.md", text)
+        print("\n" + text + f"\nwritten: {args.out}/bench.json, bench.md")
+        return 0
+
+    return run_cli(parser, body)
 
 
 if __name__ == "__main__":

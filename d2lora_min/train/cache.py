@@ -1,7 +1,8 @@
 """The run cache: where a run's result lives, the key of the settings that produced it, and reading it back.
 
 A run's JSON is written last (its presence, with the right key, marks the run as finished); a rerun reuses it
-when the key matches and computes only what is missing.
+when it validates - the right method, seed and key, every field the report reads, and a checksum that matches its
+content - and computes only what is missing.
 """
 
 import hashlib
@@ -10,6 +11,7 @@ from dataclasses import asdict
 
 from .presets import budget_train_config
 from .pretrain import corpus_fingerprint
+from .tasks import TASKS
 
 
 def slug(text):
@@ -19,15 +21,76 @@ def slug(text):
     return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
-def read_cached(path):
-    """A finished run's JSON, or None when there is none or it cannot be read (then the run is recomputed)."""
+def result_path(out_dir, spec, seed, key):
+    """Where a run's JSON lives: named by spec, seed and key, so that a rerun with other settings writes beside it
+    and never replaces a finished result of the earlier settings."""
+    return out_dir / "runs" / f"{slug(spec.text)}_seed{seed}_{key}.json"
+
+
+def checksum(result):
+    """SHA-256 of a result's content (every field but the checksum itself): an edited file no longer matches."""
+    body = {k: v for k, v in result.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def sealed(result):
+    """The result with its checksum, as it is written."""
+    return {**result, "sha256": checksum(result)}
+
+
+def read_cached(path, spec=None, seed=None, key=None, cfg=None):
+    """A finished run's JSON, or None when there is none or it is not a valid result of this spec, seed, key and
+    config (then the run is recomputed, with one line saying why)."""
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        print(f"{path} is unreadable (an interrupted write from an older version?): recomputing that run", flush=True)
+        result = json.loads(path.read_text())
+        problem = None if spec is None else invalid(result, spec, seed, key, cfg)
+    except (OSError, ValueError) as e:  # unreadable, a folder, not UTF-8, not JSON
+        problem = f"unreadable ({type(e).__name__})"
+    if problem:
+        print(f"{path}: {problem}: recomputing that run", flush=True)
         return None
+    return result
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def invalid(result, spec, seed, key, cfg):
+    """Why `result` is not a finished run of (spec, seed, key) with every field the report reads, or None."""
+    if not isinstance(result, dict):
+        return f"not a run result (a {type(result).__name__})"
+    if result.get("sha256") != checksum(result):
+        return "its checksum does not match its content (an edited or damaged file)"
+    expected = {"method": spec.text, "seed": seed, "key": key}
+    for field_name, want in expected.items():
+        if result.get(field_name) != want:
+            return f"{field_name} is {result.get(field_name)!r}, expected {want!r}"
+    kinds = {"label": str, "trainable_params": int, "items": dict, "scores": dict, "status": str,
+             "heldout_loss": (int, float), "facts_probe": (int, float)}  # fmt: skip
+    if spec.name != "base":
+        kinds.update({"losses": list, "step_time": (int, float), "volatility": (int, float), "train_seconds": (int, float)})
+    for field_name, kind in kinds.items():
+        if not isinstance(result.get(field_name), kind) or isinstance(result.get(field_name), bool):
+            return f"{field_name} is missing or has the wrong type"
+    fields = {"mc": ("correct_sum", "correct_mean", "logp"), "gen": ("rouge", "exact", "answer")}
+    for task in cfg.tasks:
+        items = result["items"].get(task)
+        if not isinstance(items, dict):
+            return f"no items for task {task!r}"
+        kind = TASKS[task].kind
+        for field_name in fields[kind]:
+            values = items.get(field_name)
+            if not isinstance(values, list) or len(values) != cfg.n_test:
+                return f"task {task!r}: {field_name} is missing or does not hold {cfg.n_test} items"
+        flags = ("correct_sum", "correct_mean") if kind == "mc" else ("exact",)
+        if not all(v in (0, 1) for f in flags for v in items[f]):
+            return f"task {task!r}: a correctness flag is not 0 or 1"
+        if not _is_number(result["scores"].get(task)):
+            return f"no score for task {task!r}"
+    return None
 
 
 def run_key(spec, seed, cfg, base_meta, full_merge):
@@ -37,7 +100,7 @@ def run_key(spec, seed, cfg, base_meta, full_merge):
         "tasks": list(cfg.tasks), "n_train": cfg.n_train, "epochs": cfg.epochs, "n_test": cfg.n_test, "scoring": cfg.scoring,
         "warmup_frac": cfg.warmup_frac, "full_lr": cfg.full_lr, "full_merge": full_merge,
         "train": {k: v for k, v in asdict(budget_train_config(cfg)).items() if k not in ("progress", "desc")},
-        "base": base_meta["sha256"], "world": corpus_fingerprint(cfg.pretrain.corpus), "version": 2,
+        "base": base_meta["sha256"], "world": corpus_fingerprint(cfg.pretrain.corpus), "version": 3,
     }  # fmt: skip
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -39,17 +39,21 @@ def replicate_claims(runs, tasks, clusters, scoring):
     mc = [t for t in tasks if tasks[t].kind == "mc"]
     gen = [t for t in tasks if tasks[t].kind == "gen"]
 
-    def mats(m, ts, fld=None):
-        return {t: stats.item_matrix(by[m], t, fld or stats.primary_field(tasks[t].kind, scoring, tasks[t].normalise)) for t in ts}
+    def difference(ts, other):  # D2-LoRA minus `other` on tasks ts, over the seeds neither flagged
+        mine, theirs, _ = stats.paired_runs(by["d2lora"], by[other])
+        fields = {t: stats.primary_field(tasks[t].kind, scoring, tasks[t].normalise) for t in ts}
+        return stats.paired_bootstrap({t: stats.item_matrix(mine, t, fields[t]) for t in ts},
+                                      {t: stats.item_matrix(theirs, t, fields[t]) for t in ts}, {t: clusters[t] for t in ts})  # fmt: skip
 
     claims = []
     for name, other in (("vs LoRA(r)", "lora"), ("vs LoRA(2r)", "lora:r=8"), ("vs DoRA(r)", "dora")):
-        b = stats.paired_bootstrap(mats("d2lora", mc), mats(other, mc), {t: clusters[t] for t in mc})
+        b = difference(mc, other)
         claims.append(_claim(f"D2-LoRA(r) mean accuracy {name}", PAPER[name], 100 * b["diff"], 100 * b["lo"], 100 * b["hi"], sign=1))
     if gen:
-        b = stats.paired_bootstrap(mats("d2lora", gen), mats("lora", gen), {t: clusters[t] for t in gen})
+        b = difference(gen, "lora")
         claims.append(_claim("D2-LoRA(r) generative ROUGE-L vs LoRA(r) (points)", PAPER["ROUGE-L vs LoRA(r)"], 100 * b["diff"], 100 * b["lo"], 100 * b["hi"], "points"))
-    vol_d2, vol_lora = [r["volatility"] for r in by["d2lora"]], [r["volatility"] for r in by["lora"]]
+    d2, lora, _ = stats.paired_runs(by["d2lora"], by["lora"])
+    vol_d2, vol_lora = [r["volatility"] for r in d2], [r["volatility"] for r in lora]
     ratio, lo, hi = stats.seed_bootstrap_ratio(vol_d2, vol_lora)
     claims.append(_claim("training-loss volatility, D2-LoRA(r) vs LoRA(r)", PAPER["volatility"], 100 * ratio, 100 * lo, 100 * hi, "%"))
     gaps = [abs(g) for m in need for r in by[m] for g in r.get("merge_gap_pp", {}).values()]

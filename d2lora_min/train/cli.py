@@ -8,6 +8,7 @@ names the setting; `run_cli` turns them into usage errors (exit status 2, no tra
 """
 
 import dataclasses
+import errno
 import math
 import sys
 
@@ -78,6 +79,11 @@ def apply_overrides(config, overrides):
     return config
 
 
+def overridden(overrides):
+    """The setting paths a list of overrides sets: ["--train.lr=1", "--seeds", "3"] -> {"train.lr", "seeds"}."""
+    return {item.split("=", 1)[0].lstrip("-") for item in pair_up(list(overrides)) if "=" in item}
+
+
 def config_help(config, prefix=""):
     """One line per setting: --section.field=default."""
     lines = []
@@ -103,11 +109,24 @@ def check_range(name, value, low=None, high=None, kind=int):
 
 def run_cli(parser, body):
     """Run body() and turn what it raises into what a command-line user should see: a usage error (exit 2)
-    for bad input, a one-line error (exit 1) for anything else that the program reports on purpose."""
+    for bad input, a one-line error (exit 1) for anything else that the program reports on purpose (a full disk
+    included), and one line for Ctrl-C (exit 130: a rerun of the same command resumes)."""
     try:
         return body()
     except UsageError as e:
-        parser.error(str(e))
-    except (ValueError, TypeError, FileNotFoundError, PermissionError, RuntimeError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        parser.error(first_line(e))
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as e:  # FileNotFoundError and PermissionError are OSErrors too
+        full = " (the disk is full)" if e.errno == errno.ENOSPC else ""
+        print(f"{parser.prog}: error{full}: {first_line(e)}", file=sys.stderr)
         return 1
+    except (ValueError, TypeError, RuntimeError) as e:
+        print(f"{parser.prog}: error: {first_line(e)}", file=sys.stderr)
+        return 1
+
+
+def first_line(error):
+    """An error's message without what follows its first line (torch appends C++ stack frames to some)."""
+    return str(error).strip().split("\n")[0]

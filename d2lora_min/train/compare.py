@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import check_writable, write_json
-from .cache import read_cached, run_key, slug
-from .cli import UsageError, apply_overrides, config_help, parse_value, run_cli
+from .cache import read_cached, result_path, run_key, sealed, slug
+from .cli import UsageError, apply_overrides, config_help, overridden, parse_value, run_cli
 from .data import heldout_text
 from .presets import PRESETS, CompareConfig, apply_preset, budget_train_config, check_compare_config
 from .pretrain import resolve_base
@@ -65,10 +65,10 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="def
     for spec in specs:
         for seed in cfg.seeds if spec.name != "base" else cfg.seeds[:1]:
             full_merge = seed == cfg.seeds[0]
-            path = out_dir / "runs" / f"{slug(spec.text)}_seed{seed}.json"
             key = run_key(spec, seed, cfg, base_meta, full_merge)
-            cached = None if fresh else read_cached(path)
-            if cached and cached.get("key") == key:  # every process reads the same file: the same decision
+            path = result_path(out_dir, spec, seed, key)
+            cached = None if fresh else read_cached(path, spec, seed, key, cfg)
+            if cached:  # every process reads the same file: the same decision
                 if rank == 0:
                     print(f"{spec.label} seed {seed}: reused {path}", flush=True)
                 runs.append(cached)
@@ -82,11 +82,12 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="def
             result = run_one(spec, seed, base_model, tokenizer, splits, probe, cfg, out_dir, device, train_dir, key, full_merge)
             if rank == 0:
                 result["key"] = key
-                write_json(path, result)  # written last: its presence (with this key) marks the run as finished
+                write_json(path, sealed(result))  # written last: its presence (with this key) marks the run as finished
                 shutil.rmtree(train_dir, ignore_errors=True)  # the result is safe: the checkpoint is not needed
                 mc = [t for t in cfg.tasks if TASKS[t].kind == "mc"]
                 mean = statistics.mean(result["scores"][t] for t in mc) if mc else float("nan")
-                print(f"{spec.label} seed {seed}: mean accuracy {100 * mean:.1f}"
+                status = "" if result["status"] == "ok" else f" ({result['status']})"
+                print(f"{spec.label} seed {seed}{status}: mean accuracy {100 * mean:.1f}"
                       + (f", {result['train_seconds']:.0f} s training" if "train_seconds" in result else ""), flush=True)  # fmt: skip
                 runs.append(result)
             if n_procs > 1:
@@ -120,8 +121,9 @@ def main(argv=None):
             raise UsageError("--train.seed is not used by compare: each run's seed comes from --seeds")
         if args.methods is not None:
             cfg.methods = tuple(m for m in args.methods.replace(";", " ").split() if m)
-            if cfg.reference not in cfg.methods and args.preset == "default" and "--reference" not in " ".join(overrides):
-                cfg.reference = next((m for m in cfg.methods if m != "base"), cfg.reference)
+            if cfg.reference not in cfg.methods and "reference" not in overridden(overrides):  # said, never silent
+                preset_reference, cfg.reference = cfg.reference, next((m for m in cfg.methods if m != "base"), cfg.reference)
+                print(f"reference: {cfg.reference} ({preset_reference} is not among --methods; --reference=... chooses)", flush=True)
         if args.seeds is not None:
             cfg.seeds = parse_value(args.seeds, (0,), "--seeds")
         out = args.out if args.out is not None else ("runs/compare" if args.preset == "default" else f"runs/{args.preset}")

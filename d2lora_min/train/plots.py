@@ -4,6 +4,8 @@ import os
 
 import numpy as np
 
+from ..atomic import atomic_path
+
 
 def pyplot():
     import matplotlib
@@ -15,11 +17,18 @@ def pyplot():
 
 
 def save_figure(fig, path):
+    """Write the figure as a PNG atomically (a temporary file of this process's own, renamed into place). If it
+    cannot be written (a full disk), an older plot of that name is removed, so that no stale plot stays behind."""
     plt = pyplot()
-    tmp = f"{path}.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    except OSError as e:
+        if os.path.exists(path):
+            os.remove(path)
+        raise OSError(e.errno, f"could not write the plot {path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)
 
 
 def plot_losses(runs, path):
@@ -34,7 +43,8 @@ def plot_losses(runs, path):
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (moving mean)")
     ax.set_yscale("log")
-    ax.legend(fontsize=6, ncol=2)
+    if ax.lines:  # (a comparison of `base` alone has no training curve)
+        ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -6,10 +6,12 @@ import copy
 import math
 from dataclasses import dataclass, field
 
+from tiny_gpt import GPT, GPTConfig
+
 from ..nn import DEFAULT_TARGETS, METHODS
-from ..nn.inject import check_targets
+from ..nn.inject import find_targets
 from .cli import UsageError, check_range
-from .pretrain import PretrainConfig
+from .pretrain import PretrainConfig, check_pretrain_config
 from .specs import parse_method_spec
 from .tasks import TASKS, steps_for
 from .trainer import TrainConfig, check_train_config
@@ -74,17 +76,25 @@ def budget_train_config(cfg: CompareConfig):
     return tcfg
 
 
+# Upper bounds of the settings whose huge values would hang or allocate for minutes before failing.
+MAX_ITEMS = 100_000  # n_train and n_test per task
+MAX_EPOCHS = 1_000
+MAX_SEED = 2**32 - 1  # seeds are combined with step and epoch numbers into 64-bit generator seeds
+
+
 def check_compare_config(cfg: CompareConfig):
     """Every setting of a compare run, before any work -> the parsed method specs."""
+    check_pretrain_config(cfg.pretrain, "pretrain")  # the base the runs start from (a new one is pretrained if it differs)
     if not cfg.methods:
         raise UsageError("no methods given")
     if len(set(cfg.methods)) != len(cfg.methods):
         raise UsageError(f"a method is listed twice: {list(cfg.methods)}")
+    check_range("r", cfg.r, 1, cfg.pretrain.model.d_model)  # before any spec builds a layer of that rank
     specs = [parse_method_spec(m, cfg) for m in cfg.methods]
     if not cfg.seeds:
         raise UsageError("no seeds given")
     for seed in cfg.seeds:
-        check_range("seeds", seed, 0)
+        check_range("seeds", seed, 0, MAX_SEED)
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise UsageError(f"a seed is listed twice: {list(cfg.seeds)} (a repeated seed would fake a narrow interval)")
     if not cfg.tasks:
@@ -94,31 +104,40 @@ def check_compare_config(cfg: CompareConfig):
             raise UsageError(f"unknown task {t!r}; valid tasks: {', '.join(TASKS)}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise UsageError(f"a task is listed twice: {list(cfg.tasks)}")
-    check_range("r", cfg.r, 1)
     check_range("alpha_over_r", cfg.alpha_over_r, kind=float)
     if cfg.alpha_over_r <= 0:
         raise UsageError(f"alpha_over_r must be > 0, got {cfg.alpha_over_r}")
-    try:
-        check_targets(cfg.targets)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"targets: {e}") from None
-    check_range("n_train", cfg.n_train, 1)
-    check_range("epochs", cfg.epochs, 1)
-    check_range("n_test", cfg.n_test, 1)
+    skeleton = model_skeleton(cfg.pretrain.model)  # the base's module names, to check every target against
+    for where, targets in [("targets", cfg.targets)] + [(f"targets in {s.text!r}", s.targets) for s in specs if s.name in METHODS]:
+        try:
+            find_targets(skeleton, targets)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"{where}: {e}") from None
+    check_range("n_train", cfg.n_train, 1, MAX_ITEMS)
+    check_range("epochs", cfg.epochs, 1, MAX_EPOCHS)
+    check_range("n_test", cfg.n_test, 1, MAX_ITEMS)
     check_range("warmup_frac", cfg.warmup_frac, 0.0, 0.5, kind=float)
-    check_range("checkpoints", cfg.checkpoints, 1)
+    check_range("checkpoints", cfg.checkpoints, 1, MAX_EPOCHS)
     check_range("full_lr", cfg.full_lr, kind=float)
+    if cfg.full_lr <= 0:
+        raise UsageError(f"full_lr must be > 0, got {cfg.full_lr}")
     if cfg.scoring not in ("task", "sum", "mean"):
         raise UsageError(f"scoring must be task, sum or mean, got {cfg.scoring!r}")
     if cfg.reference not in cfg.methods:
-        ref_name = cfg.reference.partition(":")[0]
-        if ref_name not in METHODS and ref_name not in ("base", "full"):
-            raise UsageError(f"unknown reference method {cfg.reference!r}")
-    if cfg.train.steps != TrainConfig().steps or cfg.train.warmup_steps != TrainConfig().warmup_steps:
-        raise UsageError("train.steps and train.warmup_steps follow from the budget: set --n_train, --epochs, --warmup_frac")
-    check_range("train.batch_size", cfg.train.batch_size, 1)  # before the budget divides by it
+        raise UsageError(f"the reference {cfg.reference!r} is not among the methods {list(cfg.methods)}: add it to --methods "
+                         f"or choose one of them with --reference")  # fmt: skip
+    default = TrainConfig()
+    if (cfg.train.steps, cfg.train.warmup_steps, cfg.train.checkpoint_every) != (default.steps, default.warmup_steps, default.checkpoint_every):
+        raise UsageError("train.steps, train.warmup_steps and train.checkpoint_every follow from the budget: set --n_train, "
+                         "--epochs, --warmup_frac, --checkpoints")  # fmt: skip
+    check_range("train.batch_size", cfg.train.batch_size, 1, MAX_ITEMS)  # before the budget divides by it
     check_train_config(budget_train_config(cfg))
     return specs
+
+
+def model_skeleton(model_cfg):
+    """A GPT with the base's layers and names but 1-wide tensors: what targets are checked against, at no cost."""
+    return GPT(GPTConfig(vocab_size=2, block_size=2, n_layer=model_cfg.n_layer, n_head=1, d_model=1, bias=model_cfg.bias))
 
 
 def apply_preset(cfg, preset):
@@ -127,7 +146,8 @@ def apply_preset(cfg, preset):
     cfg.seeds = settings.get("seeds", cfg.seeds)
     if preset == "lr":  # every method at every learning rate of the grid
         cfg.methods = tuple(f"{m}{',' if ':' in m else ':'}lr={lr:g}" for m in settings["methods"] for lr in LR_GRID)
-        cfg.reference = f"lora:r=8,lr={cfg.train.lr:g}"
+        nearest = min(LR_GRID, key=lambda lr: abs(math.log(lr / cfg.train.lr)))  # a method of the sweep itself
+        cfg.reference = f"lora:r=8,lr={nearest:g}"
     return cfg
 
 

@@ -59,6 +59,31 @@ class PretrainConfig:
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def check_pretrain_config(cfg: PretrainConfig, prefix=""):
+    """Every pretraining setting in range, before any work (a corpus takes a minute to build); a UsageError naming
+    the first one that is not."""
+    p = f"{prefix}." if prefix else ""
+    m, c = cfg.model, cfg.corpus
+    check_range(f"{p}model.n_layer", m.n_layer, 1, 64)
+    check_range(f"{p}model.n_head", m.n_head, 1, 1024)
+    check_range(f"{p}model.d_model", m.d_model, 1, 16384)
+    if m.d_model % m.n_head:
+        raise UsageError(f"{p}model.n_head={m.n_head} must divide {p}model.d_model={m.d_model}")
+    check_range(f"{p}model.block_size", m.block_size, 8, 65536)
+    check_range(f"{p}model.vocab_size", m.vocab_size, 1)
+    check_range(f"{p}model.dropout", m.dropout, 0.0, 0.99, kind=float)
+    check_range(f"{p}corpus.n_people", c.n_people, 20, 100_000)
+    check_range(f"{p}corpus.n_docs", c.n_docs, 1, 100_000_000)
+    check_range(f"{p}corpus.n_val_docs", c.n_val_docs, 1, 10_000_000)
+    check_range(f"{p}corpus.vocab_size", c.vocab_size, 257, 1_000_000)  # the 256 bytes and the end-of-text token
+    check_range(f"{p}corpus.world_seed", c.world_seed, 0, 2**32 - 1)
+    check_range(f"{p}corpus.seed", c.seed, 0, 2**32 - 1)
+    if c.text_file is not None and not os.path.isfile(c.text_file):
+        raise UsageError(f"{p}corpus.text_file {c.text_file!r} does not exist")
+    check_train_config(cfg.train, f"{p}train")
+    return cfg
+
+
 def corpus_fingerprint(corpus_cfg, n_docs=500):
     """SHA-256 of the user's text file, or of the world's facts and the first n_docs synthetic documents."""
     if corpus_cfg.text_file:
@@ -127,12 +152,14 @@ def load_base(folder=SHIPPED_BASE, device="cpu", check_hash=True):
     try:
         meta = json.loads((folder / "base.json").read_text())
         model_config = GPTConfig(**meta["config"]["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        if not isinstance(meta.get("files"), dict) or not isinstance(meta.get("sha256"), str):
+            raise TypeError('"files" must map file names to SHA-256 digests and "sha256" must be a string')
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{folder}/base.json is unreadable ({type(e).__name__}: {e}); {REBUILD_HINT}") from None
     if check_hash:
         files, sha = base_fingerprint(folder, meta)
         for name, digest in files.items():
-            if meta.get("files", {}).get(name) != digest:
+            if meta["files"].get(name) != digest:
                 raise ValueError(f"{folder}/{name} does not match the SHA-256 recorded in base.json; {REBUILD_HINT}")
         if sha != meta.get("sha256"):
             raise ValueError(f"{folder}/base.json: the model config does not match the recorded SHA-256; {REBUILD_HINT}")
@@ -237,8 +264,7 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
 
     def body():
-        cfg = apply_overrides(PretrainConfig(), overrides)
-        check_train_config(cfg.train)
+        cfg = check_pretrain_config(apply_overrides(PretrainConfig(), overrides))
         check_range("--eval-every", args.eval_every, 1)
         out = Path(args.out) if args.out else Path("runs") / "pretrain" / cfg.key()
         if out.resolve() == SHIPPED_BASE.resolve() and not args.replace_shipped:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import write_json, write_text
+from ..atomic import atomic_path, write_json, write_text
 from . import claims as claims_mod
 from . import plots, stats, tables
 from .presets import budget_train_config
@@ -27,7 +27,8 @@ def method_rows(runs, tasks, clusters, scoring, reference):
     ref_runs = by_method.get(reference)
     rows = []
     for method, rs in by_method.items():
-        row = {"method": method, "label": rs[0]["label"], "seeds": [r["seed"] for r in rs], "trainable_params": rs[0]["trainable_params"]}
+        row = {"method": method, "label": rs[0]["label"], "seeds": [r["seed"] for r in rs], "trainable_params": rs[0]["trainable_params"],
+               "flags": stats.flagged(rs)}  # fmt: skip
         fields = {t: stats.primary_field(tasks[t].kind, scoring, tasks[t].normalise) for t in tasks}
         mats = {t: stats.item_matrix(rs, t, fields[t]) for t in tasks}
         row["scores"] = {t: float(m.mean()) for t, m in mats.items()}
@@ -35,13 +36,15 @@ def method_rows(runs, tasks, clusters, scoring, reference):
         row["scores"].update({f"{t}_exact": float(stats.item_matrix(rs, t, "exact").mean()) for t in gen})
         mc = [t for t in tasks if tasks[t].kind == "mc"]
         row["mean_mc"] = float(np.mean([row["scores"][t] for t in mc]))
-        if ref_runs is not None and method != reference and [r["seed"] for r in ref_runs] == row["seeds"]:
-            ref_mats = {t: stats.item_matrix(ref_runs, t, fields[t]) for t in mc}
-            boot = stats.paired_bootstrap({t: mats[t] for t in mc}, ref_mats, {t: clusters[t] for t in mc})
+        mine, theirs, left_out = stats.paired_runs(rs, ref_runs) if ref_runs is not None and method != reference else ([], [], {})
+        if mine:  # paired over the seeds both methods ran, diverged runs left out (with their pair)
+            a = {t: stats.item_matrix(mine, t, fields[t]) for t in tasks}
+            b = {t: stats.item_matrix(theirs, t, fields[t]) for t in tasks}
+            boot = stats.paired_bootstrap({t: a[t] for t in mc}, {t: b[t] for t in mc}, {t: clusters[t] for t in mc})
             detectable = (stats.t_quantile(boot["df"]) + 0.84) * boot["se"]
-            row["vs_reference"] = {**boot, "verdict": stats.verdict(boot["lo"], boot["hi"]), "detectable": detectable}
+            row["vs_reference"] = {**boot, "verdict": stats.verdict(boot["lo"], boot["hi"]), "detectable": detectable, "left_out": left_out}
             if gen:
-                g = stats.paired_bootstrap({t: mats[t] for t in gen}, {t: stats.item_matrix(ref_runs, t, fields[t]) for t in gen}, {t: clusters[t] for t in gen})
+                g = stats.paired_bootstrap({t: a[t] for t in gen}, {t: b[t] for t in gen}, {t: clusters[t] for t in gen})
                 row["gen_vs_reference"] = {**g, "verdict": stats.verdict(g["lo"], g["hi"])}
         for k in ("step_time", "volatility", "heldout_loss", "facts_probe", "train_seconds"):
             vals = [r[k] for r in rs if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
@@ -73,7 +76,7 @@ def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, pre
         parts += ["", f"Difference from {ref.label}, paired over seeds and test items (bootstrap, items resampled by cluster):", "",
                   tables.difference_table(rows, tasks, ref.label)]  # fmt: skip
     parts += ["", "Retention and cost:", "", tables.cost_table(rows, base_row, "lora")]
-    parts += ["", *tables.headroom_lines(rows, tasks, chance)]
+    parts += ["", *tables.headroom_lines(rows, tasks, chance), *tables.flag_lines(rows)]
     summary = {"config": asdict(cfg), "rows": rows, "wall": wall, "base": base_meta["sha256"], "steps": steps}
     if preset == "ablate":
         parts += ["", "Scoring function (the same runs, each multiple-choice task scored both ways):", "", tables.scoring_table(runs, tasks, clusters)]
@@ -95,7 +98,8 @@ def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, pre
         write_text(PUBLISHED / f"{preset}.md", text)
         for png in ("loss_curves.png", "lr_sweep.png"):
             if (out_dir / png).exists():
-                shutil.copyfile(out_dir / png, PUBLISHED / f"{preset}_{png}")
+                with atomic_path(PUBLISHED / f"{preset}_{png}") as tmp:
+                    shutil.copyfile(out_dir / png, tmp)
     return text, summary
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..nn import METHODS, inject_adapters, merge_adapters, save_adapters, trainable_parameters
+from ..nn import METHODS, adapter_layers, inject_adapters, merge_adapters, save_adapters, trainable_parameters
 from .cache import slug
 from .evaluate import greedy_generate, mc_accuracy, pad_rows, rouge_l_f1, score_choices, validation_loss
 from .presets import budget_train_config
@@ -111,7 +111,7 @@ def run_one(spec, seed, base_model, tokenizer, splits, probe, cfg, out_dir, devi
         model.requires_grad_(True)
     elif spec.name in METHODS:
         inject_adapters(model, spec.name, r=spec.r, alpha=spec.alpha, targets=spec.targets, dropout=spec.dropout, **spec.options)
-    result = {"method": spec.text, "label": spec.label, "seed": seed, "trainable_params": 0, "processes": n_procs}
+    result = {"method": spec.text, "label": spec.label, "seed": seed, "trainable_params": 0, "processes": n_procs, "status": "ok"}
     if spec.name != "base":
         result["trainable_params"] = trainable_parameters(model)
         tcfg = budget_train_config(cfg)
@@ -120,13 +120,18 @@ def run_one(spec, seed, base_model, tokenizer, splits, probe, cfg, out_dir, devi
                                      tokenizer.token_to_id(EOT))  # fmt: skip
         t0 = time.perf_counter()
         try:
-            trained = train(model, get_batch, tcfg, out_dir=train_dir)
-        except TrainingDiverged as e:  # kept as a result (an lr sweep expects some): the last finite weights are scored
-            print(f"{spec.label} seed {seed}: {e}", flush=True)
+            trained = train(model, get_batch, tcfg, out_dir=train_dir, key=key)
+            result["status"] = "never moved" if trained.skipped_updates == tcfg.steps else "ok"
+        except TrainingDiverged as e:  # kept as a result (an lr sweep expects some), flagged in every table
+            print(f"{spec.label} seed {seed}: the loss became {e.loss} at step {e.step}: scored as it stands, marked "
+                  f"diverged (try a lower lr)", flush=True)  # fmt: skip
             trained = e.result
-            result["diverged"] = True
+            result["status"] = "diverged"
+        if trained.skipped_updates:
+            print(f"{spec.label} seed {seed}: {trained.skipped_updates} of {tcfg.steps} updates skipped (gradient not finite)", flush=True)
         result["train_seconds"] = time.perf_counter() - t0
         result["steps"], result["resumed_from_step"] = tcfg.steps, trained.resumed_from
+        result["skipped_updates"] = trained.skipped_updates
         result["losses"] = trained.losses
         warm = len(trained.step_times) // 10  # the first tenth warms up the allocator and caches: left out
         result["step_time"] = statistics.median(trained.step_times[warm:] or trained.step_times)
@@ -142,6 +147,7 @@ def run_one(spec, seed, base_model, tokenizer, splits, probe, cfg, out_dir, devi
         save_adapters(model, out_dir / result["adapter"])
         x, lengths = logit_probe_batch(tokenizer, splits)
         merged = merge_adapters(copy.deepcopy(model))
+        result["merged_adapter_layers"] = len(adapter_layers(merged))  # 0: the merged model is plain nn.Linear
         result["max_logit_diff"] = (real_logits(merged, x, lengths) - real_logits(model, x, lengths)).abs().max().item()
         if full_merge:
             speed = forward_throughput({"base": base_model, "unmerged": model, "merged": merged}, x)

@@ -91,6 +91,8 @@ def parse_method_spec(text, cfg):
     check_range(f"lr in {text!r}", spec.lr, kind=float)
     if spec.lr <= 0:
         raise UsageError(f"lr in {text!r} must be > 0, got {spec.lr}")
+    if name in METHODS and isinstance(spec.r, int) and spec.r > cfg.pretrain.model.d_model:  # before the stand-in allocates r numbers
+        raise UsageError(f"r in {text!r} is {spec.r}: larger than the model's width ({cfg.pretrain.model.d_model})")
     if name in METHODS:  # every value checked now, by building the layer around a 1x1 stand-in (no real work)
         try:
             METHODS[name](nn.Linear(1, 1), r=spec.r, alpha=spec.alpha, dropout=spec.dropout, **options)

@@ -131,6 +131,20 @@ def group(runs):
     return out
 
 
+def flagged(runs):
+    """{seed: status} of the runs that did not train normally ("diverged", "never moved")."""
+    return {r["seed"]: r["status"] for r in runs if r.get("status", "ok") != "ok"}
+
+
+def paired_runs(a, b):
+    """The runs of two methods on the seeds both ran and neither flagged -> (a's runs, b's runs, {left-out seed:
+    why}). A diverged run is left out of every difference, together with the other method's run on that seed."""
+    bad = {**{s: f"{st} (first)" for s, st in flagged(a).items()}, **{s: f"{st} (second)" for s, st in flagged(b).items()}}
+    seeds = [r["seed"] for r in a if r["seed"] in {q["seed"] for q in b} and r["seed"] not in bad]
+    pick = lambda runs: sorted((r for r in runs if r["seed"] in seeds), key=lambda r: r["seed"])  # noqa: E731
+    return pick(a), pick(b), {s: why for s, why in bad.items() if s in {r["seed"] for r in a} | {r["seed"] for r in b}}
+
+
 def mean_ci(runs, tasks, clusters, scoring, n_boot=N_BOOT, seed=0):
     """One method's mean accuracy over its multiple-choice tasks with a bootstrap 95 % CI (seeds and clustered
     items resampled, as in paired_bootstrap, against a zero baseline)."""

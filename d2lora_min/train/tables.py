@@ -17,13 +17,29 @@ def _pp(x):
     return f"{100 * x:+.1f}"
 
 
+def marked(row):
+    """A method's label, with the seeds whose runs did not train normally: "LoRA(r=4) [diverged: seed 3]"."""
+    by_status = {}
+    for seed, status in sorted(row.get("flags", {}).items()):
+        by_status.setdefault(status, []).append(str(seed))
+    notes = "; ".join(f"{status}: seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}" for status, seeds in by_status.items())
+    return f"{row['label']} [{notes}]" if notes else row["label"]
+
+
+def flag_lines(rows):
+    """One line per method with runs that diverged or never moved: what the tables mark, and that the differences
+    leave those seeds out (with the other method's run on the same seed)."""
+    return [f"{marked(r)}: these runs are scored as they stand in the accuracy table and left out of every difference"
+            for r in rows if r.get("flags")]  # fmt: skip
+
+
 def score_table(rows, tasks):
     mc = [t for t in tasks if tasks[t].kind == "mc"]
     gen = [t for t in tasks if tasks[t].kind == "gen"]
     head = ["method", "trainable"] + mc + ["mean acc"] + [f"{t} ROUGE-L" for t in gen] + [f"{t} EM" for t in gen]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["label"], f"{row['trainable_params']:,}"] + [f"{100 * row['scores'][t]:.1f}" for t in mc]
+        cells = [marked(row), f"{row['trainable_params']:,}"] + [f"{100 * row['scores'][t]:.1f}" for t in mc]
         cells += [f"**{100 * row['mean_mc']:.1f}**"] + [_fmt(row["scores"][t]) for t in gen] + [_fmt(row["scores"][f"{t}_exact"]) for t in gen]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -38,7 +54,8 @@ def difference_table(rows, tasks, reference_label):
         v = row.get("vs_reference")
         if not v:
             continue
-        cells = [row["label"], f"{_pp(v['diff'])} [{_pp(v['lo'])}, {_pp(v['hi'])}]", v["verdict"], f"{100 * v['detectable']:.1f}"]
+        left_out = f" (seeds {', '.join(str(s) for s in sorted(v['left_out']))} left out)" if v.get("left_out") else ""
+        cells = [marked(row), f"{_pp(v['diff'])} [{_pp(v['lo'])}, {_pp(v['hi'])}]", v["verdict"] + left_out, f"{100 * v['detectable']:.1f}"]
         cells += [f"{_pp(v['per_task'][t][0])} [{_pp(v['per_task'][t][1])}, {_pp(v['per_task'][t][2])}]" for t in mc]
         g = row.get("gen_vs_reference")
         cells += [f"{g['per_task'][t][0]:+.3f} [{g['per_task'][t][1]:+.3f}, {g['per_task'][t][2]:+.3f}]" if g else "–" for t in gen]
@@ -67,7 +84,7 @@ def cost_table(rows, base_row, speed_reference):
         gaps = row.get("merge_gap_pp")
         gap = max(abs(g) for g in gaps.values()) if gaps else None
         speed = row["merged_eval_tokens_per_s"] / row["base_eval_tokens_per_s"] if row.get("base_eval_tokens_per_s") else None
-        cells = [row["label"], _fmt(d_loss, "+.3f" if base_row else ".3f"), probe, _fmt(rel, ".2f"), _fmt(row["volatility"], ".4f"), _fmt(gap, ".2f"),
+        cells = [marked(row), _fmt(d_loss, "+.3f" if base_row else ".3f"), probe, _fmt(rel, ".2f"), _fmt(row["volatility"], ".4f"), _fmt(gap, ".2f"),
                  _fmt(row["max_logit_diff"], ".1e"), _fmt(speed, ".2f")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -5,8 +5,9 @@ requires_grad" (the pattern of minGPT's trainer): pretraining leaves every param
 inject_adapters freezes the base, and the same loop serves both.
 
     AdamW, linear warmup then cosine decay, gradient clipping, seeded; per-step loss and step time;
-    a tqdm progress bar; atomic checkpoints that a rerun resumes from; a guard that stops on a NaN/Inf
-    loss and keeps the last good checkpoint; bf16 autocast on CUDA.
+    a tqdm progress bar; atomic checkpoints that a rerun resumes from (only a rerun of the same run: the caller's
+    run key is stored and compared); a guard that stops on a NaN/Inf loss and keeps the last good checkpoint; an
+    update whose gradient is not finite is skipped and counted; bf16 autocast on CUDA.
 
 Batches come from `get_batch(step) -> (x, y)`, a pure function of the step number, so that a resumed run
 sees exactly the batches an uninterrupted one would have seen.
@@ -17,6 +18,7 @@ only, when the base is frozen). The loss is rescaled so that this average is exa
 single-process loss, even when the shards hold different numbers of answer tokens. Only rank 0 writes.
 """
 
+import io
 import math
 import os
 import time
@@ -60,6 +62,9 @@ def check_train_config(cfg, prefix="train"):
     check_range(f"{prefix}.min_lr_ratio", cfg.min_lr_ratio, 0.0, 1.0, kind=float)
     check_range(f"{prefix}.warmup_steps", cfg.warmup_steps, 0)
     check_range(f"{prefix}.weight_decay", cfg.weight_decay, 0.0, kind=float)
+    if cfg.lr * cfg.weight_decay > 1:  # AdamW multiplies every decayed weight by 1 - lr * weight_decay each step
+        raise UsageError(f"{prefix}.lr x {prefix}.weight_decay = {cfg.lr * cfg.weight_decay:g} > 1: decoupled weight decay "
+                         f"would flip the weights' signs every step")  # fmt: skip
     if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
         raise UsageError(f"{prefix}.betas must be two numbers in [0, 1), got {cfg.betas!r}")
     check_range(f"{prefix}.grad_clip", cfg.grad_clip, 0.0, kind=float)
@@ -73,7 +78,8 @@ def check_train_config(cfg, prefix="train"):
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; training stopped without saving the bad state."""
+    """The loss became NaN or Inf; training stopped without saving the bad state. Attributes: step, loss, result
+    (the TrainResult so far), last_saved (the step of the last checkpoint written, or None), checkpoint (its path)."""
 
 
 @dataclass
@@ -81,6 +87,7 @@ class TrainResult:
     losses: list = field(default_factory=list)  # training loss per step
     step_times: list = field(default_factory=list)  # wall seconds per step (forward + backward + update)
     resumed_from: int = 0  # the step a checkpoint resumed from (0 = fresh start)
+    skipped_updates: int = 0  # steps whose gradient norm was not finite: no update was made (all of them: never moved)
 
 
 def pick_device(device="auto"):
@@ -151,18 +158,23 @@ def trainable_state(model):
 CHECKPOINT = "checkpoint.pt"
 
 
-def save_checkpoint(path, model, optimizer, step, result, cfg):
+def save_checkpoint(path, model, optimizer, step, result, cfg, key=None):
     state = {
         "step": step,
         "trainable": trainable_state(model),
         "optimizer": optimizer.state_dict(),
         "losses": result.losses,
         "step_times": result.step_times,
+        "skipped_updates": result.skipped_updates,
         "rng": torch.get_rng_state(),
         "config": asdict(cfg),
+        "key": key,
     }
+    buffer = io.BytesIO()  # serialised in memory, then written as plain bytes: a full disk is an ordinary OSError
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
 
 
 class CheckpointMismatch(ValueError):
@@ -173,9 +185,10 @@ class CheckpointMismatch(ValueError):
 RESUME_KEYS = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed")
 
 
-def load_checkpoint(path, model, optimizer, result, cfg):
+def load_checkpoint(path, model, optimizer, result, cfg, key=None):
     """Resume from `path`: refuse (CheckpointMismatch, naming the file and the tensor) anything that is not
-    exactly this model's trainable tensors (names, shapes, dtypes) saved with these settings.
+    exactly this model's finite trainable tensors (names, shapes, dtypes) saved with these settings and this run
+    key (the caller's hash of everything else that changes the numbers: the base, the data, alpha, dropout...).
 
     weights_only=True: the file is read as tensors, numbers, lists and dicts only, never as arbitrary pickled
     objects, so a planted payload cannot run code."""
@@ -184,11 +197,13 @@ def load_checkpoint(path, model, optimizer, result, cfg):
     except Exception as e:  # corrupt, truncated, or holding objects other than tensors and plain containers
         raise CheckpointMismatch(f"checkpoint {path} cannot be read as a plain-tensor checkpoint ({type(e).__name__}); "
                                  f"delete it to start this run over") from None  # fmt: skip
-    fields = ("step", "trainable", "optimizer", "losses", "step_times", "rng", "config")
-    if not isinstance(state, dict) or any(k not in state for k in fields):
+    fields = ("step", "trainable", "optimizer", "losses", "step_times", "skipped_updates", "rng", "config", "key")
+    if not isinstance(state, dict) or any(k not in state for k in fields) or not isinstance(state["config"], dict):
         raise CheckpointMismatch(f"checkpoint {path} lacks the fields {', '.join(fields)}; delete it to start over")
     saved = state["config"]
     differ = [k for k in RESUME_KEYS if _plain(saved.get(k)) != _plain(getattr(cfg, k))]
+    if state["key"] != key:
+        differ.append("run key: the base, data or adapter settings")
     if differ:
         raise CheckpointMismatch(f"checkpoint {path} was made with other settings ({', '.join(differ)}); delete it to start over")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -200,6 +215,11 @@ def load_checkpoint(path, model, optimizer, result, cfg):
         if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype:
             got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
             raise CheckpointMismatch(f"checkpoint {path}, tensor {n}: saved {got}, the model has {(tuple(p.shape), p.dtype)}")
+        if not torch.isfinite(t).all():
+            raise CheckpointMismatch(f"checkpoint {path}, tensor {n}: holds NaN or Inf; delete it to start over")
+    moments = [v for s in state["optimizer"].get("state", {}).values() if isinstance(s, dict) for v in s.values()]
+    if not all(torch.isfinite(v).all() for v in moments if isinstance(v, torch.Tensor)):
+        raise CheckpointMismatch(f"checkpoint {path}: the optimizer state holds NaN or Inf; delete it to start over")
     step = state["step"]
     if not isinstance(step, int) or not 0 < step <= cfg.steps or len(state["losses"]) != step:
         raise CheckpointMismatch(f"checkpoint {path} has an inconsistent step count; delete it to start over")
@@ -209,6 +229,7 @@ def load_checkpoint(path, model, optimizer, result, cfg):
     optimizer.load_state_dict(state["optimizer"])
     result.losses[:] = state["losses"]
     result.step_times[:] = state["step_times"]
+    result.skipped_updates = state["skipped_updates"]
     torch.set_rng_state(state["rng"])
     return step
 
@@ -218,13 +239,15 @@ def _plain(value):
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callback=None):
+def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callback=None, key=None):
     """Optimise every parameter of `model` that has requires_grad on batches from get_batch(step).
 
     With out_dir, checkpoints go to out_dir/checkpoint.pt (atomically) and a rerun with resume=True
-    continues from the last one. callback(steps_done, model, result), if given, runs after every step in
-    every process (for periodic evaluation; it must leave the model in train mode). Returns a TrainResult.
-    Raises TrainingDiverged on a NaN/Inf loss.
+    continues from the last one, if it was saved with the same settings and the same `key` (a string the caller
+    derives from everything else that changes the run). callback(steps_done, model, result), if given, runs after
+    every step in every process (for periodic evaluation; it must leave the model in train mode). Returns a
+    TrainResult. Raises TrainingDiverged on a NaN/Inf loss; the model then holds the weights that gave it (finite:
+    an update whose gradient is not finite is skipped).
     """
     check_train_config(cfg)
     device = pick_device(cfg.device)
@@ -243,7 +266,7 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
     start, last_saved = 0, None
     if ckpt_path and resume and os.path.exists(ckpt_path):
-        start = last_saved = load_checkpoint(ckpt_path, model, optimizer, result, cfg)
+        start = last_saved = load_checkpoint(ckpt_path, model, optimizer, result, cfg, key)
         result.resumed_from = start
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc, disable=not cfg.progress or rank != 0,
@@ -270,15 +293,21 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
         if not torch.isfinite(global_loss):  # the same decision in every process
             where = f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}" if last_saved else "no checkpoint was written"
             error = TrainingDiverged(f"loss is {global_loss.item()} at step {step}: training stopped; {where}. Try a lower lr.")
-            error.result = result  # the losses and step times so far (the model keeps its last finite weights)
+            error.step, error.loss, error.result = step, global_loss.item(), result  # the losses and step times so far
+            error.last_saved, error.checkpoint = last_saved, ckpt_path
             bar.close()
             model.eval()
             raise error
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-        optimizer.step()
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # the same in every process
+        if torch.isfinite(grad_norm):
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
+            optimizer.step()
+        else:  # an overflowing gradient would turn the weights into NaN (or, clipped, into a zero update): skip it
+            result.skipped_updates += 1
         if device == "cuda":
             torch.cuda.synchronize()  # so that step_times measure the step, not the launch
         result.step_times.append(time.perf_counter() - t0)
@@ -290,7 +319,7 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
             callback(done, model, result)
         if ckpt_path and (done == cfg.steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0)):
             if rank == 0:  # one writer; every process resumes from the same file
-                save_checkpoint(ckpt_path, model, optimizer, done, result, cfg)
+                save_checkpoint(ckpt_path, model, optimizer, done, result, cfg, key)
             last_saved = done
     bar.close()
     model.eval()
