@@ -6,6 +6,7 @@ tensors, with rows of W0 that nearly cancel the update or are zero. Both impleme
 written out in each method file and the fused one in fast.py (`fast` parametrises every test).
 """
 
+import copy
 import math
 
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 
 from d2lora_min.nn import METHODS, D2LoRALinear, DoRALinear, LoRALinear, row_norm
 
-from .helpers import RTOL, assert_close, cancellation_ratio, layer_cases, make_layer, perturb_adapters, random_input
+from .helpers import CANCEL_UNITS, RTOL, assert_close, cancellation_ratio, layer_cases, make_layer, perturb_adapters, random_input
 
 FAST = pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
 
@@ -136,18 +137,45 @@ def _assert_rows_along(W, V, dtype, ratio):
     assert_close(cos.abs(), torch.ones_like(cos), dtype=dtype, factor=2, ratio=ratio)
 
 
+def _projected(layer):
+    """P(V) = (t / norm(V))[:, None] * V of a D2-LoRA layer: its merged weight in the exact-norm form (the same V)."""
+    exact = copy.deepcopy(layer)
+    exact.readd_delta = False
+    return exact.merged_weight()
+
+
 @given(layer_cases(methods=("d2lora",)))
 def test_d2lora_projection_keeps_pretrained_row_norms_and_turns_rows_along_V(case):
+    # both forms: P(V) keeps norm(W0) row by row exactly and points along V
     case["options"]["project"] = True
     base, layer = make_layer(case)
     with torch.no_grad():
-        W, V = layer.merged_weight(), base.weight + layer.delta_weight()
+        P, V = _projected(layer), base.weight + layer.delta_weight()
     ratio = cancellation_ratio(layer)
-    assert_close(row_norm(W), row_norm(base.weight), dtype=case["dtype"], factor=2, ratio=ratio)
-    assert_close(row_norm(layer.merge().weight), row_norm(base.weight), dtype=case["dtype"], factor=2, ratio=ratio)
-    _assert_rows_along(W, V, case["dtype"], ratio)  # the direction is V's: the projection only rescales
+    assert_close(row_norm(P), row_norm(base.weight), dtype=case["dtype"], factor=2, ratio=ratio)
+    _assert_rows_along(P, V, case["dtype"], ratio)  # the direction is V's: the projection only rescales
+    if not layer.readd_delta:  # the exact-norm form applies P(V) itself
+        assert_close(row_norm(layer.merge().weight), row_norm(base.weight), dtype=case["dtype"], factor=2, ratio=ratio)
     if case["rows"] == "random" and case["in_features"] > 1:  # and it did move (merged_weight() = W0 would pass above)
-        assert (W - base.weight).abs().max() > RTOL[case["dtype"]]
+        assert (P - base.weight).abs().max() > RTOL[case["dtype"]]
+
+
+@given(layer_cases(methods=("d2lora",)))
+def test_d2lora_paper_form_is_the_projection_plus_the_update_and_stays_close_to_the_norm(case):
+    # the paper's form: W = P(V) + dW, so each row is within norm(dW_i) of its pretrained norm
+    case["options"].update(project=True, readd_delta=True)
+    base, layer = make_layer(case)
+    with torch.no_grad():
+        W, P, dW = layer.merged_weight(), _projected(layer), layer.delta_weight()
+    ratio = cancellation_ratio(layer)
+    assert_close(W, P + dW, factor=2, ratio=ratio)  # the re-added update, exactly once
+    drift = (row_norm(W) - row_norm(base.weight)).abs()  # (out,)
+    slack = 4 * max(RTOL[case["dtype"]], CANCEL_UNITS * torch.finfo(case["dtype"]).eps * ratio)
+    assert (drift <= row_norm(dW) + slack * (row_norm(base.weight) + row_norm(dW) + 1)).all()
+    if case["rows"] == "random" and case["in_features"] > 1:  # "close to", not "on": the rows do leave the sphere
+        assert (drift > RTOL[case["dtype"]]).any() or (row_norm(dW) <= RTOL[case["dtype"]]).all()
+    zero = (base.weight == 0).all(dim=1)  # a zero row of W0 (target norm 0) becomes the row of dW
+    assert_close(W[zero], dW[zero], factor=2)
 
 
 @given(layer_cases(methods=("dora",)))
@@ -176,8 +204,11 @@ def test_zero_rows_stay_finite_and_d2lora_keeps_them_zero(fast, case, perturb):
         if p.grad is not None:
             assert torch.isfinite(p.grad).all()
     zero_rows = (base.weight == 0).all(dim=1)
-    if isinstance(layer, D2LoRALinear) and layer.project:
-        assert (w[zero_rows] == 0).all()  # its target norm is 0, whatever the adapter
+    if isinstance(layer, D2LoRALinear) and layer.project:  # its target norm is 0, whatever the adapter:
+        with torch.no_grad():
+            dW = layer.delta_weight()
+        expected = dW[zero_rows] if layer.readd_delta else torch.zeros_like(w[zero_rows])  # P(V)_i = 0 (+ dW_i)
+        assert torch.equal(w[zero_rows], expected.to(w.dtype))
     if isinstance(layer, DoRALinear):  # finite, with norm |magnitude_i| (0 only where V_i is zero)
         V = base.weight + layer.delta_weight()
         live = zero_rows & (row_norm(V) > 0)
@@ -226,7 +257,8 @@ def test_d2lora_without_projection_is_a_rank_2r_lora(case):
 @FAST
 @given(layer_cases(methods=("d2lora",), dtypes=HIGH, rows=("random",)))
 def test_d2lora_with_tau_zero_and_detached_norm_is_dora_with_frozen_magnitude(fast, case):
-    case["options"].update(tau_init=0.0, learn_tau=False, project=True, detach_norm=True)
+    # the exact-norm form (P(V) alone); the paper's form adds dW = s * B_pos @ A_pos on top of this DoRA
+    case["options"].update(tau_init=0.0, learn_tau=False, project=True, readd_delta=False, detach_norm=True)
     base, d2 = _build(case, fast)
     dora = DoRALinear(base, r=case["r"], alpha=case["alpha"], detach_norm=True)
     dora.fast = fast
@@ -309,6 +341,8 @@ def test_dropout_touches_only_the_low_rank_branch(fast, case, p):
         elif isinstance(layer, D2LoRALinear) and layer.project:
             c = layer.target_norm / V.norm(dim=1)
         expected = c * h + (0 if base.bias is None else base.bias)
+        if isinstance(layer, D2LoRALinear) and layer.project and layer.readd_delta:  # + the update once more
+            expected = expected + layer.scaling * (xd @ A.T) @ B.T
     assert_close(y, expected, factor=10)
 
 
@@ -331,14 +365,25 @@ def test_only_adapter_tensors_get_gradients(fast, case):
 # The fused path keeps the layer's output for backward ------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["d2lora", "dora"])
-def test_an_inplace_change_of_a_fused_output_is_a_loud_error(method):
+@pytest.mark.parametrize("method, options", [("d2lora", {"readd_delta": False}), ("dora", {})])
+def test_an_inplace_change_of_a_fused_output_is_a_loud_error(method, options):
     torch.manual_seed(0)
-    layer = METHODS[method](nn.Linear(4, 3), r=1, alpha=1.0)
+    layer = METHODS[method](nn.Linear(4, 3), r=1, alpha=1.0, **options)
     y = layer(torch.randn(2, 4))
     y.relu_()  # documented: the output is kept for backward, so it must not be changed in place
     with pytest.raises(RuntimeError, match="inplace"):
         y.sum().backward()
+
+
+def test_the_paper_form_keeps_h_so_its_output_may_change_in_place():
+    torch.manual_seed(0)
+    layer = D2LoRALinear(nn.Linear(4, 3), r=1, alpha=1.0)  # the paper's form: h is kept, not y
+    perturb_adapters(layer, 0)
+    x = torch.randn(2, 4)
+    expected = torch.autograd.grad(layer(x).relu().sum(), layer.lora_B_pos)[0]
+    y = layer(x)
+    y.relu_()
+    assert torch.equal(torch.autograd.grad(y.sum(), layer.lora_B_pos)[0], expected)
 
 
 # Mixed precision: every adapter returns what nn.Linear would --------------------------------------------------

@@ -7,6 +7,8 @@ norm(W0_i) + norm(dW_i)) and on zero rows: outputs, merged weights and every gra
 
 import copy
 
+import pytest
+
 import torch
 from hypothesis import given
 
@@ -63,3 +65,49 @@ def test_fast_and_plain_paths_merge_to_the_same_weight(case):
         layer.fast = False
         plain = layer.merged_weight()
     assert torch.equal(fast, plain)  # merged_weight() is one function: the flag only changes forward()
+
+
+def test_a_bias_that_dominates_the_output_keeps_the_gradient_of_the_factor_exact():
+    # DoRA keeps y and recovers h = (y - b) / c for dL/dc; where the bias is far larger than c * h that would lose
+    # most digits of c * h (float32: 35 % off for bias 10, magnitude 1e-4), so the fused path keeps h there.
+    import torch.nn as nn
+
+    from d2lora_min.nn import DoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(6, 3)
+    with torch.no_grad():
+        base.bias[1] = 10.0
+    layer = DoRALinear(base, r=2, alpha=2.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.magnitude[1] = 1e-4
+    x, g = torch.randn(5, 6), torch.randn(5, 3)
+    reference = copy.deepcopy(layer).double()
+    reference.fast = False
+    (want,) = torch.autograd.grad((reference(x.double()) * g.double()).sum(), reference.magnitude)
+    (got,) = torch.autograd.grad((layer(x) * g).sum(), layer.magnitude)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6)
+
+
+# The true gradient, so the norm attached (a detached norm's backward is not the derivative on purpose: test_fast's
+# comparison with the plain path covers it).
+@pytest.mark.parametrize("readd, branches, dropout", [
+    (False, False, False), (False, False, True),  # DoRA's shape: one pair, with and without dropout
+    (True, True, False), (True, True, True),  # D2-LoRA's paper form
+    (False, True, True),  # D2-LoRA's exact-norm form
+])  # fmt: skip
+def test_the_hand_written_backward_passes_gradcheck_in_float64(readd, branches, dropout):
+    from d2lora_min.nn.fast import RowScaledLowRank, Settings
+
+    g = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    n_in, n_out, r = 5, 4, 2
+    x, W0, bias = rand(2, 3, n_in), torch.randn(n_out, n_in, generator=g, dtype=torch.float64), torch.randn(n_out, generator=g, dtype=torch.float64)
+    keep = torch.rand(x.shape, generator=g, dtype=torch.float64) > 0.3  # dropout(x), an input of its own
+    xd = (x.detach() * keep / 0.7).requires_grad_(True) if dropout else None
+    A, B, target = rand(r, n_in), rand(n_out, r), rand(n_out)
+    negative = (rand(r, n_in), rand(n_out, r), rand(())) if branches else (None, None, None)
+    settings = Settings(s=1.5, detach_norm=False, readd=readd, keep_h=False)
+    inputs = (x, xd, W0, bias, A, B, target, *negative, settings)
+    assert torch.autograd.gradcheck(RowScaledLowRank.apply, inputs, eps=1e-6, atol=1e-6)

@@ -143,9 +143,11 @@ def test_trainable_parameter_counts_in_a_model():
     counts = {}
     for method, r in [("lora", 2), ("lora", 4), ("dora", 2), ("d2lora", 2)]:
         counts[method, r] = trainable_parameters(inject_adapters(small_gpt(), method, r=r, alpha=2 * r))
+    learned_tau = trainable_parameters(inject_adapters(small_gpt(), "d2lora", r=2, alpha=4, learn_tau=True))
     assert counts["lora", 2] == 2 * per_block * L
     assert counts["dora", 2] == 2 * per_block * L + (4 * d + 4 * d + d) * L  # + out of each: 4 x d, 4d, d
-    assert counts["d2lora", 2] == counts["lora", 4] + 6 * L  # one tau per adapted layer
+    assert counts["d2lora", 2] == counts["lora", 4]  # tau fixed (the default): exactly LoRA(2r)
+    assert learned_tau == counts["lora", 4] + 6 * L  # a learned tau: one per adapted layer
 
 
 def test_targets_select_by_suffix():
@@ -189,6 +191,47 @@ def test_adapter_checkpoint_round_trip(method, tmp_path):
     assert torch.equal(got, expected)
     assert adapter_config(fresh) == adapter_config(model)
     assert not any(k.startswith("base.") or ".base." in k for k in adapter_state_dict(model))
+
+
+def _rewrite_config(path, change):
+    """Rewrite an adapter file's config in place (the tensors stay; the checksum entry is dropped with "format")."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from d2lora_min.nn.checkpoint import CONFIG_KEY
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(metadata[CONFIG_KEY])
+    change(config)
+    save_file(tensors, str(path), metadata={**metadata, CONFIG_KEY: json.dumps(config)})
+
+
+def test_a_format_1_d2lora_file_loads_as_the_exact_norm_form_it_was(tmp_path):
+    # Before the paper's form, D2-LoRA had one form, W = P(V); its files say nothing about readd_delta.
+    model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4, readd_delta=False, learn_tau=True)
+    perturb_adapters(model, seed=3)
+    save_adapters(model, tmp_path)
+
+    def as_format_1(config):
+        del config["format"], config["options"]["readd_delta"]
+
+    _rewrite_config(tmp_path / "adapter.safetensors", as_format_1)
+    fresh = load_adapters(small_gpt(), tmp_path)
+    assert all(not layer.readd_delta for _, layer in adapter_layers(fresh))
+    idx = tokens()
+    with torch.no_grad():
+        assert torch.equal(fresh(idx)[0], model(idx)[0])
+
+
+def test_a_format_2_file_that_does_not_say_its_form_is_refused(tmp_path):
+    model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
+    save_adapters(model, tmp_path)
+    _rewrite_config(tmp_path / "adapter.safetensors", lambda config: config["options"].pop("readd_delta"))
+    with pytest.raises(ValueError, match="does not say readd_delta"):
+        load_adapters(small_gpt(), tmp_path)
 
 
 def test_loading_an_adapter_for_other_targets_or_shapes_is_refused(tmp_path):

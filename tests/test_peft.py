@@ -1,8 +1,16 @@
 """Cross-checks against the reference library, PEFT (skipped when peft is not installed).
 
 For random shapes and non-zero adapter tensors (float64): our LoRA equals PEFT's LoRA and our DoRA equals
-PEFT's DoRA (outputs, gradients w.r.t. the input and every adapter tensor, merged weights), and D2-LoRA's
-degenerate cases (docs/DESIGN.md, invariant 6) equal PEFT LoRA of rank 2r and PEFT DoRA with a frozen magnitude.
+PEFT's DoRA (outputs, gradients w.r.t. the input and every adapter tensor, merged weights). PEFT has no D2-LoRA;
+with its stacked factors A = [A_pos; A_neg] (2r, in), B = [B_pos, -tau * B_neg] (out, 2r) and alpha' = 2 alpha
+(so that PEFT's scaling alpha' / 2r is D2-LoRA's alpha / r), these identities hold, each tested below:
+  - project=False                                   == PEFT LoRA(2r)                      (any tau, either readd_delta)
+  - exact-norm form (readd_delta=False), tau = 0,
+    detach_norm=True                                == PEFT DoRA(r), magnitude frozen at norm(W0), alpha itself
+  - exact-norm form, detach_norm=True               == PEFT DoRA(2r), magnitude frozen at norm(W0)     (any tau;
+                                                       outputs also with the norm attached)
+  - the paper's form (the default)                  == PEFT DoRA(2r) + PEFT LoRA(2r) - the base layer   (any tau;
+                                                       outputs always, gradients with detach_norm=True)
 """
 
 import warnings
@@ -121,42 +129,126 @@ def test_dora_equals_peft_dora(c):
     assert_same_layer(ours, y1, g1, theirs, y2, g2)
 
 
+def stacked(d2):
+    """D2-LoRA's two branches as one rank-2r pair: A = [A_pos; A_neg] (2r, in), B = [B_pos, -tau * B_neg] (out, 2r)."""
+    with torch.no_grad():
+        return torch.cat([d2.lora_A_pos, d2.lora_A_neg], dim=0), torch.cat([d2.lora_B_pos, -d2.tau * d2.lora_B_neg], dim=1)
+
+
+def peft_rank_2r(base, d2, use_dora):
+    """PEFT LoRA or DoRA of rank 2r holding D2-LoRA's stacked factors, with alpha' = 2 alpha (so that its scaling
+    alpha' / 2r is D2-LoRA's alpha / r); DoRA's magnitude frozen at norm(W0), where PEFT starts it."""
+    model, theirs = peft_layer(base, 2 * d2.r, 2 * d2.alpha, use_dora=use_dora)
+    set_peft(theirs, *stacked(d2))
+    if use_dora:
+        theirs.lora_magnitude_vector["default"].weight.requires_grad_(False)
+    return model, theirs
+
+
+def peft_factors(theirs):
+    return [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight]
+
+
+def d2_factors(d2):
+    return [d2.lora_A_pos, d2.lora_A_neg, d2.lora_B_pos, d2.lora_B_neg]
+
+
+def assert_branch_gradients(d2, g_d2, g_stacked):
+    """D2-LoRA's (dA_pos, dA_neg, dB_pos, dB_neg) against the stacked pair's (dA, dB), B_stacked = [B_pos, -tau * B_neg]."""
+    gAp, gAn, gBp, gBn = g_d2
+    gA, gB = g_stacked
+    r = d2.r
+    close(torch.cat([gAp, gAn]), gA)  # dL/dA_stacked = [dL/dA_pos; dL/dA_neg]
+    close(gBp, gB[:, :r])
+    close(gBn, -d2.tau.detach() * gB[:, r:])
+
+
 @settings(max_examples=20)
-@given(shapes, st.floats(-1.5, 1.5))
-def test_d2lora_without_projection_equals_peft_lora_of_rank_2r(c, tau):
+@given(shapes, st.floats(-1.5, 1.5), st.booleans())
+def test_d2lora_without_projection_equals_peft_lora_of_rank_2r(c, tau, readd_delta):
+    """project=False: y = x @ (W0 + dW).T + b, dW = s * B @ A with the stacked pair, which is PEFT LoRA(2r) with those
+    factors and alpha' = 2 alpha (same scaling alpha / r): outputs, dL/dx, the branch gradients from the stacked
+    ones, merged weights; for any tau, and readd_delta changes nothing without the projection."""
     base = make_base(c)
-    d2 = D2LoRALinear(base, r=c["r"], alpha=c["alpha"], project=False, tau_init=tau)
+    d2 = D2LoRALinear(base, r=c["r"], alpha=c["alpha"], project=False, readd_delta=readd_delta, tau_init=tau)
     perturb_adapters(d2, c["seed"])
-    # PEFT LoRA(2r) with alpha' = 2 alpha keeps the scaling alpha / r; factors stacked as in docs/DESIGN.md, invariant 6
-    _, theirs = peft_layer(base, 2 * c["r"], 2 * c["alpha"], use_dora=False)
-    A = torch.cat([d2.lora_A_pos, d2.lora_A_neg], dim=0)  # (2r, in)
-    B = torch.cat([d2.lora_B_pos, -d2.tau * d2.lora_B_neg], dim=1)  # (out, 2r)
-    set_peft(theirs, A, B)
+    _, theirs = peft_rank_2r(base, d2, use_dora=False)
     x, G = inputs(c)
-    y1, (gx1, gAp, gAn, gBp, gBn) = run(d2, x, G, [d2.lora_A_pos, d2.lora_A_neg, d2.lora_B_pos, d2.lora_B_neg])
-    y2, (gx2, gA, gB) = run(theirs, x, G, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
+    y1, (gx1, *g_d2) = run(d2, x, G, d2_factors(d2))
+    y2, (gx2, *g_lora) = run(theirs, x, G, peft_factors(theirs))
     close(y1, y2)
     close(gx1, gx2)
-    r = c["r"]
-    close(torch.cat([gAp, gAn]), gA)  # dL/dA_cat = [dL/dA_pos; dL/dA_neg]
-    close(gBp, gB[:, :r])
-    close(gBn, -d2.tau.detach() * gB[:, r:])  # B_cat[:, r:] = -tau * B_neg
+    assert_branch_gradients(d2, g_d2, g_lora)
     close(d2.merged_weight().detach(), peft_merged_weight(theirs))
 
 
 @settings(max_examples=20)
 @given(shapes)
-def test_d2lora_with_tau_zero_equals_peft_dora_with_frozen_magnitude(c):
+def test_d2lora_exact_norm_form_with_tau_zero_equals_peft_dora_with_frozen_magnitude(c):
+    """The exact-norm form W = P(V) (readd_delta=False) with tau = 0 and detach_norm=True is PEFT DoRA(r) with the
+    positive branch's factors, the same alpha and the magnitude frozen at norm(W0): outputs, dL/dx, dL/dA_pos,
+    dL/dB_pos and merged weights."""
     base = make_base(c)
-    d2 = D2LoRALinear(base, r=c["r"], alpha=c["alpha"], tau_init=0.0, learn_tau=False, detach_norm=True)
+    d2 = D2LoRALinear(base, r=c["r"], alpha=c["alpha"], tau_init=0.0, readd_delta=False, detach_norm=True)
     perturb_adapters(d2, c["seed"])
     _, theirs = peft_layer(base, c["r"], c["alpha"], use_dora=True)  # magnitude starts at norm(W0)
     set_peft(theirs, d2.lora_A_pos, d2.lora_B_pos)
     theirs.lora_magnitude_vector["default"].weight.requires_grad_(False)
     x, G = inputs(c)
     y1, g1 = run(d2, x, G, [d2.lora_A_pos, d2.lora_B_pos])
-    y2, g2 = run(theirs, x, G, [theirs.lora_A["default"].weight, theirs.lora_B["default"].weight])
+    y2, g2 = run(theirs, x, G, peft_factors(theirs))
     assert_same_layer(d2, y1, g1, theirs, y2, g2)
+
+
+@settings(max_examples=20)
+@given(shapes, st.floats(-1.5, 1.5), st.booleans())
+def test_d2lora_exact_norm_form_with_detached_norm_equals_peft_dora_of_rank_2r(c, tau, detach_norm):
+    """The exact-norm form W = P(V) (readd_delta=False) with detach_norm=True is PEFT DoRA(2r) with the stacked
+    factors, alpha' = 2 alpha and the magnitude frozen at norm(W0), for any tau: outputs, dL/dx, the branch gradients
+    from the stacked ones, merged weights. With the norm attached (D2-LoRA's default) the outputs and merged weights
+    still agree, the gradients do not: PEFT's DoRA always detaches."""
+    base = make_base(c)
+    d2 = D2LoRALinear(base, r=c["r"], alpha=c["alpha"], tau_init=tau, readd_delta=False, detach_norm=detach_norm)
+    perturb_adapters(d2, c["seed"])
+    _, theirs = peft_rank_2r(base, d2, use_dora=True)
+    x, G = inputs(c)
+    y1, (gx1, *g_d2) = run(d2, x, G, d2_factors(d2))
+    y2, (gx2, *g_dora) = run(theirs, x, G, peft_factors(theirs))
+    close(y1, y2)
+    close(d2.merged_weight().detach(), peft_merged_weight(theirs))
+    if detach_norm:
+        close(gx1, gx2)
+        assert_branch_gradients(d2, g_d2, g_dora)
+
+
+@settings(max_examples=20)
+@given(shapes, st.floats(-1.5, 1.5), st.booleans())
+def test_d2lora_paper_form_is_peft_dora_2r_plus_peft_lora_2r_minus_the_base(c, tau, detach_norm):
+    """The paper's form W = P(V) + dW (the default) applies y = c * (x @ V.T) + x @ dW.T + b, which is
+
+        y_paper = y_dora2r + y_lora2r - y_base
+
+    with PEFT DoRA(2r) (magnitude frozen at norm(W0)) and PEFT LoRA(2r), both holding the stacked factors with
+    alpha' = 2 alpha, and y_base = x @ W0.T + b; likewise W_paper = W_dora2r + W_lora2r - W0, for any tau and either
+    detach_norm. With detach_norm=True (PEFT's DoRA detaches) the gradients add up too: the branch gradients are
+    those of the stacked pair dL/dA = dA_dora2r + dA_lora2r, dL/dB = dB_dora2r + dB_lora2r, and
+    dL/dx = dx_dora2r + dx_lora2r - G @ W0."""
+    base = make_base(c)
+    d2 = D2LoRALinear(base, r=c["r"], alpha=c["alpha"], tau_init=tau, detach_norm=detach_norm)  # readd_delta=True
+    perturb_adapters(d2, c["seed"])
+    _, dora = peft_rank_2r(base, d2, use_dora=True)
+    _, lora = peft_rank_2r(base, d2, use_dora=False)
+    x, G = inputs(c)
+    y1, (gx1, *g_d2) = run(d2, x, G, d2_factors(d2))
+    y_dora, (gx_dora, *g_dora) = run(dora, x, G, peft_factors(dora))
+    y_lora, (gx_lora, *g_lora) = run(lora, x, G, peft_factors(lora))
+    with torch.no_grad():
+        y_base, W0 = base(x), base.weight
+    close(y1, y_dora + y_lora - y_base)
+    close(d2.merged_weight().detach(), peft_merged_weight(dora) + peft_merged_weight(lora) - W0)
+    if detach_norm:
+        close(gx1, gx_dora + gx_lora - G @ W0)
+        assert_branch_gradients(d2, g_d2, [a + b for a, b in zip(g_dora, g_lora)])
 
 
 @settings(max_examples=10)

@@ -1,9 +1,11 @@
-"""D2-LoRA: a signed low-rank residual with a norm-preserving projection
+"""D2-LoRA: a signed low-rank residual, projected onto the pretrained row norms, plus the residual once more
 (Fujisawa & Kondo, 2026, arXiv 2602.14728).
 
-Two rank-r branches, one added and one subtracted, form the update; during training every output row
-of the adapted weight is projected back to the norm it had in the pretrained weight. After training
-the whole layer collapses into one plain matrix (merge), so inference costs nothing extra.
+Two rank-r branches, one added and one subtracted, form the update dW. During training the adapted weight
+W0 + dW is projected onto the norms of the pretrained weight's rows, and dW is added to the projection once more,
+so that every row stays *close to* its pretrained norm (within norm(dW_i)). After training the whole layer collapses
+into one plain matrix (merge), so inference costs nothing extra. Where each of these points comes from (the paper's
+public record, or this project's own choice) is tabled in docs/DESIGN.md, "D2-LoRA: the paper's form".
 """
 
 import torch
@@ -15,47 +17,47 @@ from .base import AdapterLinear, check_bool, check_real, row_factor, row_norm, s
 
 
 class D2LoRALinear(AdapterLinear):
-    """dW = s * (B_pos @ A_pos - tau * B_neg @ A_neg);   V = W0 + dW;   W = (t / norm(V))[:, None] * V
+    """dW = s * (B_pos @ A_pos - tau * B_neg @ A_neg);   V = W0 + dW;   P(V) = (t / norm(V))[:, None] * V;   W = P(V) + dW
 
     W0           = self.base.weight (out, in), frozen; bias b = self.base.bias, frozen
-    A_pos, A_neg = self.lora_A_pos, self.lora_A_neg (r, in),  Kaiming-uniform like nn.Linear
-    B_pos, B_neg = self.lora_B_pos, self.lora_B_neg (out, r), zeros, so W = W0 at initialisation
-    tau          = self.tau, a scalar: learned (nn.Parameter) or fixed (buffer), from tau_init
+    A_pos, A_neg = self.lora_A_pos, self.lora_A_neg (r, in),  Kaiming-uniform like nn.Linear, drawn independently
+    B_pos, B_neg = self.lora_B_pos, self.lora_B_neg (out, r), zeros, so dW = 0 and W = W0 at initialisation
+    tau          = self.tau, a scalar: fixed at tau_init (a buffer) by default, or learned (learn_tau=True)
     t            = self.target_norm (out,) = norm(W0), a buffer fixed when the layer is wrapped
     norm(V)      = L2 norm of each output row, over in_features -> (out,)
     s            = self.scaling = alpha / r
-    Trainable parameters: 2r * (in + out) (+ 1 for a learned tau) = LoRA(2r)'s (+ 1).
+    Trainable parameters: 2r * (in + out) = LoRA(2r)'s (+ 1 with a learned tau).
 
-    What it is, geometrically: each output row of W lives on the sphere of radius norm(W0_i); training
-    moves it along that sphere and never changes its length. D2-LoRA(r) is a rank-2r LoRA (stacked factors
-    [A_pos; A_neg], [B_pos, -tau * B_neg]) followed by that projection; with tau > 0 it equals DoRA(2r) with
-    the magnitude frozen at norm(W0) and the norm not detached.
+    What it is, geometrically: P(V) puts row i of W0 + dW on the sphere of radius norm(W0_i); adding dW once more
+    moves it off the sphere by at most norm(dW_i), so |norm(W_i) - norm(W0_i)| <= norm(dW_i): "close to" the
+    pretrained norm, not on it. The forward pass goes through the factors (z = dropout(x) @ A.T, stacked factors):
+        y = c * (x @ W0.T + s * z @ B.T) + s * z @ B.T + b,    c = t / norm(V)
 
-    What tau adds, and what it does not: tau * B_neg can be rescaled into B_neg, so tau adds no
-    expressiveness. Its gradient is zero until B_neg moves away from 0. Under Adam it acts as a step size
-    of the negative branch. Nothing keeps it positive, so "subtracted" holds only while tau > 0.
-    tau_init=0.5 and a learned tau are this project's choices; the paper's ablations also fix tau.
+    What tau does: tau * B_neg can be rescaled into B_neg, so tau adds no expressiveness; fixed, it sets the size
+    of the negative branch's contribution relative to its weights (and, under Adam, its effective step size).
 
     Options:
-      project=False drops the projection: W = V, the signed residual alone.
-      detach_norm=True treats norm(V) as a constant in backward (as DoRA does). With the default False
-        the gradient flows through the projection and loses its radial component: each row's update can
-        turn the row but not stretch it (docs/PORTING.md, section 5). DoRA detaches by default to save
-        memory and time (DoRA paper, sec. 4.3, reports no loss in accuracy); its learned magnitude sets each
-        row's length anyway. D2-LoRA has no magnitude to learn: attaching the norm makes the gradient itself
-        tangent to the sphere, which is the stabilising effect the projection is for (this project's choice).
+      readd_delta=False drops the second dW: W = P(V), every row exactly at norm(W0_i) (the exact-norm form).
+      project=False drops the projection: W = V = W0 + dW, the signed residual alone (readd_delta then changes
+        nothing: it is a LoRA of rank 2r).
+      learn_tau=True makes tau a trainable scalar, initialised to tau_init.
+      detach_norm=True treats norm(V) as a constant in backward, as DoRA does. With the default False the gradient
+        flows through norm(V) too: then the part of dL/dV_i that reaches it through P(V) has no component along V_i
+        (scaling a row of V leaves P(V) unchanged); the re-added dW passes its gradient on as LoRA's would. Whether
+        attaching the norm helps training is a hypothesis that `make ablate` tests (docs/DESIGN.md).
 
     W0 is frozen: its row norms are taken once, when the layer is wrapped. Change W0 afterwards and you
     must wrap it again.
     """
 
-    OPTIONS = {"tau_init": 0.5, "learn_tau": True, "project": True, "detach_norm": False}
+    OPTIONS = {"tau_init": 0.5, "learn_tau": False, "project": True, "readd_delta": True, "detach_norm": False}
 
-    def __init__(self, base, r, alpha, dropout=0.0, tau_init=0.5, learn_tau=True, project=True, detach_norm=False):
+    def __init__(self, base, r, alpha, dropout=0.0, tau_init=0.5, learn_tau=False, project=True, readd_delta=True, detach_norm=False):
         super().__init__(base, r, alpha, dropout)
         self.tau_init = check_real("tau_init", tau_init)
         self.learn_tau = check_bool("learn_tau", learn_tau)
         self.project = check_bool("project", project)
+        self.readd_delta = check_bool("readd_delta", readd_delta)
         self.detach_norm = check_bool("detach_norm", detach_norm)
         self.lora_A_pos = self._new_lora_A()  # (r, in)
         self.lora_B_pos = self._new_lora_B()  # (out, r)
@@ -87,20 +89,24 @@ class D2LoRALinear(AdapterLinear):
         return self.scaling * B @ A  # s * (B_pos @ A_pos - tau * B_neg @ A_neg): (out, in)
 
     def merged_weight(self):
-        V = self.base.weight + self.delta_weight()  # (out, in)
+        dW = self.delta_weight()  # (out, in)
+        V = self.base.weight + dW  # (out, in)
         if not self.project:
             return V
         c = row_factor(self.target_norm, row_norm(V), self.detach_norm)  # t / norm(V): (out,)
-        return (c[:, None] * V).to(V.dtype)  # (out, in): row i has norm t[i]
+        P = (c[:, None] * V).to(V.dtype)  # (out, in): row i has norm t[i]
+        return P + dW if self.readd_delta else P  # (out, in)
 
     def forward(self, x):  # x: (..., in)
-        if self.project and fast.applies(self):  # the same math, fused: fewer operations, less memory (fast.py)
+        if self.project and fast.applies(self):  # the same math, fused: fewer operations (fast.py)
             return fast.d2lora_forward(self, x)
         W0, b = self.base.weight, self.base.bias
         A, B = self.stacked_factors()  # (2r, in), (out, 2r)
-        h = F.linear(x, W0) + self._low_rank(x, A, B)  # x @ V.T = x @ W0.T + s * (x @ A.T) @ B.T: (..., out)
+        low = self._low_rank(x, A, B)  # s * (dropout(x) @ A.T) @ B.T, the update through its factors: (..., out)
+        h = F.linear(x, W0) + low  # x @ V.T = x @ W0.T + x @ dW.T: (..., out)
         if not self.project:
             return h if b is None else h + b.to(h.dtype)  # (..., out)
         V = W0 + self.scaling * B @ A  # (out, in): only its row norms are used
         c = row_factor(self.target_norm, row_norm(V), self.detach_norm)  # t / norm(V): (out,)
-        return scale_outputs(h, c, b)  # c * h + b: (..., out)
+        y = scale_outputs(h, c, b)  # x @ P(V).T + b = c * h + b: (..., out)
+        return y + low if self.readd_delta else y  # + x @ dW.T: (..., out)
