@@ -5,6 +5,13 @@ pre-LayerNorm blocks, causal self-attention, a GELU MLP and an output head tied 
 embedding. The one departure from nanoGPT is that attention keeps separate `q_proj, k_proj, v_proj,
 o_proj` linears and the MLP `fc_in, fc_out`, so that an adapter can target each projection by name
 (as LoRA papers do: "adapt q and v").
+
+Two optional inputs let one row hold several sequences and let decoding skip recomputation (they change no
+result, only the work done):
+  positions (B, T) and attn_mask (B, 1, T, T), True where a query position may attend to a key position: packed
+      rows (several training items in one row, each attending only to itself, each starting at position 0) and
+      multiple-choice scoring (a prompt encoded once, each choice seeing the prompt and itself); see packing().
+  cache: a KVCache, which keeps every layer's keys and values, so that greedy decoding feeds only the new token.
 """
 
 import math
@@ -39,16 +46,18 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, attn_mask=None, cache=None):
         B, T, C = x.shape  # batch, time, channels (= d_model)
         hs = C // self.n_head  # head size
         # project, then split the channels into heads: (B, T, C) -> (B, nh, T, hs)
         q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)
-        # softmax(q k^T / sqrt(hs)) v with a causal mask, in one fused call
+        if cache is not None:  # decoding: prepend the keys and values of the positions seen before
+            k, v = cache.extend(k, v)  # (B, nh, T_past + T, hs)
+        # softmax(q k^T / sqrt(hs)) v with a causal mask (or the given one), in one fused call
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, dropout_p=self.dropout if self.training else 0.0
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again: (B, T, C)
         return self.resid_dropout(self.o_proj(y))  # (B, T, C)
@@ -76,10 +85,29 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # (B, T, C)
+    def forward(self, x, attn_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache)  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
+
+
+class LayerCache:
+    """One attention layer's keys and values for the positions decoded so far: (B, nh, T_past, hs) each."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def extend(self, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class KVCache(list):
+    """A LayerCache per block: pass the same KVCache to every forward call of one decoding."""
+
+    def __init__(self, n_layer):
+        super().__init__(LayerCache() for _ in range(n_layer))
 
 
 class GPT(nn.Module):
@@ -110,18 +138,23 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
-        """idx: (B, T) token ids. targets: (B, T) ids, -1 where no loss is wanted.
+    def forward(self, idx, targets=None, positions=None, attn_mask=None, cache=None):
+        """idx: (B, T) token ids. targets: (B, T) ids, -1 where no loss is wanted. positions: (B, T) position ids
+        (default 0..T-1 in every row). attn_mask: (B, 1, T, T_keys) bool, True where a query may attend to a key
+        (default: causal). cache: a KVCache to read earlier keys and values from and append these to.
 
         Returns (logits (B, T, vocab), loss or None): mean cross-entropy over the target positions.
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)  # (B, T, C)
+        if positions is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
+            positions = torch.arange(T, device=idx.device)  # (T,), the same in every row
+        elif positions.numel() and int(positions.max()) >= self.config.block_size:
+            raise ValueError(f"position {int(positions.max())} is beyond block_size {self.config.block_size}")
+        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask, None if cache is None else cache[i])  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
@@ -155,3 +188,17 @@ class GPT(nn.Module):
                 next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
             idx = torch.cat([idx, next_id], dim=1)  # (B, T + 1)
         return idx
+
+
+def packing(segments):
+    """Packed rows: segments (B, T) int, one id per sequence in a row (pad positions get ids of their own) ->
+    (positions (B, T), attn_mask (B, 1, T, T)): every sequence starts at position 0 and attends only to itself,
+    causally, so a row of packed sequences computes exactly what the sequences would compute one per row."""
+    B, T = segments.shape
+    index = torch.arange(T, device=segments.device).expand(B, T)  # (B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T): where a sequence begins
+    first = torch.cummax(torch.where(starts, index, 0), dim=1).values  # (B, T): the index its sequence began at
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T): query and key in one sequence
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, T)
+    return index - first, (same & causal)[:, None]  # (B, T), (B, 1, T, T)

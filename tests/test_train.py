@@ -60,7 +60,7 @@ def test_trainer_lowers_the_loss():
 def test_fine_tuning_through_the_trainer_changes_only_adapter_tensors():
     model = tiny_model()
     base_before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    inject_adapters(model, "d2lora", r=2, alpha=4)
+    inject_adapters(model, "d2lora", r=2, alpha=4, learn_tau=True)
     adapters_before = {n: t.clone() for n, t in adapter_state_dict(model).items()}
     train(model, count_batches(), quiet(steps=5, weight_decay=0.1))
     now = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
@@ -124,10 +124,13 @@ def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
 def test_adapter_magnitude_and_tau_are_not_weight_decayed():
     from d2lora_min.train.trainer import param_groups
 
-    model = inject_adapters(tiny_model(), "dora", r=2, alpha=4)
-    decayed, plain = param_groups(model, 0.1)
-    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
-    assert plain["weight_decay"] == 0.0 and any(p is model.blocks[0].attn.q_proj.magnitude for p in plain["params"])
+    for method, options, name in (("dora", {}, "magnitude"), ("d2lora", {"learn_tau": True}, "tau")):
+        model = inject_adapters(tiny_model(), method, r=2, alpha=4, **options)
+        decayed, plain = param_groups(model, 0.1)
+        assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
+        layer = model.blocks[0].attn.q_proj
+        assert plain["weight_decay"] == 0.0 and any(p is getattr(layer, name) for p in plain["params"]), method
+        assert not any(p is getattr(layer, name) for p in decayed["params"]), method
 
 
 # --- scorers ---------------------------------------------------------------------------------------------------
@@ -141,8 +144,8 @@ class BigramModel(nn.Module):
         self.table = nn.Parameter(table)  # (vocab, vocab): row = current token, column = next token
         self.config = GPTConfig(vocab_size=table.shape[0], block_size=64)
 
-    def forward(self, idx, targets=None):
-        return self.table[idx], None  # (B, T, vocab)
+    def forward(self, idx, targets=None, positions=None, attn_mask=None, cache=None):
+        return self.table[idx], None  # (B, T, vocab): the token alone decides, so positions and masks change nothing
 
 
 @pytest.fixture(scope="module")
@@ -226,26 +229,31 @@ def test_no_pretraining_document_uses_the_task_format():
 
 def test_splits_are_disjoint_deterministic_and_large_enough():
     world = World()
-    splits = build_splits(world, list(TASKS), n_train=300, n_test=500, seed=0)
-    again = build_splits(world, list(TASKS), n_train=300, n_test=500, seed=0)
-    for name, (train_items, test_items) in splits.items():
-        assert len(test_items) == 500
-        distinct = {(it.prompt, tuple(getattr(it, "choices", ()))) for it in test_items}
+    splits = build_splits(world, list(TASKS), n_train=300, n_test=500, n_validation=200, seed=0)
+    again = build_splits(world, list(TASKS), n_train=300, n_test=500, n_validation=200, seed=0)
+    for name, parts in splits.items():
+        assert len(parts.test) == 500 and len(parts.validation) == 200
+        distinct = {(it.prompt, tuple(getattr(it, "choices", ()))) for it in parts.test}
         assert len(distinct) >= (300 if name == "update" else 500), name  # (update: 80 questions, other choices)
-        assert not {it.prompt for it in train_items} & {it.prompt for it in test_items}, name
-        assert [it.prompt for it in test_items] == [it.prompt for it in again[name][1]]
-        for it in test_items:
+        prompts = {k: {it.prompt for it in getattr(parts, k)} for k in ("train", "validation", "test")}
+        assert not prompts["train"] & prompts["test"] and not prompts["validation"] & (prompts["train"] | prompts["test"]), name
+        assert [it.prompt for it in parts.test] == [it.prompt for it in again[name].test]
+        assert [it.prompt for it in parts.validation] == [it.prompt for it in again[name].validation]
+        for it in parts.test + parts.validation:
             if isinstance(it, MCItem):
                 assert 0 <= it.answer < len(it.choices) and len(set(it.choices)) == len(it.choices)
-    # facts and continuation are tested on people / scripts that training never asks about
-    train_people = {w for it in splits["facts"][0] for w in it.prompt.split() if w.rstrip("?") in world.names}
-    test_people = {w for it in splits["facts"][1] for w in it.prompt.split() if w.rstrip("?") in world.names}
-    assert not train_people & test_people
+    # facts and continuation are tested (and validated) on people / scripts that training never asks about, and
+    # validation and test never share one
+    people = {k: {it.cluster for it in getattr(splits["facts"], k)} for k in ("train", "validation", "test")}
+    assert all(people.values()) and not people["train"] & (people["validation"] | people["test"])
+    assert not people["validation"] & people["test"]
 
     def causes(items):  # every situation a story mentions, asked about or not
         return {c for it in items for c, _ in SCRIPTS if f" {c}." in it.prompt.split("\nQ:")[0]}
 
-    assert causes(splits["continuation"][1]) and not causes(splits["continuation"][0]) & causes(splits["continuation"][1])
+    scripts = {k: causes(getattr(splits["continuation"], k)) for k in ("train", "validation", "test")}
+    assert all(scripts.values()) and not scripts["train"] & (scripts["validation"] | scripts["test"])
+    assert not scripts["validation"] & scripts["test"]
 
 
 def test_compare_and_continuation_answers_are_the_ones_the_question_asks_for():
@@ -368,24 +376,24 @@ def test_compare_steps_follow_the_budget():
 def test_the_update_task_never_shows_a_test_wording_in_training_and_the_base_answer_is_a_choice():
     world = World()
     updates = updated_facts(world)
-    train_items, test_items = build_splits(world, ["update"], n_train=400, n_test=300, seed=0)["update"]
+    parts = build_splits(world, ["update"], n_train=400, n_test=300, n_validation=200, seed=0)["update"]
     wording = lambda it, n: it.prompt.replace(n, "{n}")  # noqa: E731
-    train_w = {wording(it, it.cluster) for it in train_items}
-    test_w = {wording(it, it.cluster) for it in test_items}
-    assert train_w and test_w and not train_w & test_w
-    for it in test_items:
+    words = {k: {wording(it, it.cluster) for it in getattr(parts, k)} for k in ("train", "validation", "test")}
+    assert all(words.values()) and not words["train"] & words["test"]
+    assert not words["validation"] & (words["train"] | words["test"])
+    for it in parts.test + parts.validation:
         attr, old, new = updates[it.cluster]
         assert it.choices[it.answer] == " " + new and " " + old in it.choices and old != new
     # the updated people are kept out of the facts task, whose answers are the pretrained facts
-    facts_people = {it.cluster for tr, te in [build_splits(world, ["facts"], 300, 300, seed=0)["facts"]] for it in tr + te}
-    assert not facts_people & set(updates)
+    facts = build_splits(world, ["facts"], 300, 300, n_validation=100, seed=0)["facts"]
+    assert not {it.cluster for it in facts.train + facts.validation + facts.test} & set(updates)
 
 
 def test_retention_is_measured_on_what_fine_tuning_never_sees():
     world = World()
     probe = retention_probe(world)
     splits = build_splits(world, list(TASKS), n_train=300, n_test=50, seed=0)
-    asked = {it.cluster for t in ("facts", "update") for it in splits[t][0]}  # people whose facts training asks about
+    asked = {it.cluster for t in ("facts", "update") for it in splits[t].train}  # people whose facts training asks about
     assert not {it.cluster for it in probe} & asked  # the probe's facts are never asked or taught in fine-tuning
     assert not any("Q:" in it.prompt for it in probe)  # corpus wording, not the task format
     tok = train_tokenizer(corpus_documents(world, 300, 1), 300)

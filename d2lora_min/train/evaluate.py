@@ -1,8 +1,10 @@
 """Evaluation: multiple-choice accuracy by log-likelihood, greedy generation scored by ROUGE-L and exact
 match, the validation loss, and the throughput of each.
 
-Batches are right-padded. With causal attention a token never sees the padding after it, so padding
-changes no score; it only costs the compute of the padded positions.
+Compute goes to tokens, not padding: a multiple-choice prompt is encoded once for all its choices (a choice tree,
+packed with other items into rows, tiny_gpt's attention mask keeping them apart), and greedy decoding encodes the
+prompt once and then feeds one new token per step (tiny_gpt.KVCache). Both count the positions they compute and
+how many of them are padding.
 """
 
 import math
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from tiny_gpt import KVCache
 
 from .tokenizer import EOT
 
@@ -39,50 +43,113 @@ def pad_rows(rows, pad_id, length=None):
     return out
 
 
+def pack(lengths, capacity):
+    """First-fit decreasing: group sequences of the given lengths into rows of at most `capacity` positions (a
+    sequence longer than that gets a row of its own) -> [[sequence indices, in the order they sit in the row]].
+    Deterministic: longer first, ties by index."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        j = next((j for j, free in enumerate(room) if free >= lengths[i]), None)
+        if j is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[j].append(i)
+            room[j] -= lengths[i]
+    return rows
+
+
+def batches_by_length(things, lengths, batch_size, slack=0.9):
+    """Batches of things of similar length, longest first: a batch holds at most batch_size, and none of them shorter
+    than `slack` times its longest, so padding each to the longest wastes at most a tenth of the positions."""
+    batches = []
+    for i in sorted(range(len(things)), key=lambda i: -lengths[i]):
+        if batches and len(batches[-1]) < batch_size and lengths[i] >= slack * lengths[batches[-1][0]]:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return [[things[i] for i in batch] for batch in batches]
+
+
 def _device(model):
     return next(model.parameters()).device
 
 
+def choice_tree(prompt, choices):
+    """One multiple-choice item as one sequence: the prompt once, then every choice but its last token, each choice
+    a branch that sees the prompt and itself -> (ids, positions, branches, targets). positions restart after the
+    prompt for every branch (each choice sits where it would sit after the prompt alone); branch 0 is the prompt;
+    targets[j] = [(index in the sequence whose prediction scores it, token)] for the tokens of choice j."""
+    ids, positions, branches = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+    targets = []
+    for j, choice in enumerate(choices):
+        start = len(ids)
+        ids += choice[:-1]
+        positions += range(len(prompt), len(prompt) + len(choice) - 1)
+        branches += [j + 1] * (len(choice) - 1)
+        # the first token is predicted after the prompt's last one, each next one after its own predecessor
+        targets.append([(len(prompt) - 1 if t == 0 else start + t - 1, token) for t, token in enumerate(choice)])
+    return ids, positions, branches, targets
+
+
+def tree_mask(items, branches):
+    """(B, 1, T, T) bool attention mask of packed choice trees: a position attends to earlier positions of its own
+    item that are the prompt (branch 0) or its own branch. items, branches: (B, T) ids (a pad is an item alone)."""
+    T = items.shape[1]
+    same_item = items[:, :, None] == items[:, None, :]  # (B, T, T)
+    visible = (branches[:, None, :] == 0) | (branches[:, :, None] == branches[:, None, :])  # prompt, or own branch
+    causal = torch.ones(T, T, dtype=torch.bool, device=items.device).tril()  # (T, T)
+    return (same_item & visible & causal)[:, None]  # (B, 1, T, T)
+
+
 @torch.no_grad()
-def score_choices(model, tokenizer, items, batch_tokens=16384):
-    """Log-likelihood of each choice given its prompt -> (summed, per_token, n_tokens_processed).
+def score_choices(model, tokenizer, items, batch_rows=64):
+    """Log-likelihood of each choice given its prompt -> (summed, per_token, counts).
 
     summed[i][j] = sum of log p(choice token | prompt, earlier choice tokens); per_token divides it by the
-    choice's length (the length-normalised scorer). When every choice of an item is a single token, one
-    forward pass of the prompt scores them all; otherwise each choice gets its own row.
+    choice's length (the length-normalised scorer). Each item is encoded once: its prompt and all its choices in
+    one choice tree (choice_tree), trees packed into rows of up to 2 x block_size positions, batch_rows rows per forward
+    pass. counts = {"positions": positions computed, "padding": how many of them are padding}.
     """
     pad = tokenizer.token_to_id(EOT)
-    # rows: (input ids, [(item, choice, first target position, target ids)])
-    rows = []
-    for i, item in enumerate(items):
-        p = tokenizer.encode(item.prompt).ids
-        cs = [tokenizer.encode(c).ids for c in item.choices]
-        if all(len(c) == 1 for c in cs):
-            rows.append((p, [(i, j, len(p) - 1, c) for j, c in enumerate(cs)]))
-        else:
-            rows.extend((p + c[:-1], [(i, j, len(p) - 1, c)]) for j, c in enumerate(cs))
-    rows.sort(key=lambda r: len(r[0]))  # similar lengths together: less padding
-
+    capacity = 2 * model.config.block_size  # rows may be longer than the position table: each tree has its own positions
+    trees = [choice_tree(tokenizer.encode(it.prompt).ids, [tokenizer.encode(c).ids for c in it.choices]) for it in items]
+    rows = pack([len(t[0]) for t in trees], capacity)
     summed = [[0.0] * len(item.choices) for item in items]
     per_token = [[0.0] * len(item.choices) for item in items]
-    n_tokens, start = 0, 0
+    counts = {"positions": 0, "padding": 0}
     device = _device(model)
-    while start < len(rows):
-        end = start + 1  # grow the batch while (rows x longest row) stays within batch_tokens
-        while end < len(rows) and (end + 1 - start) * len(rows[end][0]) <= batch_tokens:
-            end += 1
-        batch = rows[start:end]
-        x = pad_rows([r[0] for r in batch], pad).to(device)  # (B, T)
-        logits, _ = model(x)
-        logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, vocab)
-        n_tokens += x.numel()
-        for b, (_, targets) in enumerate(batch):
-            for i, j, pos, ids in targets:
-                positions = torch.arange(pos, pos + len(ids), device=device)
-                lp = logp[b, positions, torch.tensor(ids, device=device)].sum().item()
-                summed[i][j], per_token[i][j] = lp, lp / len(ids)
-        start = end
-    return summed, per_token, n_tokens
+    for batch in batches_by_length(rows, [sum(len(trees[i][0]) for i in row) for row in rows], batch_rows):
+        T = max(sum(len(trees[i][0]) for i in row) for row in batch)
+        ids = torch.full((len(batch), T), pad, dtype=torch.long)  # (B, T)
+        positions = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
+        owner = -1 - torch.arange(T).repeat(len(batch), 1)  # (B, T): the item at each position (a pad: its own)
+        branch = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
+        where = []  # (row, index, token, item, choice) of every scored token
+        for b, row in enumerate(batch):
+            offset = 0
+            for i in row:
+                tree_ids, tree_pos, tree_branch, targets = trees[i]
+                n = len(tree_ids)
+                ids[b, offset : offset + n] = torch.tensor(tree_ids)
+                positions[b, offset : offset + n] = torch.tensor(tree_pos)
+                branch[b, offset : offset + n] = torch.tensor(tree_branch)
+                owner[b, offset : offset + n] = i
+                where += [(b, offset + k, token, i, j) for j, pairs in enumerate(targets) for k, token in pairs]
+                offset += n
+        counts["positions"] += ids.numel()
+        counts["padding"] += int((owner < 0).sum())
+        mask = tree_mask(owner, branch)
+        logits, _ = model(ids.to(device), positions=positions.to(device), attn_mask=mask.to(device))  # (B, T, vocab)
+        b, k, token = (torch.tensor([w[n] for w in where], device=device) for n in range(3))
+        logp = F.log_softmax(logits[b, k].float(), dim=-1)  # at the scored positions only: (n_scored, vocab)
+        picked = logp.gather(1, token[:, None])[:, 0].tolist()  # log p of each scored token
+        for (_, _, _, i, j), lp in zip(where, picked):
+            summed[i][j] += lp
+    for i, item in enumerate(items):
+        for j, choice in enumerate(item.choices):
+            per_token[i][j] = summed[i][j] / len(trees[i][3][j])
+    return summed, per_token, counts
 
 
 def mc_accuracy(model, tokenizer, items, normalise=False):
@@ -91,51 +158,65 @@ def mc_accuracy(model, tokenizer, items, normalise=False):
     Returns (accuracy, predictions, tokens/s).
     """
     t0 = time.perf_counter()
-    summed, per_token, n_tokens = score_choices(model, tokenizer, items)
+    summed, per_token, counts = score_choices(model, tokenizer, items)
     seconds = time.perf_counter() - t0
     scores = per_token if normalise else summed
     preds = [max(range(len(s)), key=s.__getitem__) for s in scores]
     acc = sum(p == item.answer for p, item in zip(preds, items)) / len(items)
-    return acc, preds, n_tokens / seconds
+    return acc, preds, counts["positions"] / seconds
 
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts, max_new_tokens=12, stop="\n", batch_size=256):
-    """Greedy continuations of each prompt, cut at the first `stop` -> (texts, n_tokens_processed).
+    """Greedy continuations of each prompt, cut at the first `stop` -> (texts, counts).
 
-    Rows are right-padded; each row writes its next token just after its own last token, so prompts
-    of different lengths share a batch without a padding mask (causal attention ignores what follows).
+    Prompts of similar length share a batch (at most batch_size, none a tenth shorter than the longest), left-padded
+    so that every row's next token goes in the same column;
+    each row's positions start at 0 at its first real token and no position attends to a pad. The prompt is
+    encoded once; then each step feeds only the new token and reads the earlier keys and values from a KVCache.
+    counts = {"positions": positions computed, "padding": how many of them are padding}.
     """
-    pad = tokenizer.token_to_id(EOT)
     stop_ids = tokenizer.encode(stop).ids
     stop_id = stop_ids[0] if len(stop_ids) == 1 else None  # a one-token stop lets a batch finish early
+    pad = tokenizer.token_to_id(EOT)
     device = _device(model)
     block = model.config.block_size
-    texts, n_tokens = [None] * len(prompts), 0
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        ids = [tokenizer.encode(prompts[i]).ids for i in idx]
+    texts, counts = [None] * len(prompts), {"positions": 0, "padding": 0}
+    encoded = [tokenizer.encode(p).ids for p in prompts]
+    for idx in batches_by_length(list(range(len(prompts))), [len(e) for e in encoded], batch_size):
+        ids = [encoded[i] for i in idx]
         lengths = torch.tensor([len(r) for r in ids], device=device)  # (B,)
-        if lengths.max() + max_new_tokens > block:
-            raise ValueError(f"prompt of {lengths.max().item()} tokens + {max_new_tokens} new ones exceed block_size {block}")
-        x = pad_rows(ids, pad, int(lengths.max()) + max_new_tokens).to(device)  # room for the new tokens
-        rows = torch.arange(len(ids), device=device)
+        L = int(lengths.max())
+        if L + max_new_tokens > block:
+            raise ValueError(f"prompt of {L} tokens + {max_new_tokens} new ones exceed block_size {block}")
+        x = torch.full((len(ids), L), pad, dtype=torch.long)  # (B, L), left-padded
+        for b, r in enumerate(ids):
+            x[b, L - len(r) :] = torch.tensor(r)
+        x = x.to(device)
+        column = torch.arange(L, device=device)  # (L,)
+        first = (L - lengths)[:, None]  # (B, 1): the column of each row's first real token
+        real = column[None, :] >= first  # (B, L): which keys are real tokens
+        positions = (column[None, :] - first).clamp_min(0)  # (B, L)
+        causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L)
+        mask = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # (B, L, L); a pad sees itself
+        cache = KVCache(model.config.n_layer)
+        logits, _ = model(x, positions=positions, attn_mask=mask[:, None], cache=cache)  # (B, L, vocab)
+        counts["positions"] += x.numel()
+        counts["padding"] += int((~real).sum())
+        new = torch.zeros((len(ids), max_new_tokens), dtype=torch.long, device=device)  # (B, max_new_tokens)
         done = torch.zeros(len(ids), dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            logits, _ = model(x[:, : int(lengths.max())])  # (B, T, vocab)
-            n_tokens += len(ids) * int(lengths.max())
-            next_id = logits[rows, lengths - 1].argmax(dim=-1)  # each row's prediction after its last token: (B,)
-            x[rows, lengths] = next_id
-            lengths = lengths + 1
+        for t in range(max_new_tokens):
+            new[:, t] = logits[:, -1].argmax(dim=-1)  # each row's prediction after its last token: (B,)
             if stop_id is not None:
-                done |= next_id == stop_id
-                if done.all():  # every row has finished its answer
-                    break
+                done |= new[:, t] == stop_id
+            if t == max_new_tokens - 1 or (stop_id is not None and done.all()):  # every row has finished its answer
+                break
+            real = torch.cat([real, torch.ones(len(ids), 1, dtype=torch.bool, device=device)], dim=1)  # (B, L + t + 1)
+            logits, _ = model(new[:, t : t + 1], positions=(lengths + t)[:, None], attn_mask=real[:, None, None, :], cache=cache)
+            counts["positions"] += len(ids)
         for b, i in enumerate(idx):
-            new = x[b, len(ids[b]) : len(ids[b]) + max_new_tokens].tolist()
-            texts[i] = tokenizer.decode(new).split(stop)[0].strip()
-    return texts, n_tokens
+            texts[i] = tokenizer.decode(new[b].tolist()).split(stop)[0].strip()
+    return texts, counts
 
 
 def rouge_l_f1(candidate, reference):
@@ -153,16 +234,6 @@ def rouge_l_f1(candidate, reference):
         return 0.0
     precision, recall = n / len(c), n / len(r)
     return 2 * precision * recall / (precision + recall)
-
-
-def generation_scores(model, tokenizer, items, max_new_tokens=12):
-    """Mean ROUGE-L F1 and exact-match rate of greedy answers -> (rouge_l, exact, outputs, tokens/s)."""
-    t0 = time.perf_counter()
-    outputs, n_tokens = greedy_generate(model, tokenizer, [it.prompt for it in items], max_new_tokens)
-    seconds = time.perf_counter() - t0
-    rouge = sum(rouge_l_f1(o, it.reference) for o, it in zip(outputs, items)) / len(items)
-    exact = sum(o.strip() == it.reference.strip() for o, it in zip(outputs, items)) / len(items)
-    return rouge, exact, outputs, n_tokens / seconds
 
 
 @torch.no_grad()

@@ -21,27 +21,31 @@ from .tokenizer import EOT
 from .trainer import TrainingDiverged, rank_and_world, train
 
 
-def evaluate_items(model, tokenizer, splits):
-    """{task: per-item results}: for multiple choice each choice's summed log-likelihood and whether the summed
-    and the length-normalised scorer pick the right choice; for generative tasks the greedy answer, its ROUGE-L
-    and exact match."""
+def evaluate_items(model, tokenizer, splits, counts=None, split="test"):
+    """{task: per-item results} on the `split` items ("test" or "validation"): for multiple choice each choice's
+    summed log-likelihood and whether the summed and the length-normalised scorer pick the right choice; for
+    generative tasks the greedy answer, its ROUGE-L and exact match. counts, if given, accumulates the positions
+    computed and how many were padding."""
     out = {}
-    for name, (_, test) in splits.items():
+    for name, parts in splits.items():
+        test = getattr(parts, split)
         task = TASKS[name]
         if task.kind == "mc":
-            summed, per_token, _ = score_choices(model, tokenizer, test)
+            summed, per_token, used = score_choices(model, tokenizer, test)
             out[name] = {
                 "correct_sum": [int(np.argmax(s) == it.answer) for s, it in zip(summed, test)],
                 "correct_mean": [int(np.argmax(s) == it.answer) for s, it in zip(per_token, test)],
                 "logp": [[round(v, 4) for v in s] for s in summed],
             }
         else:
-            answers, _ = greedy_generate(model, tokenizer, [it.prompt for it in test], task.max_new_tokens)
+            answers, used = greedy_generate(model, tokenizer, [it.prompt for it in test], task.max_new_tokens)
             out[name] = {
                 "rouge": [rouge_l_f1(a, it.reference) for a, it in zip(answers, test)],
                 "exact": [int(a.strip() == it.reference.strip()) for a, it in zip(answers, test)],
                 "answer": answers,
             }
+        for k in counts if counts is not None else ():
+            counts[k] += used[k]
     return out
 
 
@@ -87,7 +91,7 @@ LOGIT_PROBE_PER_TASK = 16  # test prompts per task on which unmerged and merged 
 
 def logit_probe_batch(tokenizer, splits, n_per_task=LOGIT_PROBE_PER_TASK):
     """A fixed batch of test prompts on which unmerged and merged logits are compared."""
-    ids = [tokenizer.encode(item.prompt).ids for _, test in splits.values() for item in test[:n_per_task]]
+    ids = [tokenizer.encode(item.prompt).ids for parts in splits.values() for item in parts.test[:n_per_task]]
     return pad_rows(ids, tokenizer.token_to_id(EOT)), [len(r) for r in ids]
 
 
@@ -97,13 +101,16 @@ def real_logits(model, x, lengths):
     return torch.cat([logits[b, :n] for b, n in enumerate(lengths)]).float().cpu()  # (sum of lengths, vocab)
 
 
-def run_one(spec, seed, base_model, tokenizer, splits, probe, cfg, out_dir, device, train_dir, key, full_merge):
-    """Fine-tune `spec` from a copy of the base with `seed`, evaluate every test item -> result dict.
+def run_one(spec, seed, setup, cfg, out_dir, train_dir, key, full_merge):
+    """Fine-tune `spec` from a copy of the base with `seed`, evaluate every item of cfg.split -> result dict.
 
-    Training checkpoints go to train_dir so that a killed run resumes. The merged model is evaluated on every item
-    when full_merge (the first seed), else compared with the unmerged one on the logit probe only. Under torchrun
-    every process trains its shard; only rank 0 evaluates and writes (the others return None).
+    Training checkpoints go to train_dir so that a killed run resumes. On the test split the run also measures
+    retention, saves its adapter and checks the merge: the merged model is evaluated on every item when full_merge
+    (the first seed), else compared with the unmerged one on the logit probe only. On the validation split (tuning)
+    it only scores. Under torchrun every process trains its shard; only rank 0 evaluates and writes (the others
+    return None).
     """
+    base_model, tokenizer, splits, probe, device = setup.base_model, setup.tokenizer, setup.splits, setup.probe, setup.device
     rank, n_procs = rank_and_world()
     model = copy.deepcopy(base_model).to(device)
     torch.manual_seed(seed)  # the adapter initialisation
@@ -116,8 +123,10 @@ def run_one(spec, seed, base_model, tokenizer, splits, probe, cfg, out_dir, devi
         result["trainable_params"] = trainable_parameters(model)
         tcfg = budget_train_config(cfg)
         tcfg.lr, tcfg.seed, tcfg.device, tcfg.desc = spec.lr, seed, device, f"{spec.label} seed {seed}"
-        get_batch = finetune_batches(tokenizer, {k: tr for k, (tr, _) in splits.items()}, tcfg.batch_size, seed,
-                                     tokenizer.token_to_id(EOT))  # fmt: skip
+        capacity = base_model.config.block_size if cfg.packed else None  # packed rows, or one item per padded row
+        get_batch = finetune_batches(tokenizer, {k: parts.train for k, parts in splits.items()}, tcfg.batch_size, seed,
+                                     tokenizer.token_to_id(EOT), capacity=capacity, n_shards=n_procs)  # fmt: skip
+        result["train_positions"] = positions_in(get_batch, tcfg.steps, tokenizer.token_to_id(EOT))
         t0 = time.perf_counter()
         try:
             trained = train(model, get_batch, tcfg, out_dir=train_dir, key=key)
@@ -139,10 +148,14 @@ def run_one(spec, seed, base_model, tokenizer, splits, probe, cfg, out_dir, devi
     if rank != 0:
         return None
     model.eval()
-    result["items"] = evaluate_items(model, tokenizer, splits)
+    t0, counts = time.perf_counter(), {"positions": 0, "padding": 0}
+    result["split"], result["lr"], result["lr_from"] = cfg.split, spec.lr, spec.lr_from
+    result["items"] = evaluate_items(model, tokenizer, splits, counts, cfg.split)
+    result["eval_positions"] = counts
     result["scores"] = task_scores(result["items"], cfg.scoring)
-    result.update(retention(model, tokenizer, probe))
-    if spec.name in METHODS:
+    if cfg.split == "test":
+        result.update(retention(model, tokenizer, probe))
+    if spec.name in METHODS and cfg.split == "test":
         result["adapter"] = str(Path("adapters") / f"{slug(spec.text)}_seed{seed}_{key}")  # keyed like the result
         save_adapters(model, out_dir / result["adapter"])
         x, lengths = logit_probe_batch(tokenizer, splits)
@@ -153,9 +166,21 @@ def run_one(spec, seed, base_model, tokenizer, splits, probe, cfg, out_dir, devi
             speed = forward_throughput({"base": base_model, "unmerged": model, "merged": merged}, x)
             result["eval_tokens_per_s"], result["merged_eval_tokens_per_s"] = speed["unmerged"], speed["merged"]
             result["base_eval_tokens_per_s"] = speed["base"]
-            merged_scores = task_scores(evaluate_items(merged, tokenizer, splits), cfg.scoring)
+            merged_scores = task_scores(evaluate_items(merged, tokenizer, splits, split=cfg.split), cfg.scoring)
             result["merge_gap_pp"] = {k: 100 * (result["scores"][k] - merged_scores[k]) for k in result["scores"]}
+    result["eval_seconds"] = time.perf_counter() - t0  # scoring, retention, the adapter file and the merge check
     return result
+
+
+def positions_in(get_batch, steps, pad_id):
+    """{"positions", "padding"} over a run's batches: every (row, position) computed, and those that hold a pad (the
+    pad token never occurs in an item), from the batches themselves (cheap to rebuild: they depend on the step)."""
+    positions = padding = 0
+    for step in range(steps):
+        x = get_batch(step)[0]
+        positions += x.numel()
+        padding += int((x == pad_id).sum())
+    return {"positions": positions, "padding": padding}
 
 
 def volatility(losses):
@@ -163,5 +188,3 @@ def volatility(losses):
     of training, where the schedule no longer drives the loss down fast (nan for fewer than 4 steps)."""
     second_half = np.asarray(losses[len(losses) // 2 :])
     return float(np.std(np.diff(second_half))) if len(second_half) > 2 else float("nan")
-
-

@@ -18,8 +18,9 @@ generative task. Every task asks in the "Q: ...\nA: ..." format, which no pretra
   span          generative, ROUGE-L                "Mira has the red cup. ...                 (extractive QA)
                 and exact match                     Q: What does Mira have?" -> "the red cup"
 
-Train and test items come from different seeds (and, for facts and continuation, from disjoint people or
-scripts; for update, from disjoint question wordings); a test prompt never equals a training prompt. Items
+Train, validation and test items come from different seeds (and, for facts and continuation, from disjoint people or
+scripts; for update, from disjoint question wordings); no prompt is in two splits. Anything chosen from results (a
+learning rate) is chosen on validation items; test items are only reported. Items
 that share an entity (a person for facts and update, a script for continuation) carry it as their `cluster`,
 so that the statistics (report.py) do not count them as independent.
 
@@ -35,7 +36,9 @@ from typing import Callable
 
 import torch
 
-from .evaluate import GenItem, MCItem, pad_rows
+from tiny_gpt import packing
+
+from .evaluate import GenItem, MCItem, pack, pad_rows
 from .world import ADJECTIVES, CITIES, FACT_WORDINGS, INSTRUMENTS, JOBS, OBJECTS, PETS, SCRIPTS, World, elimination_story, owner_sentence, points_table, states_passage
 
 
@@ -105,13 +108,18 @@ def updated_facts(world, seed=11):
     return _updates(world.seed, world.n_people, seed)
 
 
+N_VALIDATION_PEOPLE = 40  # of the people training never asks about: the validation split's (the rest are the test's)
+
+
 def people_split(world, split):
-    """Disjoint halves of the people whose facts did not change: facts about test people are never asked in
-    training (and the updated people are left to the update task)."""
+    """Disjoint groups of the people whose facts did not change: half for training, and of the other half
+    N_VALIDATION_PEOPLE for validation and the rest for test. Facts about validation or test people are never asked
+    in training, and validation and test never share a person (the updated people are left to the update task)."""
     updated = updated_facts(world)
     stable = [n for n in world.names if n not in updated]
     half = len(stable) // 2
-    return stable[:half] if split == "train" else stable[half:]
+    unseen = stable[half:]
+    return {"train": stable[:half], "validation": unseen[:N_VALIDATION_PEOPLE], "test": unseen[N_VALIDATION_PEOPLE:]}[split]
 
 
 def make_facts(rng, world, split):
@@ -122,10 +130,12 @@ def make_facts(rng, world, split):
     return MCItem(f"Q: {rng.choice(questions).format(n=n)}\nA:", choices, answer, cluster=n)
 
 
-# The update task's question wordings: training and test never share one (the test is a paraphrase).
+# The update task's question wordings: no two splits share one (validation and test are paraphrases of training).
 UPDATE_QUESTIONS = {
     "train": {"city": ["Where does {n} live now?", "{n} moved. Where does {n} live now?", "Where is the home of {n} now?"],
               "job": ["What is the job of {n} now?", "{n} changed jobs. What is the job of {n} now?", "What does {n} work as now?"]},
+    "validation": {"city": ["Which town is the home of {n} now?", "{n} moved away. In which town does {n} live now?"],
+                   "job": ["What job does {n} do now?", "{n} took another job. Which job does {n} have now?"]},
     "test": {"city": ["In which town does {n} live now?", "{n} has moved. Where is the home of {n} now?"],
              "job": ["Which job does {n} have now?", "{n} has a new job. What is the job of {n} now?"]},
 }  # fmt: skip
@@ -162,11 +172,16 @@ def make_compare(rng, world, split):
     return MCItem(f"{table}\nQ: {question}\nA:", [" " + n for n in names], names.index(ranked[rank]))
 
 
+N_VALIDATION_SCRIPTS = 6  # of the scripts training never asks about: the validation split's (the rest are the test's)
+
+
 def script_split(split, seed=7):
-    """Disjoint halves of the scripts: the test scripts' continuations are never asked in training."""
+    """Disjoint groups of the scripts: half for training, and of the other half N_VALIDATION_SCRIPTS for validation
+    and the rest for test. Validation and test scripts' continuations are never asked in training."""
     order = random.Random(seed).sample(range(len(SCRIPTS)), len(SCRIPTS))
-    half = order[: len(SCRIPTS) // 2] if split == "train" else order[len(SCRIPTS) // 2 :]
-    return [SCRIPTS[i] for i in half]
+    half = len(SCRIPTS) // 2
+    groups = {"train": order[:half], "validation": order[half : half + N_VALIDATION_SCRIPTS], "test": order[half + N_VALIDATION_SCRIPTS :]}
+    return [SCRIPTS[i] for i in groups[split]]
 
 
 def make_continuation(rng, world, split):
@@ -221,10 +236,10 @@ def answer_text(item):
 
 
 def task_items(task, world, split, n, seed, exclude_prompts=()):
-    """n items of `task` for `split` ("train" or "test"), seeded; prompts in exclude_prompts are skipped.
+    """n items of `task` for `split` ("train", "validation" or "test"), seeded; prompts in exclude_prompts are skipped.
 
-    Test sets hold distinct prompts when enough exist; where the entities bound them (the update task's 20
-    people in 2 test wordings), an item repeats a question with other choices, and its cluster says so.
+    Validation and test sets hold distinct prompts when enough exist; where the entities bound them (the update task's
+    40 people in 2 wordings per split), an item repeats a question with other choices, and its cluster says so.
     """
     rng = random.Random(f"{task.name}/{split}/{seed}")
     items, seen, tries = [], set(exclude_prompts), 0
@@ -235,15 +250,26 @@ def task_items(task, world, split, n, seed, exclude_prompts=()):
             raise ValueError(f"task {task.name!r}: could not draw {n} {split} items whose prompts are not training prompts")
         if item.prompt in exclude_prompts:
             continue
-        if split == "test" and item.prompt in seen and tries < 50 * n:
-            continue  # prefer distinct test prompts
+        if split != "train" and item.prompt in seen and tries < 50 * n:
+            continue  # prefer distinct evaluation prompts
         seen.add(item.prompt)
         items.append(item)
     return items
 
 
-def build_splits(world: World, task_names, n_train, n_test, seed=0):
-    """{task: (train items, test items)} with no test prompt among the training prompts."""
+@dataclass
+class Split:
+    """One task's items: training, validation (what anything chosen from results is chosen on) and test (what is
+    reported). No prompt is in two of them; where the task tests unseen people, scripts or wordings, validation and
+    test have their own, and neither is ever asked about in training."""
+
+    train: list
+    validation: list
+    test: list
+
+
+def build_splits(world: World, task_names, n_train, n_test, n_validation=0, seed=0):
+    """{task: Split} with no prompt shared by two splits."""
     splits = {}
     for name in task_names:
         if name not in TASKS:
@@ -251,7 +277,9 @@ def build_splits(world: World, task_names, n_train, n_test, seed=0):
         task = TASKS[name]
         train = task_items(task, world, "train", n_train, seed)
         test = task_items(task, world, "test", n_test, seed, exclude_prompts={it.prompt for it in train})
-        splits[name] = (train, test)
+        seen = {it.prompt for it in train + test}
+        validation = task_items(task, world, "validation", n_validation, seed, exclude_prompts=seen) if n_validation else []
+        splits[name] = Split(train, validation, test)
     return splits
 
 
@@ -266,10 +294,16 @@ def steps_for(n_items, epochs, batch_size):
     return epochs * math.ceil(n_items / batch_size)
 
 
-def finetune_batches(tokenizer, train_sets, batch_size, seed, pad_id):
-    """get_batch(step) -> (x, y): epochs over every training item of every task, each epoch in a new seeded
-    order; y is -1 everywhere but on the answer tokens. The batch depends only on (seed, step), so a resumed
-    run sees the batches an uninterrupted one would have seen. train_sets: {task: train items}."""
+def finetune_batches(tokenizer, train_sets, batch_size, seed, pad_id, capacity=None, n_shards=1):
+    """get_batch(step) -> (x, y) or, packed, (x, y, positions, attn_mask): epochs over every training item of every
+    task, each epoch in a new seeded order; y is -1 everywhere but on the answer tokens. The batch depends only on
+    (seed, step), so a resumed run sees the batches an uninterrupted one would have seen. train_sets: {task: items}.
+
+    capacity=None: one item per row, right-padded to the longest (what a reader expects, and the reference the
+    packed form is tested against). capacity=C: the same items of the step packed into rows of at most C positions
+    (first-fit decreasing), each item attending only to itself from position 0 (tiny_gpt.packing), so the step's
+    loss and gradient are the padded step's, up to float rounding, with little compute spent on padding. At least
+    n_shards rows (one per data-parallel process) when the step has that many items."""
     pool = [ex for items in train_sets.values() for ex in encode_examples(tokenizer, items)]
     per_epoch = math.ceil(len(pool) / batch_size)
 
@@ -277,11 +311,23 @@ def finetune_batches(tokenizer, train_sets, batch_size, seed, pad_id):
         epoch, i = divmod(step, per_epoch)
         order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * SEED_STRIDE + epoch))
         picks = [pool[j] for j in order[i * batch_size : (i + 1) * batch_size].tolist()]
-        x = pad_rows([(p + a)[:-1] for p, a in picks], pad_id)  # (B, T), right-padded
-        y = torch.full(x.shape, -1, dtype=torch.long)  # (B, T), -1 = no loss
-        for b, (p, a) in enumerate(picks):
-            y[b, len(p) - 1 : len(p) + len(a) - 1] = torch.tensor(a)  # position i predicts token i + 1
-        return x, y
+        inputs = [(p + a)[:-1] for p, a in picks]  # position t predicts token t + 1
+        targets = [[-1] * (len(p) - 1) + a for p, a in picks]  # the loss is on the answer tokens only
+        if capacity is None:
+            x = pad_rows(inputs, pad_id)  # (B, T), right-padded
+            return x, pad_rows(targets, -1, x.shape[1])  # (B, T), -1 = no loss
+        rows = pack([len(s) for s in inputs], capacity)
+        while len(rows) < min(n_shards, len(picks)):  # one row per process at least: split the fullest row
+            k = max(range(len(rows)), key=lambda k: len(rows[k]))
+            rows[k:k + 1] = [rows[k][: len(rows[k]) // 2], rows[k][len(rows[k]) // 2 :]]
+        x = pad_rows([[t for j in row for t in inputs[j]] for row in rows], pad_id)  # (rows, T)
+        y = pad_rows([[t for j in row for t in targets[j]] for row in rows], -1, x.shape[1])  # (rows, T)
+        segments = torch.full(x.shape, -1, dtype=torch.long)  # (rows, T): which item each position holds
+        for b, row in enumerate(rows):
+            segments[b, : sum(len(inputs[j]) for j in row)] = torch.tensor([k for k, j in enumerate(row) for _ in inputs[j]])
+        pads = segments < 0
+        segments[pads] = -1 - torch.nonzero(pads)[:, 1]  # every pad position a segment of its own
+        return (x, y, *packing(segments))
 
     return get_batch
 

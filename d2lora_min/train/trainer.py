@@ -9,8 +9,9 @@ inject_adapters freezes the base, and the same loop serves both.
     run key is stored and compared); a guard that stops on a NaN/Inf loss and keeps the last good checkpoint; an
     update whose gradient is not finite is skipped and counted; bf16 autocast on CUDA.
 
-Batches come from `get_batch(step) -> (x, y)`, a pure function of the step number, so that a resumed run
-sees exactly the batches an uninterrupted one would have seen.
+Batches come from `get_batch(step) -> (x, y, *extra)`, a pure function of the step number, so that a resumed run
+sees exactly the batches an uninterrupted one would have seen; the model is called as `model(x, y, *extra)` (packed
+fine-tuning batches pass position ids and an attention mask as extra tensors, see tasks.finetune_batches).
 
 Data-parallel: started under `torchrun --nproc_per_node=N`, every process draws the same global batch and
 keeps its rows rank, rank + N, ...; DistributedDataParallel averages the gradients (of the adapter tensors
@@ -47,6 +48,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
     amp: bool = True  # bf16 autocast, used on CUDA only
+    compile: bool = False  # torch.compile the model's forward (opt-in: compiling costs time before the first step)
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end); needs out_dir
     progress: bool = True  # tqdm bar
     desc: str = "train"  # the bar's label
@@ -261,6 +263,8 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and device == "cuda") else nullcontext()
     # Under torchrun, DDP all-reduces the gradients of the trainable tensors (the frozen base has none).
     forward = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    if cfg.compile:  # shapes change from step to step (packed rows): compile for dynamic shapes once
+        forward = torch.compile(forward, dynamic=True)
 
     result = TrainResult()
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
@@ -274,14 +278,14 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = get_batch(step)  # the global batch, the same in every process
+        batch = get_batch(step)  # (x, y, *extra): the global batch, the same in every process
         t0 = time.perf_counter()  # step time: forward, backward and update, not the batch's construction
-        n_targets = (y != -1).sum()
-        if world > 1:  # this process's shard; its mean loss is reweighted by its share of the target tokens
-            x, y = x[rank::world], y[rank::world]
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        n_targets = (batch[1] != -1).sum()
+        if world > 1:  # this process's rows; its mean loss is reweighted by its share of the target tokens
+            batch = [t[rank::world] for t in batch]
+        x, y, *extra = [t.to(device, non_blocking=True) for t in batch]
         with autocast:
-            _, loss = forward(x, y)
+            _, loss = forward(x, y, *extra)
         if world > 1:
             # DDP averages gradients over processes: scale so the average is d(global mean loss)
             loss = loss * ((y != -1).sum() * world / n_targets.to(device))
