@@ -8,18 +8,19 @@ STAMP := $(VENV)/.installed
 NPROC ?= 1
 LAUNCH = $(if $(filter 1,$(NPROC)),$(PY),$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC))
 
-.PHONY: help venv test compare ablate replicate tour pretrain bench golden clean
+.PHONY: help venv test compare tune ablate replicate tour pretrain bench golden clean
 
 help:
 	@echo "make compare   fine-tune LoRA(r), LoRA(2r), DoRA(r), D2-LoRA(r) on the shipped base and print the table"
 	@echo "make test      run the test suite (pytest + hypothesis)"
-	@echo "make ablate    the D2-LoRA ablations (negative branch, rank, targets, tau, norm, scoring) as one compare run"
-	@echo "make replicate the paper's claims at this scale, 28 seeds (about 30 minutes on 2 CPU cores)"
+	@echo "make tune      each method's learning rate, on development seeds and validation items (ARGS=--publish adopts them)"
+	@echo "make ablate    D2-LoRA's open design questions (form, tau, detached norm, targets), 16 seeds"
+	@echo "make replicate the paper's claims at this scale, 28 seeds, at tuned and at the shared learning rate"
 	@echo "make tour      the pictures of docs/TOUR.md (about a minute)"
 	@echo "make pretrain  pretrain the default base model into runs/pretrain/ (about 20 minutes on 2 CPU cores)"
 	@echo "make bench     speed and memory of every method, as ratios (writes runs/bench/)"
 	@echo "make golden    regenerate the golden vectors under tests/golden/"
-	@echo "options: ARGS='...' passes arguments, e.g. ARGS='--seeds 0,1,2' or ARGS='--preset lr'; NPROC=2 runs on 2 processes (torchrun)"
+	@echo "options: ARGS='...' passes arguments, e.g. ARGS='--seeds 0,1,2' or ARGS='--fresh'; NPROC=2 runs on 2 processes (torchrun)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +35,9 @@ test: $(STAMP)
 
 compare: $(STAMP)
 	$(LAUNCH) -m d2lora_min.train.compare $(ARGS)
+
+tune: $(STAMP)
+	$(LAUNCH) -m d2lora_min.train.tune $(ARGS)
 
 ablate: $(STAMP)
 	$(LAUNCH) -m d2lora_min.train.compare --preset ablate $(ARGS)

@@ -389,8 +389,9 @@ def test_a_usage_error_from_torch_shows_no_cpp_frames():
     assert first_line(error) == "bad thing"
 
 
-def test_the_lr_preset_reference_is_one_of_its_methods():
-    from d2lora_min.train.presets import CompareConfig, apply_preset
+def test_every_presets_reference_is_one_of_its_methods():
+    from d2lora_min.train.presets import PRESETS, CompareConfig, apply_preset
 
-    cfg = apply_preset(CompareConfig(), "lr")
-    assert cfg.reference in cfg.methods
+    for preset in PRESETS:
+        cfg = apply_preset(CompareConfig(), preset)
+        assert cfg.reference in cfg.methods, preset

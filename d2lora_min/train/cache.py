@@ -68,14 +68,16 @@ def invalid(result, spec, seed, key, cfg):
     for field_name, want in expected.items():
         if result.get(field_name) != want:
             return f"{field_name} is {result.get(field_name)!r}, expected {want!r}"
-    kinds = {"label": str, "trainable_params": int, "items": dict, "scores": dict, "status": str,
-             "heldout_loss": (int, float), "facts_probe": (int, float)}  # fmt: skip
+    kinds = {"label": str, "trainable_params": int, "items": dict, "scores": dict, "status": str}
+    if cfg.split == "test":
+        kinds.update({"heldout_loss": (int, float), "facts_probe": (int, float)})
     if spec.name != "base":
         kinds.update({"losses": list, "step_time": (int, float), "volatility": (int, float), "train_seconds": (int, float)})
     for field_name, kind in kinds.items():
         if not isinstance(result.get(field_name), kind) or isinstance(result.get(field_name), bool):
             return f"{field_name} is missing or has the wrong type"
     fields = {"mc": ("correct_sum", "correct_mean", "logp"), "gen": ("rouge", "exact", "answer")}
+    n_items = cfg.n_test if cfg.split == "test" else cfg.n_validation
     for task in cfg.tasks:
         items = result["items"].get(task)
         if not isinstance(items, dict):
@@ -83,8 +85,8 @@ def invalid(result, spec, seed, key, cfg):
         kind = TASKS[task].kind
         for field_name in fields[kind]:
             values = items.get(field_name)
-            if not isinstance(values, list) or len(values) != cfg.n_test:
-                return f"task {task!r}: {field_name} is missing or does not hold {cfg.n_test} items"
+            if not isinstance(values, list) or len(values) != n_items:
+                return f"task {task!r}: {field_name} is missing or does not hold {n_items} items"
         flags = ("correct_sum", "correct_mean") if kind == "mc" else ("exact",)
         if not all(v in (0, 1) for f in flags for v in items[f]):
             return f"task {task!r}: a correctness flag is not 0 or 1"
@@ -97,8 +99,9 @@ def run_key(spec, seed, cfg, base_meta, full_merge):
     """Everything that changes a run's numbers; a cached run is reused only when this matches."""
     blob = {
         "spec": spec.text, "seed": seed, "r": cfg.r, "alpha_over_r": cfg.alpha_over_r, "targets": list(spec.targets),
-        "tasks": list(cfg.tasks), "n_train": cfg.n_train, "epochs": cfg.epochs, "n_test": cfg.n_test, "scoring": cfg.scoring,
-        "warmup_frac": cfg.warmup_frac, "full_lr": cfg.full_lr, "full_merge": full_merge,
+        "lr": spec.lr, "split": cfg.split, "n_test": cfg.n_test, "n_validation": cfg.n_validation,
+        "tasks": list(cfg.tasks), "n_train": cfg.n_train, "epochs": cfg.epochs, "scoring": cfg.scoring,
+        "warmup_frac": cfg.warmup_frac, "full_lr": cfg.full_lr, "full_merge": full_merge, "packed": cfg.packed,
         "train": {k: v for k, v in asdict(budget_train_config(cfg)).items() if k not in ("progress", "desc")},
         "base": base_meta["sha256"], "world": corpus_fingerprint(cfg.pretrain.corpus), "version": 3,
     }  # fmt: skip

@@ -9,6 +9,7 @@ arXiv 2602.14728, as its abstract states them) with our figure, its 95 % CI and 
 import numpy as np
 
 from . import stats
+from .presets import SHARED_LR
 
 
 PAPER = {  # the paper's figures (Fujisawa & Kondo, 2026, arXiv 2602.14728), as its abstract states them
@@ -31,33 +32,39 @@ def _claim(name, paper, diff, lo, hi, unit="pp", sign=None):
     return {"claim": name, "paper": paper, "ours": diff, "lo": lo, "hi": hi, "unit": unit, "verdict": v, "paper_in_ci": inside}
 
 
-def replicate_claims(runs, tasks, clusters, scoring):
-    by = stats.group(runs)
-    need = ("lora", "lora:r=8", "dora", "d2lora")
-    if not all(m in by for m in need):
+# The spec of each role in the claims: every method at its tuned lr (the claims), or all at the shared lr
+# (the sensitivity table beside them).
+TUNED = {"LoRA(r)": "lora", "LoRA(2r)": "lora:r=8", "DoRA(r)": "dora", "D2-LoRA(r)": "d2lora"}
+SHARED = {role: f"{spec}{',' if ':' in spec else ':'}lr={SHARED_LR:g}" for role, spec in TUNED.items()}
+
+
+def replicate_claims(runs, tasks, clusters, scoring, names=TUNED):
+    """The claims from the runs of the four roles (names: role -> spec text); [] when one of them did not run."""
+    grouped = stats.group(runs)
+    if not all(spec in grouped for spec in names.values()):
         return []
+    by = {role: grouped[spec] for role, spec in names.items()}  # role -> that method's runs
     mc = [t for t in tasks if tasks[t].kind == "mc"]
     gen = [t for t in tasks if tasks[t].kind == "gen"]
 
-    def difference(ts, other):  # D2-LoRA minus `other` on tasks ts, over the seeds neither flagged
-        mine, theirs, _ = stats.paired_runs(by["d2lora"], by[other])
+    def difference(ts, other):  # D2-LoRA(r) minus `other` on tasks ts, over the seeds neither flagged
+        mine, theirs, _ = stats.paired_runs(by["D2-LoRA(r)"], by[other])
         fields = {t: stats.primary_field(tasks[t].kind, scoring, tasks[t].normalise) for t in ts}
         return stats.paired_bootstrap({t: stats.item_matrix(mine, t, fields[t]) for t in ts},
                                       {t: stats.item_matrix(theirs, t, fields[t]) for t in ts}, {t: clusters[t] for t in ts})  # fmt: skip
 
     claims = []
-    for name, other in (("vs LoRA(r)", "lora"), ("vs LoRA(2r)", "lora:r=8"), ("vs DoRA(r)", "dora")):
+    for other in ("LoRA(r)", "LoRA(2r)", "DoRA(r)"):
         b = difference(mc, other)
-        claims.append(_claim(f"D2-LoRA(r) mean accuracy {name}", PAPER[name], 100 * b["diff"], 100 * b["lo"], 100 * b["hi"], sign=1))
+        claims.append(_claim(f"D2-LoRA(r) mean accuracy vs {other}", PAPER[f"vs {other}"], 100 * b["diff"], 100 * b["lo"], 100 * b["hi"], sign=1))
     if gen:
-        b = difference(gen, "lora")
+        b = difference(gen, "LoRA(r)")
         claims.append(_claim("D2-LoRA(r) generative ROUGE-L vs LoRA(r) (points)", PAPER["ROUGE-L vs LoRA(r)"], 100 * b["diff"], 100 * b["lo"], 100 * b["hi"], "points"))
-    d2, lora, _ = stats.paired_runs(by["d2lora"], by["lora"])
-    vol_d2, vol_lora = [r["volatility"] for r in d2], [r["volatility"] for r in lora]
-    ratio, lo, hi = stats.seed_bootstrap_ratio(vol_d2, vol_lora)
+    d2_runs, lora_runs, _ = stats.paired_runs(by["D2-LoRA(r)"], by["LoRA(r)"])
+    ratio, lo, hi = stats.seed_bootstrap_ratio([r["volatility"] for r in d2_runs], [r["volatility"] for r in lora_runs])
     claims.append(_claim("training-loss volatility, D2-LoRA(r) vs LoRA(r)", PAPER["volatility"], 100 * ratio, 100 * lo, 100 * hi, "%"))
-    gaps = [abs(g) for m in need for r in by[m] for g in r.get("merge_gap_pp", {}).values()]
-    speed = [r["merged_eval_tokens_per_s"] / r["eval_tokens_per_s"] for r in by["d2lora"] if r.get("eval_tokens_per_s")]
+    gaps = [abs(g) for rs in by.values() for r in rs for g in r.get("merge_gap_pp", {}).values()]
+    speed = [r["merged_eval_tokens_per_s"] / r["eval_tokens_per_s"] for r in by["D2-LoRA(r)"] if r.get("eval_tokens_per_s")]
     claims += [
         {"claim": "merge gap, mean over tasks and methods (pp)", "paper": PAPER["merge gap mean"], "ours": float(np.mean(gaps)) if gaps else None, "verdict": "measured"},
         {"claim": "merge gap, worst task (pp)", "paper": PAPER["merge gap worst"], "ours": max(gaps) if gaps else None, "verdict": "measured"},
@@ -80,3 +87,15 @@ def claims_table(claims):
     return "\n".join(lines)
 
 
+
+
+def sensitivity_table(shared, tuned):
+    """The accuracy claims side by side: every method at the shared lr, and every method at its tuned lr."""
+    lines = ["| claim | paper | shared lr [95 % CI] | verdict | tuned lrs [95 % CI] | verdict |", "|---|---|---|---|---|---|"]
+    for a, b in zip(shared, tuned):
+        if "lo" not in a:
+            continue
+        paper = "ahead" if a["paper"] is None else f"{a['paper']:+g}"
+        cell = lambda c: f"{c['ours']:+.2f} [{c['lo']:+.2f}, {c['hi']:+.2f}] {c['unit']} | {c['verdict']}"  # noqa: E731
+        lines.append(f"| {a['claim']} | {paper} | {cell(a)} | {cell(b)} |")
+    return "\n".join(lines)

@@ -5,7 +5,6 @@ and report how each differs from a reference method, with a confidence interval 
     python -m d2lora_min.train.compare --methods "lora d2lora:project=false" --seeds 0,1,2,3
     python -m d2lora_min.train.compare --preset ablate                   # the D2-LoRA ablations
     python -m d2lora_min.train.compare --preset replicate                # the paper's claims, 28 seeds
-    python -m d2lora_min.train.compare --preset lr                       # every method over 5 learning rates
 
 The budget is the paper's kind: n_train training items per task and `epochs` passes over them (the steps follow).
 A method is written `name[:key=value,...]`. Names: the adapters in d2lora_min.nn.METHODS, plus `base` (the
@@ -13,9 +12,11 @@ pretrained model, not fine-tuned) and `full` (every parameter fine-tuned). Keys:
 (attn, mlp, all, or module names joined by +), and the method's own options (d2lora: tau_init, learn_tau,
 project, detach_norm).
 
-Results go to runs/compare/ (or --out): results.md, results.json, loss_curves.png, and per (method, seed) run a
-JSON with every test item's result (runs/) and its adapter (adapters/). A rerun reuses the runs whose settings
-match (their key) and computes only what is missing (--fresh recomputes everything).
+Each method runs at its tuned learning rate (tuned_lrs.json, written by `make tune`) unless its spec sets lr= or
+--lr_source=shared puts every method at --train.lr. Results go to runs/compare/ (or --out): results.md,
+results.json, loss_curves.png, and per (method, seed) run a JSON with every test item's result (runs/) and its
+adapter (adapters/). A rerun reuses the runs whose settings match (their key) and computes only what is missing
+(--fresh recomputes everything).
 """
 
 import argparse
@@ -23,6 +24,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,38 +36,46 @@ from .cli import UsageError, apply_overrides, config_help, overridden, parse_val
 from .data import heldout_text
 from .presets import PRESETS, CompareConfig, apply_preset, budget_train_config, check_compare_config
 from .pretrain import resolve_base
-from .report import write_report
+from .report import learning_rates_line, write_report
 from .run import run_one
 from .tasks import TASKS, build_splits, retention_probe, updated_facts
 from .trainer import TrainConfig, init_distributed, pick_device, rank_and_world
 from .world import World
 
 
-def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="default", publish=False):
-    t_start = time.time()
-    if not str(out_dir):
-        raise UsageError("the output folder is empty")
-    out_dir = Path(out_dir)
-    specs = check_compare_config(cfg)  # all errors before any work
-    check_writable(out_dir)
-    device = pick_device(cfg.train.device)
-    rank, n_procs = rank_and_world()
-    base_model, tokenizer, base_meta, base_dir = resolve_base(cfg.pretrain)
-    tcfg = budget_train_config(cfg)
-    if rank == 0:
-        print(f"base: {base_dir} (probe {base_meta.get('probe_accuracy')}, sha256 {base_meta['sha256'][:12]}) | device {device}"
-              f" | {torch.get_num_threads()} threads | {n_procs} process(es) | {len(cfg.tasks)} tasks x {cfg.n_train} items x "
-              f"{cfg.epochs} epochs = {tcfg.steps} steps of {tcfg.batch_size}", flush=True)  # fmt: skip
-    world = World(seed=cfg.pretrain.corpus.world_seed, n_people=cfg.pretrain.corpus.n_people)
-    splits = build_splits(world, cfg.tasks, cfg.n_train, cfg.n_test, seed=0)
-    probe = (heldout_text(world, tokenizer, exclude_names=tuple(updated_facts(world))), retention_probe(world))
-    base_model.to(device)
+@dataclass
+class Setup:
+    """What every run of a comparison shares: the base, its tokenizer, the task splits and the retention probe."""
 
+    base_model: torch.nn.Module
+    tokenizer: object
+    base_meta: dict
+    base_dir: Path
+    splits: dict  # {task: tasks.Split}
+    probe: tuple  # (held-out corpus tokens, facts-probe items)
+    device: str
+
+
+def prepare(cfg: CompareConfig):
+    """Load the base (pretraining a new one only when cfg.pretrain differs from the shipped one's settings) and draw
+    the task splits and the retention probe."""
+    device = pick_device(cfg.train.device)
+    base_model, tokenizer, base_meta, base_dir = resolve_base(cfg.pretrain)
+    world = World(seed=cfg.pretrain.corpus.world_seed, n_people=cfg.pretrain.corpus.n_people)
+    splits = build_splits(world, cfg.tasks, cfg.n_train, cfg.n_test, cfg.n_validation, seed=0)
+    probe = (heldout_text(world, tokenizer, exclude_names=tuple(updated_facts(world))), retention_probe(world))
+    return Setup(base_model.to(device), tokenizer, base_meta, base_dir, splits, probe, device)
+
+
+def run_all(cfg: CompareConfig, specs, setup: Setup, out_dir, fresh=False):
+    """Every (method, seed) run of the comparison -> (runs, how many were reused). A finished run whose result
+    validates is reused; a killed one resumes from its checkpoint; --fresh recomputes everything."""
+    rank, n_procs = rank_and_world()
     runs, reused = [], 0
     for spec in specs:
         for seed in cfg.seeds if spec.name != "base" else cfg.seeds[:1]:
             full_merge = seed == cfg.seeds[0]
-            key = run_key(spec, seed, cfg, base_meta, full_merge)
+            key = run_key(spec, seed, cfg, setup.base_meta, full_merge)
             path = result_path(out_dir, spec, seed, key)
             cached = None if fresh else read_cached(path, spec, seed, key, cfg)
             if cached:  # every process reads the same file: the same decision
@@ -79,7 +89,7 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="def
                 shutil.rmtree(train_dir, ignore_errors=True)
             if n_procs > 1:
                 dist.barrier()
-            result = run_one(spec, seed, base_model, tokenizer, splits, probe, cfg, out_dir, device, train_dir, key, full_merge)
+            result = run_one(spec, seed, setup, cfg, out_dir, train_dir, key, full_merge)
             if rank == 0:
                 result["key"] = key
                 write_json(path, sealed(result))  # written last: its presence (with this key) marks the run as finished
@@ -87,16 +97,44 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="def
                 mc = [t for t in cfg.tasks if TASKS[t].kind == "mc"]
                 mean = statistics.mean(result["scores"][t] for t in mc) if mc else float("nan")
                 status = "" if result["status"] == "ok" else f" ({result['status']})"
-                print(f"{spec.label} seed {seed}{status}: mean accuracy {100 * mean:.1f}"
-                      + (f", {result['train_seconds']:.0f} s training" if "train_seconds" in result else ""), flush=True)  # fmt: skip
+                print(f"{spec.label} seed {seed}{status}: mean {cfg.split} accuracy {100 * mean:.1f}"
+                      + (f", {result['train_seconds']:.0f} s training" if "train_seconds" in result else "")
+                      + f", {result['eval_seconds']:.0f} s evaluation", flush=True)  # fmt: skip
                 runs.append(result)
             if n_procs > 1:
                 dist.barrier()  # the others wait while rank 0 evaluates
+    return runs, reused
+
+
+def announce(cfg, specs, setup):
+    """The first lines of a comparison: the base, the machine, the budget, and each method's learning rate with
+    where it came from."""
+    tcfg = budget_train_config(cfg)
+    _, n_procs = rank_and_world()
+    meta = setup.base_meta
+    print(f"base: {setup.base_dir} (probe {meta.get('probe_accuracy')}, sha256 {meta['sha256'][:12]}) | device {setup.device}"
+          f" | {torch.get_num_threads()} threads | {n_procs} process(es) | {len(cfg.tasks)} tasks x {cfg.n_train} items x "
+          f"{cfg.epochs} epochs = {tcfg.steps} steps of {tcfg.batch_size} | scored on {cfg.split} items", flush=True)  # fmt: skip
+    print(learning_rates_line(specs), flush=True)
+
+
+def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="default", publish=False):
+    t_start = time.time()
+    if not str(out_dir):
+        raise UsageError("the output folder is empty")
+    out_dir = Path(out_dir)
+    specs = check_compare_config(cfg)  # all errors before any work
+    check_writable(out_dir)
+    rank, _ = rank_and_world()
+    setup = prepare(cfg)
+    if rank == 0:
+        announce(cfg, specs, setup)
+    runs, reused = run_all(cfg, specs, setup, out_dir, fresh)
     if rank != 0:
         return None
-    wall = time.time() - t_start
-    text, summary = write_report(cfg, specs, runs, splits, base_meta, device, f"{wall:.0f} s ({reused} of {len(runs)} runs reused)", out_dir, preset, publish)
-    print(f"\n{text}\nwritten: {out_dir}/results.md, results.json, loss_curves.png" + (", lr_sweep.png" if preset == "lr" else ""))
+    wall = f"{time.time() - t_start:.0f} s ({reused} of {len(runs)} runs reused)"
+    text, summary = write_report(cfg, specs, runs, setup.splits, setup.base_meta, setup.device, wall, out_dir, preset, publish)
+    print(f"\n{text}\nwritten: {out_dir}/results.md, results.json, loss_curves.png")
     return summary
 
 
@@ -108,7 +146,7 @@ def main(argv=None):
     )
     parser.add_argument("--methods", help="method specs separated by spaces or ';' (default: the preset's)")
     parser.add_argument("--preset", choices=list(PRESETS), default="default")
-    parser.add_argument("--seeds", help="comma-separated seeds (default: 0,1,2; replicate: 0-27; lr: 0,1)")
+    parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<preset>, runs/compare for default)")
     parser.add_argument("--fresh", action="store_true", help="recompute every run instead of reusing matching results")
     parser.add_argument("--publish", action="store_true", help="also write the report and plots to docs/results/ (what the README shows)")

@@ -49,15 +49,19 @@ def plot_losses(runs, path):
     save_figure(fig, path)
 
 
-def plot_lr_sweep(points, path):
-    """points: {method label: [(lr, mean accuracy, lo, hi)]} -> accuracy vs learning rate with 95 % CI bands."""
+def plot_lr_sweep(points, path, chosen=None):
+    """points: {method: [(lr, mean accuracy, lo, hi)]} -> accuracy vs learning rate with 95 % CI bands; chosen
+    {method: lr}, if given, is marked with a star."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, pts in points.items():
         pts = sorted(pts)
         lr = [p[0] for p in pts]
-        ax.plot(lr, [100 * p[1] for p in pts], marker="o", label=label)
+        line = ax.plot(lr, [100 * p[1] for p in pts], marker="o", label=label)[0]
         ax.fill_between(lr, [100 * p[2] for p in pts], [100 * p[3] for p in pts], alpha=0.2)
+        if chosen and label in chosen:
+            best = next(p for p in pts if p[0] == chosen[label])
+            ax.plot([best[0]], [100 * best[1]], marker="*", markersize=14, color=line.get_color())
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("mean accuracy over tasks (%)")

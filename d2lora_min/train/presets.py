@@ -1,67 +1,83 @@
 """The settings of a comparison: CompareConfig (every knob, with its default), the presets (`make compare`,
-`make ablate`, `make replicate`, the lr sweep), the training budget, and the check of every setting before any work.
+`make ablate`, `make replicate`), the tuned learning rates they run at (tuned_lrs.json, written by `make tune`), the
+training budget, and the check of every setting before any work.
+
+Seeds: 0-99 are reported seeds; 100 and above are development seeds, on which anything chosen from results (a
+learning rate, a budget, a task's difficulty) is chosen, always on validation items (see tune.py).
 """
 
 import copy
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tiny_gpt import GPT, GPTConfig
 
-from ..nn import DEFAULT_TARGETS, METHODS
+from ..nn import METHODS
 from ..nn.inject import find_targets
 from .cli import UsageError, check_range
 from .pretrain import PretrainConfig, check_pretrain_config
-from .specs import parse_method_spec
+from .specs import TARGET_GROUPS, parse_method_spec
 from .tasks import TASKS, steps_for
 from .trainer import TrainConfig, check_train_config
 
 
+# The comparison's methods at their tuned learning rates, and the same methods at the shared default lr (replicate's
+# sensitivity table shows both).
+COMPARED = ("lora", "lora:r=8", "dora", "d2lora")
+SHARED_LR = 1e-2  # the learning rate every method ran at before `make tune` (the trainer default below)
+AT_SHARED_LR = tuple(f"{m}{',' if ':' in m else ':'}lr={SHARED_LR:g}" for m in COMPARED)
+
 PRESETS = {
-    "default": {"methods": ("base", "lora", "lora:r=8", "dora", "d2lora"), "reference": "lora:r=8"},
+    "default": {"methods": ("base", *COMPARED), "reference": "lora:r=8"},
+    # the open design questions of D2-LoRA, each against the default (the paper's form, tau 0.5 fixed, attached
+    # norm, q, k, v, o): one variant per question
     "ablate": {
         "methods": (
             "d2lora",
-            "d2lora:tau_init=0,learn_tau=false",  # no negative branch: tau fixed at 0
-            "d2lora:project=false",  # the signed residual alone
-            "d2lora:learn_tau=false",  # tau fixed at tau_init
-            "d2lora:detach_norm=true",  # norm treated as a constant in backward, as DoRA does
-            "d2lora:r=8",  # rank 2r
-            "d2lora:targets=attn",  # attention projections only
-            "d2lora:targets=mlp",  # MLP only
-            "lora:r=8",  # the parameter-matched LoRA
+            "d2lora:readd_delta=false",  # the exact-norm form: W = P(V), every row exactly at norm(W0_i)
+            "d2lora:tau_init=1.0",  # tau fixed at 1.0 (better on one backbone, per a review)
+            "d2lora:tau_init=0.0",  # tau fixed at 0: no negative branch
+            "d2lora:learn_tau=true",  # tau learned from 0.5
+            "d2lora:detach_norm=true",  # norm(V) treated as a constant in backward, as DoRA does
+            "d2lora:targets=all",  # every linear (q, k, v, o, fc_in, fc_out) instead of q, k, v, o
         ),
         "reference": "d2lora",
+        "seeds": tuple(range(16)),
     },
-    "replicate": {"methods": ("lora", "lora:r=8", "dora", "d2lora"), "reference": "lora:r=8", "seeds": tuple(range(28))},
-    "lr": {"methods": ("lora", "lora:r=8", "dora", "d2lora"), "reference": "lora:r=8", "seeds": (0, 1)},
+    "replicate": {"methods": COMPARED + AT_SHARED_LR, "reference": "lora:r=8", "seeds": tuple(range(28))},
 }
-
-
-LR_GRID = tuple(round(10 ** (-3 + 0.375 * k), 6) for k in range(5))  # 1e-3 to 3.16e-2: 1.5 decades, log-even
+DEV_SEEDS = (100, 101, 102, 103)  # development seeds: what `make tune` (and any choice of defaults) runs on
+TUNED_FILE = Path(__file__).with_name("tuned_lrs.json")  # the tuned learning rates, committed (make tune ARGS=--publish)
 
 
 def default_train_config():
     # steps and warmup_steps are set from the budget (n_train x epochs) by budget_train_config
-    return TrainConfig(batch_size=32, lr=1e-2, min_lr_ratio=0.1, weight_decay=0.0, desc="fine-tune")
+    return TrainConfig(batch_size=32, lr=SHARED_LR, min_lr_ratio=0.1, weight_decay=0.0, desc="fine-tune")
 
 
 @dataclass
 class CompareConfig:
     methods: tuple = PRESETS["default"]["methods"]  # method specs, see the module docstring
     reference: str = "lora:r=8"  # every other method's difference is taken from this one (paired, same seeds)
-    seeds: tuple = (0, 1, 2)  # reported seeds; the defaults were chosen on seeds 100-102 (and 103-105), never reported
+    seeds: tuple = (0, 1, 2)  # reported seeds (0-99); defaults are chosen on development seeds (DEV_SEEDS), never reported
     r: int = 4  # rank when a spec does not say
     alpha_over_r: float = 2.0  # alpha = alpha_over_r * r unless a spec sets alpha: the same scaling at every rank
-    targets: tuple = DEFAULT_TARGETS  # module-name suffixes to adapt (a spec's targets= overrides)
+    targets: tuple = TARGET_GROUPS["attn"]  # module-name suffixes to adapt: q, k, v, o, as the paper (a spec's targets= overrides)
     tasks: tuple = tuple(TASKS)
     n_train: int = 160  # training items per task
     epochs: int = 3  # passes over them: steps = epochs * ceil(n_tasks * n_train / batch_size)
-    n_test: int = 500  # test items per task
+    n_test: int = 500  # test items per task (what is reported)
+    n_validation: int = 200  # validation items per task (what `make tune` chooses on)
+    split: str = "test"  # which items the runs are scored on: "test", or "validation" (development work)
+    lr_source: str = "tuned"  # a method's lr unless its spec sets one: "tuned" (tuned_file, if it has the method) or "shared" (train.lr)
+    tuned_file: str = str(TUNED_FILE)  # the tuned learning rates (written by make tune ARGS=--publish)
     scoring: str = "task"  # multiple-choice scorer: "task" (each task's own), "sum" or "mean" log-likelihood
     warmup_frac: float = 0.1  # warmup as a fraction of the run's steps
     checkpoints: int = 4  # checkpoints per run (what a killed run resumes from)
     full_lr: float = 1e-3  # learning rate of `full` fine-tuning unless its spec sets lr
+    packed: bool = True  # pack a step's items into rows (no compute on padding); False: one item per padded row
     train: TrainConfig = field(default_factory=default_train_config)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # which base (the shipped one by default)
 
@@ -90,7 +106,12 @@ def check_compare_config(cfg: CompareConfig):
     if len(set(cfg.methods)) != len(cfg.methods):
         raise UsageError(f"a method is listed twice: {list(cfg.methods)}")
     check_range("r", cfg.r, 1, cfg.pretrain.model.d_model)  # before any spec builds a layer of that rank
-    specs = [parse_method_spec(m, cfg) for m in cfg.methods]
+    if cfg.lr_source not in ("tuned", "shared"):
+        raise UsageError(f"lr_source must be tuned or shared, got {cfg.lr_source!r}")
+    if cfg.split not in ("test", "validation"):
+        raise UsageError(f"split must be test or validation, got {cfg.split!r}")
+    tuned = load_tuned(cfg.tuned_file)["lrs"] if cfg.lr_source == "tuned" else {}
+    specs = [parse_method_spec(m, cfg, tuned) for m in cfg.methods]
     if not cfg.seeds:
         raise UsageError("no seeds given")
     for seed in cfg.seeds:
@@ -116,6 +137,7 @@ def check_compare_config(cfg: CompareConfig):
     check_range("n_train", cfg.n_train, 1, MAX_ITEMS)
     check_range("epochs", cfg.epochs, 1, MAX_EPOCHS)
     check_range("n_test", cfg.n_test, 1, MAX_ITEMS)
+    check_range("n_validation", cfg.n_validation, 1, MAX_ITEMS)
     check_range("warmup_frac", cfg.warmup_frac, 0.0, 0.5, kind=float)
     check_range("checkpoints", cfg.checkpoints, 1, MAX_EPOCHS)
     check_range("full_lr", cfg.full_lr, kind=float)
@@ -135,6 +157,22 @@ def check_compare_config(cfg: CompareConfig):
     return specs
 
 
+def load_tuned(path):
+    """The tuned learning rates file ({"lrs": {"lora": ..., ...}, and how they were chosen}), or {"lrs": {}} when
+    there is none; a UsageError for a file that is not one."""
+    path = Path(path)
+    if not path.exists():
+        return {"lrs": {}}
+    try:
+        tuned = json.loads(path.read_text())
+        lrs = tuned["lrs"]
+        if not isinstance(lrs, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in lrs.values()):
+            raise ValueError("lrs must map method names to learning rates in (0, 1)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"tuned learning rates {path}: not readable ({type(e).__name__}: {e}); regenerate it with `make tune`") from None
+    return tuned
+
+
 def model_skeleton(model_cfg):
     """A GPT with the base's layers and names but 1-wide tensors: what targets are checked against, at no cost."""
     return GPT(GPTConfig(vocab_size=2, block_size=2, n_layer=model_cfg.n_layer, n_head=1, d_model=1, bias=model_cfg.bias))
@@ -144,10 +182,4 @@ def apply_preset(cfg, preset):
     settings = PRESETS[preset]
     cfg.methods, cfg.reference = settings["methods"], settings["reference"]
     cfg.seeds = settings.get("seeds", cfg.seeds)
-    if preset == "lr":  # every method at every learning rate of the grid
-        cfg.methods = tuple(f"{m}{',' if ':' in m else ':'}lr={lr:g}" for m in settings["methods"] for lr in LR_GRID)
-        nearest = min(LR_GRID, key=lambda lr: abs(math.log(lr / cfg.train.lr)))  # a method of the sweep itself
-        cfg.reference = f"lora:r=8,lr={nearest:g}"
     return cfg
-
-

@@ -16,7 +16,7 @@ import torch
 from ..atomic import atomic_path, write_json, write_text
 from . import claims as claims_mod
 from . import plots, stats, tables
-from .presets import budget_train_config
+from .presets import SHARED_LR, budget_train_config
 from .tasks import TASKS
 
 
@@ -57,23 +57,47 @@ def method_rows(runs, tasks, clusters, scoring, reference):
     return rows
 
 
+def learning_rates_line(specs):
+    """Each trained method's learning rate and where it came from (tuned, its spec, the shared default)."""
+    trained = [s for s in specs if s.name != "base"]
+    return "learning rates: " + ", ".join(f"{s.label} {s.lr:.3g} ({s.lr_from})" for s in trained)
+
+
+def cost_line(runs):
+    """Where the time went (training and evaluation seconds over every run, as each run recorded them) and how
+    much of the compute was padding (positions that hold no token), in fine-tuning and in evaluation."""
+
+    def share(key):
+        counts = [r[key] for r in runs if isinstance(r.get(key), dict)]
+        total = sum(c["positions"] for c in counts)
+        return f"{100 * sum(c['padding'] for c in counts) / total:.1f} %" if total else "–"
+
+    train = sum(r.get("train_seconds", 0.0) for r in runs)
+    evaluation = sum(r.get("eval_seconds", 0.0) for r in runs)
+    return (f"time over {len(runs)} runs: training {train:.0f} s, evaluation {evaluation:.0f} s; padding: "
+            f"{share('train_positions')} of the positions computed in fine-tuning, {share('eval_positions')} in evaluation")
+
+
 PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "results"
 
 
 def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, preset, publish=False):
     tasks = {t: TASKS[t] for t in cfg.tasks}
-    clusters = {t: stats.cluster_ids([it.cluster for it in splits[t][1]]) for t in cfg.tasks}
-    chance = {t: float(np.mean([1 / len(it.choices) for it in splits[t][1]])) for t in cfg.tasks if TASKS[t].kind == "mc"}
+    scored = {t: getattr(splits[t], cfg.split) for t in cfg.tasks}  # the items the runs were scored on
+    clusters = {t: stats.cluster_ids([it.cluster for it in scored[t]]) for t in cfg.tasks}
+    chance = {t: float(np.mean([1 / len(it.choices) for it in scored[t]])) for t in cfg.tasks if TASKS[t].kind == "mc"}
     rows = method_rows(runs, tasks, clusters, cfg.scoring, cfg.reference)
     ref = next((s for s in specs if s.text == cfg.reference), None)
     base_row = next((r for r in rows if r["method"] == "base"), None)
     steps = budget_train_config(cfg).steps
+    n_items = cfg.n_test if cfg.split == "test" else cfg.n_validation
     header = (f"base {base_meta['sha256'][:12]}; {len(cfg.tasks)} tasks x {cfg.n_train} training items x {cfg.epochs} epochs "
-              f"= {steps} steps of {cfg.train.batch_size}; {cfg.n_test} test items per task; seeds {list(cfg.seeds)}; "
-              f"scoring {cfg.scoring}; device {device}, {torch.get_num_threads()} threads; wall {wall}")  # fmt: skip
-    parts = [header, "", "Accuracy (%, mean over seeds; span: ROUGE-L F1 and exact match):", "", tables.score_table(rows, tasks)]
+              f"= {steps} steps of {cfg.train.batch_size}; {n_items} {cfg.split} items per task; seeds {list(cfg.seeds)}; "
+              f"targets {'+'.join(cfg.targets)}; scoring {cfg.scoring}; device {device}, {torch.get_num_threads()} threads; wall {wall}")  # fmt: skip
+    parts = [header, learning_rates_line(specs), cost_line(runs), "", "Accuracy (%, mean over seeds; span: ROUGE-L F1 and exact match):", "",
+             tables.score_table(rows, tasks)]  # fmt: skip
     if ref:
-        parts += ["", f"Difference from {ref.label}, paired over seeds and test items (bootstrap, items resampled by cluster):", "",
+        parts += ["", f"Difference from {ref.label}, paired over seeds and {cfg.split} items (bootstrap, items resampled by cluster):", "",
                   tables.difference_table(rows, tasks, ref.label)]  # fmt: skip
     parts += ["", "Retention and cost:", "", tables.cost_table(rows, base_row, "lora")]
     parts += ["", *tables.headroom_lines(rows, tasks, chance), *tables.flag_lines(rows)]
@@ -81,14 +105,13 @@ def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, pre
     if preset == "ablate":
         parts += ["", "Scoring function (the same runs, each multiple-choice task scored both ways):", "", tables.scoring_table(runs, tasks, clusters)]
     if preset == "replicate":
-        claims = claims_mod.replicate_claims(runs, tasks, clusters, cfg.scoring)
-        summary["claims"] = claims
-        parts += ["", "The paper's claims at this scale:", "", claims_mod.claims_table(claims)]
-    if preset == "lr":
-        points = tables.lr_points(runs, specs, tasks, clusters, cfg.scoring)
-        summary["lr_sweep"] = points
-        plots.plot_lr_sweep(points, out_dir / "lr_sweep.png")
-        parts += ["", "Accuracy by learning rate (mean over tasks, 95 % CI):", "", tables.lr_table(points)]
+        claims = claims_mod.replicate_claims(runs, tasks, clusters, cfg.scoring, claims_mod.TUNED)
+        shared = claims_mod.replicate_claims(runs, tasks, clusters, cfg.scoring, claims_mod.SHARED)
+        summary["claims"], summary["claims_at_shared_lr"] = claims, shared
+        parts += ["", "The paper's claims at this scale, every method at its tuned learning rate:", "", claims_mod.claims_table(claims)]
+        if shared:
+            parts += ["", f"Sensitivity: the same claims with every method at the shared lr {SHARED_LR:g} and at its tuned lr:", "",
+                      claims_mod.sensitivity_table(shared, claims)]  # fmt: skip
     text = "\n".join(parts) + "\n"
     write_text(out_dir / "results.md", text)
     write_json(out_dir / "results.json", summary)
@@ -96,7 +119,7 @@ def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, pre
     if publish:  # the tables and figures the README shows live in the repository, regenerated by this command
         PUBLISHED.mkdir(parents=True, exist_ok=True)
         write_text(PUBLISHED / f"{preset}.md", text)
-        for png in ("loss_curves.png", "lr_sweep.png"):
+        for png in ("loss_curves.png",):
             if (out_dir / png).exists():
                 with atomic_path(PUBLISHED / f"{preset}_{png}") as tmp:
                     shutil.copyfile(out_dir / png, tmp)

@@ -32,7 +32,19 @@ class MethodSpec:
     lr: float
     targets: tuple
     options: dict
-    lr_set: bool = False  # the spec names its own lr (then the label shows it)
+    lr_from: str = "shared"  # where lr comes from: "spec" (its own lr=, shown in the label), "tuned", "shared", "full_lr"
+    default_r: int = 4  # the comparison's rank (what tuned_key leaves out)
+    default_targets: tuple = DEFAULT_TARGETS  # the comparison's targets (what the label leaves out)
+
+    @property
+    def lr_set(self):
+        return self.lr_from == "spec"
+
+    @property
+    def tuned_key(self):
+        """The name a tuned learning rate is stored under: the method at its rank ("lora", "lora:r=8"); variants of
+        a method (other options, targets) run at their method's tuned lr."""
+        return self.name if self.r == self.default_r else f"{self.name}:r={self.r}"
 
     @property
     def label(self):
@@ -46,7 +58,7 @@ class MethodSpec:
         if self.name == "full":
             return f"full FT (lr={self.lr:g})"
         extra = dict(self.options)
-        if self.targets != DEFAULT_TARGETS:
+        if self.targets != self.default_targets:
             extra["targets"] = next((g for g, t in TARGET_GROUPS.items() if t == self.targets), "+".join(self.targets))
         opts = "".join(f", {k}={v}" for k, v in extra.items())
         return f"{display_name(self.name)}(r={self.r}{opts})"
@@ -63,8 +75,12 @@ def parse_targets(text, where):
         raise UsageError(f"targets in {where}: {e}") from None
 
 
-def parse_method_spec(text, cfg):
-    """'d2lora:r=8,project=false' -> MethodSpec; a UsageError naming the spec and the key otherwise."""
+def parse_method_spec(text, cfg, tuned=None):
+    """'d2lora:r=8,project=false' -> MethodSpec; a UsageError naming the spec and the key otherwise.
+
+    The learning rate: the spec's own lr= if it sets one; else, with cfg.lr_source == "tuned", the tuned lr of its
+    method at its rank from `tuned` ({"lora": 0.0056, "lora:r=8": ...}, see tune.py) when there is one; else the shared
+    cfg.train.lr (cfg.full_lr for full fine-tuning)."""
     name, _, rest = text.strip().partition(":")
     valid_names = list(METHODS) + ["base", "full"]
     if name not in valid_names:
@@ -87,7 +103,11 @@ def parse_method_spec(text, cfg):
             raise UsageError(f"unknown key {key!r} for method {name!r} in {text!r}; valid keys: {', '.join(valid)}")
     alpha = common["alpha"] if common["alpha"] is not None else cfg.alpha_over_r * common["r"]
     lr_set = any(pair.partition("=")[0] == "lr" for pair in rest.split(",")) if rest else False
-    spec = MethodSpec(text, name, common["r"], float(alpha), float(common["dropout"]), float(common["lr"]), tuple(common["targets"]), options, lr_set)
+    lr_from = "spec" if lr_set else "full_lr" if name == "full" else "shared"
+    spec = MethodSpec(text, name, common["r"], float(alpha), float(common["dropout"]), float(common["lr"]), tuple(common["targets"]),
+                      options, lr_from, cfg.r, tuple(cfg.targets))  # fmt: skip
+    if lr_from == "shared" and name in METHODS and cfg.lr_source == "tuned" and spec.tuned_key in (tuned or {}):
+        spec.lr, spec.lr_from = float(tuned[spec.tuned_key]), "tuned"
     check_range(f"lr in {text!r}", spec.lr, kind=float)
     if spec.lr <= 0:
         raise UsageError(f"lr in {text!r} must be > 0, got {spec.lr}")

@@ -1,5 +1,5 @@
 """The Markdown tables of a comparison's report: scores, differences from the reference, retention and cost, the
-headroom checks, the two scorers side by side, and accuracy by learning rate.
+headroom checks, the runs that did not train normally, and the two scorers side by side.
 """
 
 import math
@@ -116,25 +116,3 @@ def scoring_table(runs, tasks, clusters):
         sa, sb = np.mean([a[t].mean() for t in mc]), np.mean([b[t].mean() for t in mc])
         lines.append(f"| {rs[0]['label']} | {100 * sa:.1f} | {100 * sb:.1f} | {100 * boot['diff']:+.1f} [{100 * boot['lo']:+.1f}, {100 * boot['hi']:+.1f}] |")
     return "\n".join(lines)
-
-
-def lr_points(runs, specs, tasks, clusters, scoring):
-    """{method label without lr: [(lr, mean accuracy, lo, hi)]} from runs of `name:lr=...` specs."""
-    by, points = stats.group(runs), {}
-    for spec in specs:
-        if spec.text in by:
-            points.setdefault(spec.method_label, []).append((spec.lr, *stats.mean_ci(by[spec.text], tasks, clusters, scoring)))
-    return points
-
-
-def lr_table(points):
-    lrs = sorted({p[0] for pts in points.values() for p in pts})
-    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |", "|---|" + "---|" * (len(lrs) + 1)]
-    for label, pts in points.items():
-        at = {p[0]: p for p in pts}
-        cells = [f"{100 * at[lr][1]:.1f} [{100 * at[lr][2]:.1f}, {100 * at[lr][3]:.1f}]" if lr in at else "–" for lr in lrs]
-        best = max(pts, key=lambda p: p[1])[0]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {best:g} |")
-    return "\n".join(lines)
-
-

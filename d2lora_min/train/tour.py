@@ -95,7 +95,7 @@ def finetune_with_trace(method, base_model, tokenizer, splits, cfg, record_every
 
     tcfg = budget_train_config(cfg)
     tcfg.progress, tcfg.desc = False, method
-    get_batch = finetune_batches(tokenizer, {k: tr for k, (tr, _) in splits.items()}, tcfg.batch_size, 0, tokenizer.token_to_id(EOT))
+    get_batch = finetune_batches(tokenizer, {k: parts.train for k, parts in splits.items()}, tcfg.batch_size, 0, tokenizer.token_to_id(EOT))
     record(0, model, None)
     train(model, get_batch, tcfg, callback=record)
     return model, names, trace, get_batch

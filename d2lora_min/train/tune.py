@@ -1,0 +1,191 @@
+"""`make tune`: each method's own learning rate, chosen on development seeds and validation items only.
+
+    python -m d2lora_min.train.tune              # every compared method over the grid, seeds 100-103, validation items
+    python -m d2lora_min.train.tune --publish    # also write docs/results/tune.md, tune_lr.png and tuned_lrs.json
+
+A shared learning rate decides which method looks better (the README shows it), so every method runs at its own.
+The rule, fixed before any run: for each method, the grid point with the highest mean validation accuracy (the mean
+over the multiple-choice tasks and the development seeds); a learning rate at which any development run diverged or
+never moved is not eligible; a tie (within 1e-9) goes to the smaller learning rate. Nothing here reads a test item
+or a reported seed (seeds 0-99): the runs are scored on the validation split, whose items, people and scripts are
+in neither the training nor the test split.
+
+Robustness: for each method the span of grid learning rates whose validation accuracy is within 1 pp of its best
+(in decades: how far the lr can be off before it costs a point).
+
+Outputs under runs/tune/ (or --out): results.md, tune.json, tune_lr.png (accuracy against lr with 95 % CI bands
+over the development seeds, each method's choice marked); with --publish the same under docs/results/ and the
+choice in d2lora_min/train/tuned_lrs.json, which `make compare`, `make replicate` and `make ablate` read as each
+method's default learning rate. Resumable like compare: finished runs are reused.
+"""
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+from ..atomic import check_writable, write_json, write_text
+from . import plots, stats
+from .cli import UsageError, apply_overrides, config_help, parse_value, run_cli
+from .compare import announce, prepare, run_all
+from .presets import COMPARED, DEV_SEEDS, TUNED_FILE, CompareConfig, budget_train_config, check_compare_config
+from .report import PUBLISHED, cost_line
+from .tasks import TASKS
+from .trainer import rank_and_world
+
+GRID = tuple(round(10 ** (-3 + 0.25 * k), 7) for k in range(7))  # 1e-3 ... 3.16e-2: 7 points over 1.5 decades, 1e-2 among them
+RULE = ("the grid point with the highest mean validation accuracy (mean over the multiple-choice tasks and the development "
+        "seeds); a learning rate at which any development run diverged or never moved is not eligible; ties go to the smaller lr")  # fmt: skip
+WITHIN = 0.01  # robustness: the learning rates within 1 pp of the best
+
+
+def tune_config(methods=COMPARED, seeds=DEV_SEEDS, grid=GRID):
+    """The comparison's settings with every method at every grid lr, on development seeds and validation items."""
+    cfg = CompareConfig(methods=tuple(with_lr(m, lr) for m in methods for lr in grid), seeds=tuple(seeds), split="validation")
+    cfg.reference = cfg.methods[0]
+    return cfg
+
+
+def with_lr(method, lr):
+    return f"{method}{',' if ':' in method else ':'}lr={lr:g}"
+
+
+def choose(points, flagged):
+    """The rule: points {method: [(lr, mean, lo, hi)]}, flagged {method: {lr: True if a run diverged or never moved}}
+    -> {method: chosen lr}."""
+    chosen = {}
+    for method, pts in points.items():
+        eligible = [p for p in pts if not flagged[method].get(p[0])]
+        if eligible:
+            best = max(p[1] for p in eligible)
+            chosen[method] = min(p[0] for p in eligible if p[1] >= best - 1e-9)
+    return chosen
+
+
+def robustness(points, chosen):
+    """{method: (lowest lr, highest lr, decades)} of the grid points within WITHIN of the chosen one's accuracy."""
+    out = {}
+    for method, pts in points.items():
+        if method in chosen:
+            best = next(p[1] for p in pts if p[0] == chosen[method])
+            near = [p[0] for p in pts if p[1] >= best - WITHIN]
+            out[method] = (min(near), max(near), math.log10(max(near) / min(near)))
+    return out
+
+
+def summarise(cfg, runs, splits, methods, grid):
+    """points, flags, choices and robustness from the runs of a tune."""
+    tasks = {t: TASKS[t] for t in cfg.tasks}
+    clusters = {t: stats.cluster_ids([it.cluster for it in splits[t].validation]) for t in cfg.tasks}
+    by = stats.group(runs)
+    points = {m: [] for m in methods}
+    flagged = {m: {} for m in methods}
+    for method in methods:
+        for lr in grid:
+            rs = by[with_lr(method, lr)]
+            points[method].append((lr, *stats.mean_ci(rs, tasks, clusters, cfg.scoring)))
+            flagged[method][lr] = bool(stats.flagged(rs))
+    chosen = choose(points, flagged)
+    return points, flagged, chosen, robustness(points, chosen)
+
+
+def table(points, flagged, chosen, spans):
+    lrs = sorted({p[0] for pts in points.values() for p in pts})
+    head = "| method | " + " | ".join(f"lr {lr:.3g}" for lr in lrs) + " | chosen | within 1 pp of the best |"
+    lines = [head, "|---|" + "---|" * (len(lrs) + 2)]
+    for method, pts in points.items():
+        at = {p[0]: p for p in pts}
+        cells = []
+        for lr in lrs:
+            if lr not in at:
+                cells.append("–")
+                continue
+            mark = "**" if chosen.get(method) == lr else ""
+            note = " (diverged)" if flagged[method].get(lr) else ""
+            cells.append(f"{mark}{100 * at[lr][1]:.1f}{mark} [{100 * at[lr][2]:.1f}, {100 * at[lr][3]:.1f}]{note}")
+        lo, hi, decades = spans.get(method, (None, None, None))
+        span = f"{lo:.3g} - {hi:.3g} ({decades:.2f} decades)" if lo else "–"
+        choice = f"{chosen[method]:.3g}" if method in chosen else "none eligible"
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {choice} | {span} |")
+    return "\n".join(lines)
+
+
+def protocol(cfg):
+    """The settings a tuned lr holds for: compare warns when it runs under others."""
+    tcfg = budget_train_config(cfg)
+    return {"tasks": list(cfg.tasks), "n_train": cfg.n_train, "epochs": cfg.epochs, "batch_size": tcfg.batch_size,
+            "targets": list(cfg.targets), "r": cfg.r, "alpha_over_r": cfg.alpha_over_r, "packed": cfg.packed,
+            "base": cfg.pretrain.key()}  # fmt: skip
+
+
+def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
+    t_start = time.time()
+    out_dir = Path(out_dir)
+    if any(s < min(DEV_SEEDS) for s in cfg.seeds):
+        raise UsageError(f"tune runs on development seeds (>= {min(DEV_SEEDS)}); seeds below are reported seeds: {list(cfg.seeds)}")
+    if cfg.split != "validation":
+        raise UsageError("tune scores validation items only (split=validation)")
+    specs = check_compare_config(cfg)
+    check_writable(out_dir)
+    setup = prepare(cfg)
+    rank, _ = rank_and_world()
+    if rank == 0:
+        announce(cfg, specs, setup)
+    runs, reused = run_all(cfg, specs, setup, out_dir, fresh)
+    if rank != 0:
+        return None
+    points, flagged, chosen, spans = summarise(cfg, runs, setup.splits, methods, grid)
+    wall = f"{time.time() - t_start:.0f} s ({reused} of {len(runs)} runs reused)"
+    text = "\n".join([
+        f"make tune: {len(methods)} methods x {len(grid)} learning rates x development seeds {list(cfg.seeds)}, "
+        f"scored on {cfg.n_validation} validation items per task; wall {wall}", cost_line(runs), "",
+        "Mean validation accuracy over the multiple-choice tasks (%, 95 % CI over development seeds and items; the choice in bold):", "",
+        table(points, flagged, chosen, spans), "", f"Rule: {RULE}.", ""])  # fmt: skip
+    result = {"lrs": chosen, "rule": RULE, "grid": list(grid), "dev_seeds": list(cfg.seeds),
+              "protocol": protocol(cfg), "points": points, "within_1pp": spans, "n_validation": cfg.n_validation,
+              "command": "make tune ARGS=--publish"}  # fmt: skip
+    write_text(out_dir / "results.md", text)
+    write_json(out_dir / "tune.json", result)
+    plots.plot_lr_sweep(points, out_dir / "tune_lr.png", chosen)
+    if publish:
+        PUBLISHED.mkdir(parents=True, exist_ok=True)
+        write_text(PUBLISHED / "tune.md", text)
+        plots.plot_lr_sweep(points, PUBLISHED / "tune_lr.png", chosen)
+        write_json(TUNED_FILE, {k: result[k] for k in ("lrs", "rule", "grid", "dev_seeds", "protocol", "n_validation", "command")})
+    print(f"\n{text}\nchosen: {chosen}\nwritten: {out_dir}/results.md, tune.json, tune_lr.png"
+          + (f"; published to {PUBLISHED} and {TUNED_FILE}" if publish else "; add --publish to make them the defaults"))
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Choose each method's learning rate on development seeds and validation items.",
+        epilog=__doc__ + "\nsettings (override with --section.field=value):\n" + "\n".join(config_help(CompareConfig())),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--methods", help=f"method specs without lr, separated by spaces (default: {' '.join(COMPARED)})")
+    parser.add_argument("--seeds", help=f"development seeds (default: {','.join(map(str, DEV_SEEDS))})")
+    parser.add_argument("--grid", help="learning rates, comma-separated (default: 7 points from 1e-3 to 3.16e-2)")
+    parser.add_argument("--out", default="runs/tune", help="output folder")
+    parser.add_argument("--fresh", action="store_true", help="recompute every run instead of reusing matching results")
+    parser.add_argument("--publish", action="store_true", help="write docs/results/tune.* and d2lora_min/train/tuned_lrs.json")
+    args, overrides = parser.parse_known_args(argv)
+
+    def body():
+        methods = tuple(args.methods.split()) if args.methods else COMPARED
+        if any("lr=" in m for m in methods):
+            raise UsageError("--methods for tune take no lr= (the grid sets it)")
+        seeds = parse_value(args.seeds, (0,), "--seeds") if args.seeds else DEV_SEEDS
+        grid = parse_value(args.grid, (0.1,), "--grid") if args.grid else GRID
+        if len(set(grid)) != len(grid) or not all(0 < lr < 1 for lr in grid):
+            raise UsageError(f"--grid must be distinct learning rates in (0, 1), got {list(grid)}")
+        cfg = apply_overrides(tune_config(methods, seeds, grid), overrides)
+        tune(cfg, methods, grid, args.out, fresh=args.fresh, publish=args.publish)
+        return 0
+
+    return run_cli(parser, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
