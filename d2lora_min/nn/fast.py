@@ -101,54 +101,57 @@ class RowScaledLowRank(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, xd, W0, bias, A, B, target, A_neg, B_neg, tau, settings):
         s, dt, ndt = settings.s, x.dtype, norm_dtype(W0.dtype)
-        A_pos, B_pos = A, B
         if A_neg is not None:  # D2-LoRA's two branches as one rank-2r pair
-            A, B = torch.cat([A_pos, A_neg]), torch.cat([B_pos, B_neg * -tau], dim=1)  # (2r, in), (out, 2r)
+            A, B = torch.cat([A, A_neg]), torch.cat([B, B_neg * -tau], dim=1)  # (2r, in), (out, 2r)
         lead, (n_out, n_in) = x.shape[:-1], W0.shape
         x2 = x.reshape(-1, n_in)  # (N, in)
         xd2 = x2 if xd is None else xd.reshape(-1, n_in)  # (N, in)
-        z = torch.mm(xd2, _to(A, dt).t())  # (N, k)
+        zs = torch.mm(xd2, _to(A, dt).t()).mul_(s)  # s * z = s * xd @ A.T: (N, k), the scaling on the small side
         base = torch.mm(x2, _to(W0, dt).t())  # x @ W0.T: (N, out)
         if settings.readd:
-            low = torch.mm(z, _to(B, dt).t()).mul_(s)  # x @ dW.T: (N, out)
-            h = base + low  # x @ V.T: (N, out)
+            low = torch.mm(zs, _to(B, dt).t())  # s * z @ B.T = x @ dW.T: (N, out)
+            h = base.add_(low)  # x @ V.T: (N, out)
         else:
-            h = torch.addmm(base, z, _to(B, dt).t(), alpha=s)  # x @ V.T, factored: (N, out)
+            h = torch.addmm(base, zs, _to(B, dt).t())  # x @ V.T, factored: (N, out)
         V = torch.addmm(_to(W0, ndt), _to(B, ndt), _to(A, ndt), alpha=s)  # (out, in), dropped after its norms
         norm = torch.linalg.vector_norm(V, dim=1)  # L2 over in_features -> (out,)
         c = _to(target, ndt) / norm.clamp_min(NORM_EPS)  # (out,)
         cd = factor_as(c, dt)
-        h3 = h.view(*lead, n_out)  # (..., out)
         offset = None if bias is None else _to(bias, dt)  # what is added to c * h: the bias (out,) ...
-        if settings.readd:  # ... and, in the paper's form, x @ dW.T once more: (..., out)
-            offset = low.view(*lead, n_out) if offset is None else low.view(*lead, n_out) + offset
-        y = h3 * cd if offset is None else torch.addcmul(offset, h3, cd)  # a new tensor (not a view): it can be saved
+        if settings.readd:  # ... and, in the paper's form, x @ dW.T once more: (N, out)
+            offset = low if offset is None else low.add_(offset)
+        h = h.view(*lead, n_out)  # (..., out)
+        offset = offset if offset is None or offset.dim() == 1 else offset.view(*lead, n_out)
+        y = h * cd if offset is None else torch.addcmul(offset, h, cd)  # (..., out), a new tensor: it can be saved
 
         needs = dict(zip(INPUTS, ctx.needs_input_grad))
         need_factors = any(needs[k] for k in ("A", "B", "A_neg", "B_neg", "tau"))  # does any factor want a gradient?
         need_gc = needs["target"] or (not settings.detach_norm and need_factors)  # is dL/dc needed?
         keep_h = settings.keep_h
         if need_gc and not keep_h and bias is not None:  # y - b keeps c * h's digits only where the bias does not dominate
-            typical = torch.linalg.vector_norm(h, ord=1, dim=0) / max(1, h.shape[0])  # mean |h| per output row: (out,)
+            typical = torch.linalg.vector_norm(h.reshape(-1, n_out), ord=1, dim=0) / max(1, x2.shape[0])  # mean |h| per row: (out,)
             keep_h = bool((_to(bias, ndt).abs() > BIAS_DOMINATES * c.abs() * _to(typical, ndt)).any())
         kept = (h if keep_h else y) if need_gc else None  # h itself, or y to recover it from
-        ctx.save_for_backward(x2, None if xd is None else xd2, z, W0, bias, A, B, target, c, norm, kept, B_neg, tau)
+        VA = torch.mm(V, _to(A, ndt).t()) if need_gc and need_factors and not settings.detach_norm else None  # V @ A.T: (out, k)
+        ctx.save_for_backward(x2, None if xd is None else xd2, zs, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau)
         ctx.settings, ctx.x_shape, ctx.need_factors, ctx.need_gc, ctx.keep_h = settings, x.shape, need_factors, need_gc, keep_h
         return y
 
     @staticmethod
     def backward(ctx, G):
-        x2, xd2, z, W0, bias, A, B, target, c, norm, kept, B_neg, tau = ctx.saved_tensors
+        x2, xd2, zs, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau = ctx.saved_tensors
         st, needs = ctx.settings, dict(zip(INPUTS, ctx.needs_input_grad))
         s, dt, ndt = st.s, x2.dtype, c.dtype
         G2 = G.reshape(-1, W0.shape[0])  # (N, out)
-        g_h = G2 * factor_as(c, dt)  # dL/dh: (N, out)
-        g_low = g_h + G2 if st.readd else g_h  # dL/dlow: (N, out)
+        # dL/dh = G * c and dL/dlow = G * c_low scale columns of G; every use multiplies them by W0 or B, so the
+        # scaling goes on those (out, in) and (out, k) weights instead of on the (N, out) activations.
+        cd = factor_as(c, dt)  # (out,)
+        c_low = cd + 1 if st.readd else cd  # dL/dlow = G * c_low: the paper's form adds low once more
         A_dt = _to(A, dt)
-        g_z = torch.mm(g_low, _to(B, dt)).mul_(s)  # dL/dz: (N, k)
+        g_z = torch.mm(G2, _to(B, dt) * (s * c_low)[:, None])  # dL/dz = s * (G * c_low) @ B: (N, k)
         grad = dict.fromkeys(INPUTS)
         if needs["x"]:
-            grad_x = torch.mm(g_h, _to(W0, dt))  # (N, in)
+            grad_x = torch.mm(G2, _to(W0, dt) * cd[:, None])  # dL/dh @ W0 = G @ (c * W0): (N, in)
             if xd2 is None:  # no dropout: the low-rank branch saw x itself
                 grad_x.addmm_(g_z, A_dt)
             grad["x"] = grad_x.view(ctx.x_shape)
@@ -156,14 +159,14 @@ class RowScaledLowRank(torch.autograd.Function):
             grad["xd"] = torch.mm(g_z, A_dt).view(ctx.x_shape)  # (..., in)
         grad_A = grad_B = None
         if ctx.need_factors:
-            grad_A = _to(torch.mm(g_z.t(), x2 if xd2 is None else xd2), ndt)  # (k, in)
-            grad_B = _to(torch.mm(g_low.t(), z).mul_(s), ndt)  # (out, k)
+            grad_A = _to(torch.mm(g_z.t(), x2 if xd2 is None else xd2), ndt)  # dL/dz.T @ xd: (k, in)
+            grad_B = _to(torch.mm(G2.t(), zs), ndt) * _to(c_low, ndt)[:, None]  # s * (G * c_low).T @ z: (out, k)
         if ctx.need_gc:
             Gf = _to(G2, ndt)
             if ctx.keep_h:
-                g_c = (Gf * _to(kept, ndt)).sum(0)  # sum_t G * h: (out,)
+                g_c = (Gf * _to(kept, ndt).reshape(Gf.shape)).sum(0)  # sum_t G * h: (out,)
             else:
-                g_y = (Gf * _to(kept, ndt).view(Gf.shape)).sum(0)  # sum_t G * y
+                g_y = (Gf * _to(kept, ndt).reshape(Gf.shape)).sum(0)  # sum_t G * y
                 if bias is not None:
                     g_y = g_y - _to(bias, ndt) * Gf.sum(0)  # sum_t G * (y - b) = c * sum_t G * h
                 g_c = g_y / c.masked_fill(c == 0, 1)  # sum_t G * h: (out,); where c == 0 it is not used (see above)
@@ -171,14 +174,12 @@ class RowScaledLowRank(torch.autograd.Function):
             if needs["target"]:
                 grad["target"] = _to(g_c / clamped, target.dtype)  # dc/dtarget = 1 / norm
             if not st.detach_norm and ctx.need_factors:
-                k = -(g_c * c) / clamped.square()  # dL/dV_i = k_i * V_i: (out,)
-                k = k.masked_fill(norm < NORM_EPS, 0)  # below eps the clamp holds the norm constant
-                sk = s * k  # (out,)
+                # dL/dV_i = k_i * V_i with k_i = -dL/dc_i * c_i / norm(V_i)^2; below eps the clamp holds the norm constant
+                sk = (g_c * c).div_(clamped.square()).mul_(-s).masked_fill_(norm < NORM_EPS, 0)[:, None]  # s * k: (out, 1)
                 A_n, B_n, W0_n = _to(A, ndt), _to(B, ndt), _to(W0, ndt)
-                VA = torch.addmm(torch.mm(W0_n, A_n.t()), B_n, torch.mm(A_n, A_n.t()), alpha=s)  # V @ A.T: (out, k)
-                grad_B = grad_B + VA * sk[:, None]  # s * dL/dV @ A.T: (out, k)
-                kB = (B_n * sk[:, None]).t()  # (s k B).T: (k, out)
-                grad_A = grad_A + torch.addmm(torch.mm(kB, W0_n), torch.mm(kB, B_n), A_n, alpha=s)  # s * B.T @ dL/dV: (k, in)
+                grad_B.addcmul_(VA, sk)  # + s * dL/dV @ A.T = s * k * (V @ A.T), V @ A.T kept from forward: (out, k)
+                kB = (B_n * sk).t()  # (s k B).T: (k, out)
+                grad_A.add_(torch.addmm(torch.mm(kB, W0_n), torch.mm(kB, B_n), A_n, alpha=s))  # + s * B.T @ dL/dV: (k, in)
         if grad_A is not None and B_neg is not None:  # back to the two branches: A = [A_pos; A_neg], B = [B_pos, -tau * B_neg]
             r = B_neg.shape[1]
             g_neg = grad_B[:, r:]  # dL/d(-tau * B_neg): (out, r)

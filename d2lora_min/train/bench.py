@@ -20,10 +20,11 @@ measurements taken in the same repetition, which cancels most of the machine's d
                autograd function of nn/fast.py, to show what fusing saves
   aten calls   operator calls per training step (torch.profiler), the cost at a dispatch-bound shape
 
-Shapes: the default compare model (d_model 128, 2 blocks) at sequence lengths 64, 128 and 256 with a fixed
-number of tokens per step, and one compute-bound shape (d_model 768, 2 blocks, sequence 512), where the
-D2-LoRA paper's training-overhead figure comes from. Last, a sweep of sequence lengths at a fixed batch of
-sequences (tokens per step grow), for the paper's "overhead falls with longer sequences".
+Every model adapts q, k, v, o, as make compare does. Shapes: the compare shape (d_model 128, 2 blocks, a packed step
+of make compare: 10 rows of 128 positions), the same model at 32 x 128, and one compute-bound shape (d_model 768,
+2 blocks, sequence 512), where the D2-LoRA paper's training-overhead figure comes from. Last, a sweep of sequence
+lengths at a fixed batch of sequences (tokens per step grow), for the paper's "overhead falls with longer
+sequences".
 """
 
 import argparse
@@ -40,9 +41,10 @@ from pathlib import Path
 import torch
 
 from ..atomic import check_writable, write_json, write_text
-from ..nn import DEFAULT_TARGETS, inject_adapters, merge_adapters, set_fast_path
+from ..nn import inject_adapters, merge_adapters, set_fast_path
 from .data import VOCAB_SIZE
 from .cli import UsageError, run_cli
+from .specs import TARGET_GROUPS
 from .trainer import TrainConfig, make_optimizer, pick_device
 from tiny_gpt import GPT, GPTConfig
 
@@ -53,19 +55,22 @@ METHODS_BENCH = [
     ("LoRA(r)", "lora", {"r": 4}),
     ("LoRA(2r)", "lora", {"r": 8}),
     ("DoRA(r)", "dora", {"r": 4}),
-    ("D2-LoRA(r)", "d2lora", {"r": 4}),
+    ("D2-LoRA(r)", "d2lora", {"r": 4}),  # the default: the paper's form, tau fixed
+    ("D2-LoRA(r) exact-norm", "d2lora", {"r": 4, "readd_delta": False}),
     ("D2-LoRA(r) detach_norm", "d2lora", {"r": 4, "detach_norm": True}),
     ("D2-LoRA(r) project=false", "d2lora", {"r": 4, "project": False}),
     ("DoRA(r) plain path", "dora", {"r": 4}),
     ("D2-LoRA(r) plain path", "d2lora", {"r": 4}),
 ]
+TARGETS = TARGET_GROUPS["attn"]  # what make compare adapts (q, k, v, o, as the paper)
+COMPARE_ROWS = 10  # rows of 128 positions in a packed step of make compare (32 items of ~37 tokens: 10.0 rows on average)
 
 
 def shapes(quick):
-    default = dict(vocab_size=VOCAB_SIZE, n_layer=2, n_head=4, d_model=128)
-    tokens = 4096  # per step, at every sequence length
+    default = dict(vocab_size=VOCAB_SIZE, n_layer=2, n_head=4, d_model=128, block_size=128)
     # (name, config, batch, seq, steps timed together per repetition: short steps are timed in groups)
-    grid = [(f"default d128 seq{T}", GPTConfig(block_size=T, **default), tokens // T, T, 3) for T in (64, 128, 256)]
+    grid = [("compare d128, packed 10 x 128", GPTConfig(**default), COMPARE_ROWS, 128, 3),
+            ("d128, 32 x 128", GPTConfig(**default), 32, 128, 3)]  # fmt: skip
     big = GPTConfig(vocab_size=VOCAB_SIZE, block_size=512, n_layer=2, n_head=12, d_model=768)
     grid.append(("compute-bound d768 seq512", big, 1 if quick else 2, 512, 1))
     return grid
@@ -84,7 +89,7 @@ def make_models(config, device, peft_ok):
     for label, method, opts in METHODS_BENCH:
         opts = dict(opts)
         r = opts.pop("r")
-        models[label] = inject_adapters(copy.deepcopy(base), method, r=r, alpha=2 * r, **opts)
+        models[label] = inject_adapters(copy.deepcopy(base), method, r=r, alpha=2 * r, targets=TARGETS, **opts)
         if label.endswith("plain path"):
             set_fast_path(models[label], False)
     if peft_ok:
@@ -94,7 +99,7 @@ def make_models(config, device, peft_ok):
             m = copy.deepcopy(base)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(DEFAULT_TARGETS), lora_dropout=0.0, use_dora=dora)
+                cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), lora_dropout=0.0, use_dora=dora)
                 models[label] = inject_adapter_in_model(cfg, m)
     return models
 
@@ -165,58 +170,62 @@ def paired_ratio(times, k, ref):
     return statistics.median(a / b for a, b in zip(times[k], times[ref]))
 
 
-def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok):
-    models = make_models(config, device, peft_ok)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
-    y = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
-    trainable = [k for k in models if k != "base"]
+def memory_of(model, step, x, y, device):
+    """Saved activations, trainable state (parameters + gradients + 2 Adam moments), the step footprint, and on
+    CUDA the peak allocated during one step."""
+    n_trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    act = saved_bytes(model, x, y)
+    # the footprint at the start of backward, where a step peaks: every weight, the gradients and Adam's
+    # two moments of the trainable tensors, and every activation autograd kept
+    memory = {"saved_activation_bytes": act, "trainable_state_bytes": 3 * n_trainable, "weight_bytes": weights,
+              "step_footprint_bytes": weights + 3 * n_trainable + act}  # fmt: skip
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        sync(device)
+        memory["cuda_peak_step_bytes"] = torch.cuda.max_memory_allocated() - before
+    return memory
 
-    # training steps, interleaved
-    steps = {k: train_step_fn(models[k], x, y) for k in trainable}
-    for k in trainable:  # warm-up: allocator, optimizer state
-        for _ in range(2):
-            steps[k][0]()
-    step_times = interleaved({k: steps[k][0] for k in trainable}, device, reps, inner)
-    calls = {k: aten_calls(steps[k][0]) for k in trainable}
 
-    # memory: saved activations, trainable state (params + grads + 2 Adam moments), CUDA peak
-    memory = {}
-    for k in trainable:
-        m = models[k]
-        n_trainable = sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
-        weights = sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
-        act = saved_bytes(m, x, y)
-        # the footprint at the start of backward, where a step peaks: every weight, the gradients and Adam's
-        # two moments of the trainable tensors, and every activation autograd kept
-        memory[k] = {"saved_activation_bytes": act, "trainable_state_bytes": 3 * n_trainable, "weight_bytes": weights,
-                     "step_footprint_bytes": weights + 3 * n_trainable + act}  # fmt: skip
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            steps[k][0]()
-            sync(device)
-            memory[k]["cuda_peak_step_bytes"] = torch.cuda.max_memory_allocated() - before
-    del steps
-
-    # evaluation throughput: base, unmerged, merged (merged copies made once, then interleaved)
+@torch.no_grad()
+def eval_times(models, x, device, reps, inner):
+    """{name: [seconds per forward, per repetition]} of the base and of every method unmerged and merged (the merged
+    copies made once, then every forward interleaved)."""
     evals = {"base": models["base"]}
     for label, _, _ in METHODS_BENCH:
         evals[f"{label} unmerged"] = models[label]
         evals[f"{label} merged"] = merge_adapters(copy.deepcopy(models[label]))
     for m in evals.values():
         m.eval()
-    with torch.no_grad():
-        for m in evals.values():
-            m(x)
-        eval_times = interleaved({k: (lambda m=m: m(x)) for k, m in evals.items()}, device, reps, 3 * inner)
+        m(x)  # warm-up
+    return interleaved({k: (lambda m=m: m(x)) for k, m in evals.items()}, device, reps, 3 * inner)
+
+
+def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok):
+    """Every measurement of one shape: training steps (interleaved), operator calls, memory, evaluation."""
+    models = make_models(config, device, peft_ok)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
+    y = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
+    trainable = [k for k in models if k != "base"]
+    steps = {k: train_step_fn(models[k], x, y)[0] for k in trainable}
+    for k in trainable:  # warm-up: allocator, optimizer state
+        for _ in range(2):
+            steps[k]()
+    step_times = interleaved(steps, device, reps, inner)
+    calls = {k: aten_calls(steps[k]) for k in trainable}
+    memory = {k: memory_of(models[k], steps[k], x, y, device) for k in trainable}
+    del steps
+    evals = eval_times(models, x, device, reps, inner)
     tokens = batch * seq
     return {
         "name": name, "batch": batch, "seq": seq, "d_model": config.d_model, "n_layer": config.n_layer,
         "train_step_s": {k: statistics.median(v) for k, v in step_times.items()},
-        "eval_tokens_per_s": {k: tokens / statistics.median(v) for k, v in eval_times.items()},
+        "eval_tokens_per_s": {k: tokens / statistics.median(v) for k, v in evals.items()},
         "memory": memory, "aten_calls_per_step": calls,
-        "train_step_reps_s": step_times, "eval_reps_s": eval_times,  # per repetition, for the paired ratios
+        "train_step_reps_s": step_times, "eval_reps_s": evals,  # per repetition, for the paired ratios
     }  # fmt: skip
 
 
@@ -226,7 +235,7 @@ def sequence_sweep(device, reps, batch=8, seqs=(64, 128, 256, 512)):
     config = GPTConfig(vocab_size=VOCAB_SIZE, block_size=max(seqs), n_layer=2, n_head=4, d_model=128)
     torch.manual_seed(0)
     base = GPT(config).to(device)
-    models = {label: inject_adapters(copy.deepcopy(base), method, r=4, alpha=8)
+    models = {label: inject_adapters(copy.deepcopy(base), method, r=4, alpha=8, targets=TARGETS)
               for label, method in (("LoRA(r)", "lora"), ("DoRA(r)", "dora"), ("D2-LoRA(r)", "d2lora"))}  # fmt: skip
     rows = []
     for seq in seqs:
@@ -273,10 +282,6 @@ def markdown(results, facts, sweep=None):
                      f"{rat[k]['merged / base']:.2f}" if merged else "–"]  # fmt: skip
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"base model eval: {ev['base']:,.0f} tok/s", ""]
-    trend = [r for r in results if r["name"].startswith("default")]
-    if trend:
-        lines.append("D2-LoRA(r) step / LoRA(r) step by sequence length, default model, 4096 tokens per step: "
-                     + ", ".join(f"seq {r['seq']}: {ratios(r)['D2-LoRA(r)']['vs LoRA(r)']:.2f}" for r in trend))  # fmt: skip
     if sweep:
         lines += ["", "### fixed batch of 8 sequences, default model (tokens per step grow with the sequence)", "",
                   "| seq | tokens/step | LoRA(r) step (ms) | DoRA(r) / LoRA(r) | D2-LoRA(r) / LoRA(r) |", "|---|---|---|---|---|"]  # fmt: skip

@@ -54,7 +54,7 @@ class PretrainConfig:
     def key(self):
         """A short hash of everything that changes the resulting weights: the configs (not progress bars or
         checkpoint intervals) and a fingerprint of the corpus text itself, so that an edited world.py counts too."""
-        t = {k: v for k, v in asdict(self.train).items() if k not in ("progress", "desc", "checkpoint_every", "device", "amp", "compile")}
+        t = {k: v for k, v in asdict(self.train).items() if k not in ("progress", "desc", "checkpoint_every", "device", "amp")}
         blob = {"model": asdict(self.model), "corpus": asdict(self.corpus), "train": t, "text": corpus_fingerprint(self.corpus)}
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 

@@ -48,7 +48,6 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available, else cpu
     amp: bool = True  # bf16 autocast, used on CUDA only
-    compile: bool = False  # torch.compile the model's forward (opt-in: compiling costs time before the first step)
     checkpoint_every: int = 0  # steps between checkpoints (0 = only at the end); needs out_dir
     progress: bool = True  # tqdm bar
     desc: str = "train"  # the bar's label
@@ -263,8 +262,6 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and device == "cuda") else nullcontext()
     # Under torchrun, DDP all-reduces the gradients of the trainable tensors (the frozen base has none).
     forward = DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    if cfg.compile:  # shapes change from step to step (packed rows): compile for dynamic shapes once
-        forward = torch.compile(forward, dynamic=True)
 
     result = TrainResult()
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None

@@ -63,13 +63,14 @@ def choose(points, flagged):
     return chosen
 
 
-def robustness(points, chosen):
-    """{method: (lowest lr, highest lr, decades)} of the grid points within WITHIN of the chosen one's accuracy."""
+def robustness(points, chosen, flagged):
+    """{method: (lowest lr, highest lr, decades)} of the eligible grid points within WITHIN of the chosen one's
+    accuracy."""
     out = {}
     for method, pts in points.items():
         if method in chosen:
             best = next(p[1] for p in pts if p[0] == chosen[method])
-            near = [p[0] for p in pts if p[1] >= best - WITHIN]
+            near = [p[0] for p in pts if p[1] >= best - WITHIN and not flagged[method].get(p[0])]
             out[method] = (min(near), max(near), math.log10(max(near) / min(near)))
     return out
 
@@ -87,7 +88,7 @@ def summarise(cfg, runs, splits, methods, grid):
             points[method].append((lr, *stats.mean_ci(rs, tasks, clusters, cfg.scoring)))
             flagged[method][lr] = bool(stats.flagged(rs))
     chosen = choose(points, flagged)
-    return points, flagged, chosen, robustness(points, chosen)
+    return points, flagged, chosen, robustness(points, chosen, flagged)
 
 
 def table(points, flagged, chosen, spans):
