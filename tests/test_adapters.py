@@ -427,3 +427,26 @@ def test_a_float16_factor_beyond_its_range_keeps_a_zero_row_zero(fast):
         layer.magnitude[1] = 0.5  # B is still 0, so V's row 1 is 0
     y = layer(torch.randn(5, 4, dtype=torch.float16))
     assert torch.isfinite(y).all() and torch.equal(y[:, 1], base.bias[1].expand(5))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_lora_A_is_drawn_like_nn_linear_weights_not_smaller(method):
+    # Kaiming-uniform with a = sqrt(5) is U(-1/sqrt(in), 1/sqrt(in)): the largest |A| is near the bound and the
+    # standard deviation is bound / sqrt(3) (a factor drawn 1000x too small would pass an upper bound alone)
+    torch.manual_seed(0)
+    n_in = 256
+    layer = METHODS[method](nn.Linear(n_in, 64), r=8, alpha=8.0)
+    bound = 1 / math.sqrt(n_in)
+    for name, p in layer.named_parameters():
+        if name.startswith("lora_A"):
+            assert 0.95 * bound <= p.abs().max() <= bound, name
+            assert abs(p.std().item() - bound / math.sqrt(3)) <= 0.05 * bound / math.sqrt(3), name
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_options_table_matches_the_constructors_defaults(method):
+    import inspect
+
+    cls = METHODS[method]
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k in cls.OPTIONS}
+    assert defaults == cls.OPTIONS  # every option is a keyword with the default the table states

@@ -21,7 +21,8 @@ from d2lora_min.train.cache import read_cached
 from d2lora_min.train.data import heldout_text
 from d2lora_min.train.tasks import retention_probe
 from d2lora_min.train.pretrain import SHIPPED_BASE, load_base
-from d2lora_min.train.trainer import CHECKPOINT, CheckpointMismatch, TrainConfig, train
+from d2lora_min.train.resume import CHECKPOINT, CheckpointMismatch
+from d2lora_min.train.trainer import TrainConfig, train
 from tiny_gpt import GPT, GPTConfig
 
 from .helpers import perturb_adapters

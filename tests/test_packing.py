@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from d2lora_min.nn import inject_adapters
 from d2lora_min.train.evaluate import choice_tree, greedy_generate, pack, score_choices
 from d2lora_min.train.pretrain import load_base
-from d2lora_min.train.tasks import build_splits, finetune_batches
+from d2lora_min.train.batches import finetune_batches
+from d2lora_min.train.tasks import build_splits
 from d2lora_min.train.tokenizer import EOT
 from d2lora_min.train.trainer import TrainConfig, train
 from d2lora_min.train.world import World

@@ -18,12 +18,13 @@ from safetensors.torch import save_file
 import d2lora_min.train.compare as compare_mod
 from d2lora_min.nn import adapter_layers, inject_adapters, load_adapters, load_adapter_state_dict, save_adapters
 from d2lora_min.nn.checkpoint import ADAPTER_FILE, CONFIG_KEY, read_adapter_file
-from d2lora_min.train import trainer as trainer_mod
+from d2lora_min.train import resume as resume_mod
 from d2lora_min.train.compare import main as compare_main
 from d2lora_min.train.data import heldout_text
 from d2lora_min.train.pretrain import SHIPPED_BASE, load_base
 from d2lora_min.train.tasks import retention_probe
-from d2lora_min.train.trainer import CHECKPOINT, CheckpointMismatch, TrainConfig, train
+from d2lora_min.train.resume import CHECKPOINT, CheckpointMismatch
+from d2lora_min.train.trainer import TrainConfig, train
 from tiny_gpt import GPT, GPTConfig
 
 from .helpers import perturb_adapters
@@ -162,7 +163,7 @@ def test_a_full_disk_during_a_checkpoint_is_a_plain_oserror(tmp_path, monkeypatc
             f.write = write
         return f
 
-    monkeypatch.setattr(trainer_mod, "open", full_disk, raising=False)
+    monkeypatch.setattr(resume_mod, "open", full_disk, raising=False)
     with pytest.raises(OSError) as e:
         train(inject_adapters(small_gpt(), "lora", r=2, alpha=4), counting, quiet(steps=2), out_dir=tmp_path)
     assert e.value.errno == errno.ENOSPC and not (tmp_path / CHECKPOINT).exists()
@@ -277,6 +278,8 @@ def test_a_rerun_with_other_settings_keeps_the_earlier_finished_result(tmp_path,
     first = run_files(out)
     compare_main(TINY + ["--methods", "lora", "--out", str(out), "--n_test=7"])
     assert len(run_files(out)) == 2 and all(p.exists() for p in first)
+    run = json.loads(first[0].read_text())  # and the run checked a merge that really happened
+    assert run["merged_adapter_layers"] == 0 and run["max_logit_diff"] <= 1e-4 and set(run["merge_gap_pp"]) == {"who"}
 
 
 # --- 9. base.json ------------------------------------------------------------------------------------------------

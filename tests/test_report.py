@@ -1,14 +1,15 @@
-"""The statistics of the comparison (d2lora_min/train/report.py), on synthetic per-item outcomes whose true
+"""The statistics of the comparison (d2lora_min/train/stats.py), on synthetic per-item outcomes whose true
 difference is known: the interval covers it at the stated rate, identical methods show no difference, a large
 difference gets the right verdict, and clustered items are not counted as independent."""
 
 import numpy as np
 import pytest
 
+from d2lora_min.train.presets import CompareConfig
 from d2lora_min.train.stats import cluster_ids, paired_bootstrap, seed_bootstrap_ratio, verdict
 from d2lora_min.train.tables import headroom_lines
 
-DEFAULT_SEEDS = 3  # make compare's default number of seeds
+DEFAULT_SEEDS = len(CompareConfig().seeds)  # make compare's default number of seeds
 
 
 def simulate(rng, delta, n_items=300, n_seeds=DEFAULT_SEEDS, tasks=2, cluster_size=5, effect_sd=0.1, seed_sd=0.02):
@@ -97,3 +98,27 @@ def test_headroom_lines_flag_a_task_whose_best_method_saturates_and_a_small_lift
     assert saturated.startswith("saturated tasks (best method >= 97 %): who;")  # one method at 97 % is enough
     assert "82.0 %" in saturated
     assert lift == "lift of the best method over max(base, chance): below 15 pp on yesno (+12.0)"
+
+
+def test_a_claim_is_replicated_on_the_papers_side_of_zero_whatever_its_sign():
+    from d2lora_min.train.claims import _claim
+
+    assert _claim("gain", 2.2, 1.0, 0.5, 1.5)["verdict"] == "replicated"
+    assert _claim("gain", 2.2, -1.0, -1.5, -0.5)["verdict"] == "opposite"
+    assert _claim("volatility", -36.0, -10.0, -14.0, -5.0)["verdict"] == "replicated"  # the paper's figure is negative
+    assert _claim("volatility", -36.0, 10.0, 5.0, 14.0)["verdict"] == "opposite"
+    assert _claim("volatility", -36.0, 1.0, -3.0, 4.0)["verdict"] == "not replicated"
+    assert _claim("ahead", None, 1.0, 0.2, 1.8, sign=1)["verdict"] == "replicated"
+    assert [_claim("vs DoRA", None, d, lo, hi, sign=0)["verdict"] for d, lo, hi in ((1, 0.5, 1.5), (0, -1, 1), (-1, -1.5, -0.5))] == [
+        "exceeded", "matched", "opposite"]  # "matches or exceeds"
+    assert _claim("gain", 2.2, 1.0, 0.5, 2.5)["paper_in_ci"] and not _claim("gain", 2.2, 1.0, 0.5, 1.5)["paper_in_ci"]
+
+
+def test_volatility_is_the_spread_of_step_to_step_changes_not_of_the_loss():
+    from d2lora_min.train.run import volatility
+
+    falling = [10.0 - 0.1 * k for k in range(40)]  # a straight line: every change is -0.1, no volatility
+    assert volatility(falling) == pytest.approx(0.0, abs=1e-12)
+    zigzag = [1.0 + (0.2 if k % 2 else 0.0) for k in range(40)]  # changes of +-0.2 over the second half
+    assert volatility(zigzag) == pytest.approx(0.2, rel=0.01)
+    assert volatility([1.0, 2.0]) != volatility([1.0, 2.0])  # nan below 4 steps

@@ -16,12 +16,14 @@ from d2lora_min.train.cli import apply_overrides
 from d2lora_min.train.compare import main as compare_main
 from d2lora_min.train.presets import CompareConfig
 from d2lora_min.train.specs import parse_method_spec
-from d2lora_min.train.data import CorpusConfig, read_text_file, window_batches
+from d2lora_min.train.data import read_text_file, window_batches
 from d2lora_min.train.evaluate import GenItem, MCItem, greedy_generate, mc_accuracy, rouge_l_f1, score_choices
 from d2lora_min.train.data import heldout_text
-from d2lora_min.train.tasks import TASKS, answer_text, build_splits, finetune_batches, retention_probe, steps_for, updated_facts
+from d2lora_min.train.batches import finetune_batches, steps_for
+from d2lora_min.train.tasks import TASKS, answer_text, build_splits, retention_probe, updated_facts
 from d2lora_min.train.tokenizer import EOT, train_tokenizer
-from d2lora_min.train.trainer import CHECKPOINT, TrainConfig, TrainingDiverged, lr_at, train
+from d2lora_min.train.resume import CHECKPOINT
+from d2lora_min.train.trainer import TrainConfig, TrainingDiverged, lr_at, train
 from d2lora_min.train.world import SCRIPTS, World, corpus_documents
 from tiny_gpt import GPT, GPTConfig
 

@@ -33,6 +33,8 @@ def test_the_rule_takes_the_best_eligible_lr_and_breaks_ties_towards_the_smaller
     assert choose(points, flagged) == chosen  # a pure function of the points
     spans = robustness(points, chosen, flagged)
     assert spans["a"][:2] == (1e-2, 3e-2) and spans["b"][:2] == (3e-2, 3e-2)
+    assert spans["a"][3] == pytest.approx(0.2) and spans["a"][4] == pytest.approx(0.0)  # lost one step below / above
+    assert spans["b"][4] is None  # the grid's last point has no neighbour above
 
 
 def poisoned(build):

@@ -1,8 +1,9 @@
-"""The method registry: name -> adapter class. The one extension point of the project, and the one place
-that names methods.
+"""The method registry: name -> adapter class, the one extension point of the project.
 
-Adding a method is one file in this folder plus one line in METHODS (and its display name in DISPLAY);
-inject_adapters, the compare run and the property tests (which iterate over METHODS) pick it up.
+Adding a method is one file in this folder plus one line in METHODS (a display name in DISPLAY is optional: the
+name itself is used otherwise); inject_adapters, adapter files, the compare run (`--methods yours`), make tune,
+make bench, make tour and the property tests (which iterate over METHODS) pick it up. The presets name the
+methods the paper compares; that is a choice of what to run, not a second registry.
 """
 
 from .d2lora import D2LoRALinear

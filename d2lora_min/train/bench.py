@@ -41,8 +41,9 @@ from pathlib import Path
 import torch
 
 from ..atomic import check_writable, write_json, write_text
-from ..nn import inject_adapters, merge_adapters, set_fast_path
+from ..nn import METHODS, display_name, inject_adapters, merge_adapters, set_fast_path
 from .data import VOCAB_SIZE
+from .bench_report import markdown, paired_ratio, ratios
 from .cli import UsageError, run_cli
 from .specs import TARGET_GROUPS
 from .trainer import TrainConfig, make_optimizer, pick_device
@@ -62,6 +63,12 @@ METHODS_BENCH = [
     ("DoRA(r) plain path", "dora", {"r": 4}),
     ("D2-LoRA(r) plain path", "d2lora", {"r": 4}),
 ]
+
+
+def bench_methods():
+    """METHODS_BENCH, and a row at rank r for every other registered method."""
+    named = {row[1] for row in METHODS_BENCH}
+    return METHODS_BENCH + [(f"{display_name(m)}(r)", m, {"r": 4}) for m in METHODS if m not in named]
 TARGETS = TARGET_GROUPS["attn"]  # what make compare adapts (q, k, v, o, as the paper)
 COMPARE_ROWS = 10  # rows of 128 positions in a packed step of make compare (32 items of ~37 tokens: 10.0 rows on average)
 
@@ -86,7 +93,7 @@ def make_models(config, device, peft_ok):
     torch.manual_seed(0)
     base = GPT(config).to(device)
     models = {"base": base}
-    for label, method, opts in METHODS_BENCH:
+    for label, method, opts in bench_methods():
         opts = dict(opts)
         r = opts.pop("r")
         models[label] = inject_adapters(copy.deepcopy(base), method, r=r, alpha=2 * r, targets=TARGETS, **opts)
@@ -165,11 +172,6 @@ def interleaved(fns, device, reps, inner, seed=0):
     return times
 
 
-def paired_ratio(times, k, ref):
-    """Median over repetitions of times[k] / times[ref], both measured in the same repetition."""
-    return statistics.median(a / b for a, b in zip(times[k], times[ref]))
-
-
 def memory_of(model, step, x, y, device):
     """Saved activations, trainable state (parameters + gradients + 2 Adam moments), the step footprint, and on
     CUDA the peak allocated during one step."""
@@ -194,7 +196,7 @@ def eval_times(models, x, device, reps, inner):
     """{name: [seconds per forward, per repetition]} of the base and of every method unmerged and merged (the merged
     copies made once, then every forward interleaved)."""
     evals = {"base": models["base"]}
-    for label, _, _ in METHODS_BENCH:
+    for label, _, _ in bench_methods():
         evals[f"{label} unmerged"] = models[label]
         evals[f"{label} merged"] = merge_adapters(copy.deepcopy(models[label]))
     for m in evals.values():
@@ -251,45 +253,6 @@ def sequence_sweep(device, reps, batch=8, seqs=(64, 128, 256, 512)):
     return rows
 
 
-def ratios(result):
-    st = result["train_step_reps_s"]
-    out = {k: {"vs LoRA(r)": paired_ratio(st, k, "LoRA(r)"), "vs LoRA(2r)": paired_ratio(st, k, "LoRA(2r)")} for k in st}
-    for k, label in (("PEFT LoRA(r)", "LoRA(r)"), ("PEFT DoRA(r)", "DoRA(r)")):
-        if k in st:
-            out[label]["ours / PEFT"] = paired_ratio(st, label, k)
-    ev = result["eval_reps_s"]
-    for label, _, _ in METHODS_BENCH:  # throughput merged / base = time base / time merged
-        out[label]["merged / base"] = paired_ratio(ev, "base", f"{label} merged")
-    return out
-
-
-def markdown(results, facts, sweep=None):
-    lines = [f"machine: {facts}", ""]
-    for r in results:
-        rat = ratios(r)
-        ev = r["eval_tokens_per_s"]
-        mem = r["memory"]
-        lines += [f"### {r['name']} (batch {r['batch']} x seq {r['seq']})", "",
-                  "| method | train step (ms) | × LoRA(r) | × LoRA(2r) | ours / PEFT | aten calls / step | saved activations (MB) | step footprint (MB) | footprint × LoRA(2r) | eval tok/s unmerged | merged | merged / base |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for k, t in r["train_step_s"].items():
-            unmerged, merged = ev.get(f"{k} unmerged"), ev.get(f"{k} merged")
-            act, foot = mem[k]["saved_activation_bytes"], mem[k]["step_footprint_bytes"]
-            cells = [k, f"{1000 * t:.1f}", f"{rat[k]['vs LoRA(r)']:.2f}", f"{rat[k]['vs LoRA(2r)']:.2f}",
-                     f"{rat[k]['ours / PEFT']:.2f}" if "ours / PEFT" in rat[k] else "–", f"{r['aten_calls_per_step'][k]:,}", f"{act / 2**20:.1f}",
-                     f"{foot / 2**20:.1f}", f"{foot / mem['LoRA(2r)']['step_footprint_bytes']:.2f}",
-                     f"{unmerged:,.0f}" if unmerged else "–", f"{merged:,.0f}" if merged else "–",
-                     f"{rat[k]['merged / base']:.2f}" if merged else "–"]  # fmt: skip
-            lines.append("| " + " | ".join(cells) + " |")
-        lines += ["", f"base model eval: {ev['base']:,.0f} tok/s", ""]
-    if sweep:
-        lines += ["", "### fixed batch of 8 sequences, default model (tokens per step grow with the sequence)", "",
-                  "| seq | tokens/step | LoRA(r) step (ms) | DoRA(r) / LoRA(r) | D2-LoRA(r) / LoRA(r) |", "|---|---|---|---|---|"]  # fmt: skip
-        for row in sweep:
-            lines.append(f"| {row['seq']} | {row['tokens']} | {row['LoRA(r) step ms']:.1f} | {row['DoRA(r) / LoRA(r)']:.2f} | {row['D2-LoRA(r) / LoRA(r)']:.2f} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions per measurement (median reported)")
@@ -308,7 +271,7 @@ def main(argv=None):
         device = pick_device(args.device)
         reps = 3 if args.quick else args.reps
         try:
-            import peft  # noqa: F401
+            import peft  # noqa: F401  (only whether it is installed)
 
             peft_ok = True
         except ImportError:

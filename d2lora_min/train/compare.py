@@ -34,7 +34,7 @@ from ..atomic import check_writable, write_json
 from .cache import read_cached, result_path, run_key, sealed, slug
 from .cli import UsageError, apply_overrides, config_help, overridden, parse_value, run_cli
 from .data import heldout_text
-from .presets import PRESETS, CompareConfig, apply_preset, budget_train_config, check_compare_config
+from .presets import PRESETS, CompareConfig, apply_preset, budget_train_config, check_compare_config, load_tuned, protocol
 from .pretrain import resolve_base
 from .report import learning_rates_line, write_report
 from .run import run_one
@@ -116,6 +116,10 @@ def announce(cfg, specs, setup):
           f" | {torch.get_num_threads()} threads | {n_procs} process(es) | {len(cfg.tasks)} tasks x {cfg.n_train} items x "
           f"{cfg.epochs} epochs = {tcfg.steps} steps of {tcfg.batch_size} | scored on {cfg.split} items", flush=True)  # fmt: skip
     print(learning_rates_line(specs), flush=True)
+    tuned = load_tuned(cfg.tuned_file)
+    if any(s.lr_from == "tuned" for s in specs) and tuned.get("protocol") != protocol(cfg):
+        differ = [k for k in protocol(cfg) if tuned.get("protocol", {}).get(k) != protocol(cfg)[k]]
+        print(f"note: the tuned learning rates were chosen under other settings ({', '.join(differ)}); they are used as they are", flush=True)
 
 
 def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="default", publish=False):

@@ -13,7 +13,7 @@ from .tokenizer import EOT, train_tokenizer
 from .world import World, corpus_documents
 
 MIN_TEXT_CHARS = 1000  # a user corpus shorter than this cannot train anything useful
-SEED_STRIDE = 1_000_003  # a prime: seed * SEED_STRIDE + step never collides across seeds
+SEED_STRIDE = 1_000_003  # a prime: seed * SEED_STRIDE + step (or epoch) never collides across seeds for < 1e6 steps
 VOCAB_SIZE = 1280  # BPE vocabulary of the default base: large enough that every name of the world is one token
 
 

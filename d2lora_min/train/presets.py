@@ -19,7 +19,8 @@ from ..nn.inject import find_targets
 from .cli import UsageError, check_range
 from .pretrain import PretrainConfig, check_pretrain_config
 from .specs import TARGET_GROUPS, parse_method_spec
-from .tasks import TASKS, steps_for
+from .batches import steps_for
+from .tasks import TASKS
 from .trainer import TrainConfig, check_train_config
 
 
@@ -61,7 +62,7 @@ def default_train_config():
 class CompareConfig:
     methods: tuple = PRESETS["default"]["methods"]  # method specs, see the module docstring
     reference: str = "lora:r=8"  # every other method's difference is taken from this one (paired, same seeds)
-    seeds: tuple = (0, 1, 2)  # reported seeds (0-99); defaults are chosen on development seeds (DEV_SEEDS), never reported
+    seeds: tuple = (0, 1, 2, 3, 4)  # reported seeds (0-99); defaults are chosen on development seeds (DEV_SEEDS), never reported
     r: int = 4  # rank when a spec does not say
     alpha_over_r: float = 2.0  # alpha = alpha_over_r * r unless a spec sets alpha: the same scaling at every rank
     targets: tuple = TARGET_GROUPS["attn"]  # module-name suffixes to adapt: q, k, v, o, as the paper (a spec's targets= overrides)
@@ -171,6 +172,14 @@ def load_tuned(path):
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"tuned learning rates {path}: not readable ({type(e).__name__}: {e}); regenerate it with `make tune`") from None
     return tuned
+
+
+def protocol(cfg):
+    """The settings a tuned lr holds for: compare warns when it runs under others."""
+    tcfg = budget_train_config(cfg)
+    return {"tasks": list(cfg.tasks), "n_train": cfg.n_train, "epochs": cfg.epochs, "batch_size": tcfg.batch_size,
+            "targets": list(cfg.targets), "r": cfg.r, "alpha_over_r": cfg.alpha_over_r, "packed": cfg.packed,
+            "base": cfg.pretrain.key()}  # fmt: skip
 
 
 def model_skeleton(model_cfg):

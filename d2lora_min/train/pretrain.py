@@ -172,6 +172,15 @@ def load_base(folder=SHIPPED_BASE, device="cpu", check_hash=True):
     return model, tokenizer, meta
 
 
+def evaluate_base(model, tokenizer, val_tokens, probes):
+    """{"val_loss": held-out loss, <probe>: accuracy for each probe} (leaves the model in train mode)."""
+    model.eval()
+    row = {"val_loss": validation_loss(model, val_tokens, model.config.block_size)}
+    row.update({name: mc_accuracy(model, tokenizer, items)[0] for name, items in probes.items()})
+    model.train()
+    return row
+
+
 def pretrain(cfg: PretrainConfig, out_dir, eval_every=500):
     """Pretrain from scratch (resuming from out_dir/work if a checkpoint is there) and save the base in out_dir."""
     t_start = time.time()
@@ -185,29 +194,22 @@ def pretrain(cfg: PretrainConfig, out_dir, eval_every=500):
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
     print(f"model: {model.num_params():,} parameters, {cfg.model}", flush=True)
-    probes = probe_items(cfg.corpus) if not cfg.corpus.text_file else None
+    probes = probe_items(cfg.corpus) if not cfg.corpus.text_file else {}
     get_batch = window_batches(train_tokens, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
     tokens_per_step = cfg.train.batch_size * cfg.model.block_size
     log = []
+    rank, _ = rank_and_world()
 
     def evaluate(step):
-        model.eval()
-        row = {"step": step, "tokens": step * tokens_per_step, "val_loss": validation_loss(model, val_tokens, cfg.model.block_size)}
-        for name, items in (probes or {}).items():
-            row[name] = mc_accuracy(model, tokenizer, items)[0]
-        model.train()
-        return row
-
-    rank, _ = rank_and_world()
+        return {"step": step, "tokens": step * tokens_per_step, **evaluate_base(model, tokenizer, val_tokens, probes)}
 
     def callback(step, model, result):
         if rank == 0 and (step % eval_every == 0 or step == cfg.train.steps):
-            row = evaluate(step)
-            log.append(row)
-            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            log.append(evaluate(step))
+            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in log[-1].items()))
 
     # the work folder is keyed by the settings, so a rerun with other settings never resumes this one's checkpoint
-    result = train(model, get_batch, cfg.train, out_dir=os.path.join(out_dir, "work", key), callback=callback)
+    result = train(model, get_batch, cfg.train, out_dir=os.path.join(out_dir, "work", key), callback=callback, key=key)
     if rank != 0:  # under torchrun only rank 0 evaluates and writes
         dist.barrier()
         return None
@@ -218,7 +220,7 @@ def pretrain(cfg: PretrainConfig, out_dir, eval_every=500):
         "val_loss": final["val_loss"],
         "probe_accuracy": final.get("probe"),
         "probe_items": PROBE_ITEMS if probes else 0,
-        "skill_probes": {k: final[k] for k in (probes or {}) if k != "probe"},
+        "skill_probes": {k: final[k] for k in probes if k != "probe"},
         "tokens_seen": cfg.train.steps * tokens_per_step,
         "train_seconds_this_run": round(time.time() - t_start, 1),
         "resumed_from_step": result.resumed_from,

@@ -36,7 +36,8 @@ def method_rows(runs, tasks, clusters, scoring, reference):
         row["scores"].update({f"{t}_exact": float(stats.item_matrix(rs, t, "exact").mean()) for t in gen})
         mc = [t for t in tasks if tasks[t].kind == "mc"]
         row["mean_mc"] = float(np.mean([row["scores"][t] for t in mc]))
-        mine, theirs, left_out = stats.paired_runs(rs, ref_runs) if ref_runs is not None and method != reference else ([], [], {})
+        compared = ref_runs is not None and method not in (reference, "base")  # the base is a row of its own, not a method
+        mine, theirs, left_out = stats.paired_runs(rs, ref_runs) if compared else ([], [], {})
         if mine:  # paired over the seeds both methods ran, diverged runs left out (with their pair)
             a = {t: stats.item_matrix(mine, t, fields[t]) for t in tasks}
             b = {t: stats.item_matrix(theirs, t, fields[t]) for t in tasks}

@@ -16,7 +16,8 @@ from .cache import slug
 from .evaluate import greedy_generate, mc_accuracy, pad_rows, rouge_l_f1, score_choices, validation_loss
 from .presets import budget_train_config
 from .stats import primary_field
-from .tasks import TASKS, finetune_batches
+from .batches import finetune_batches
+from .tasks import TASKS
 from .tokenizer import EOT
 from .trainer import TrainingDiverged, rank_and_world, train
 
@@ -110,9 +111,8 @@ def run_one(spec, seed, setup, cfg, out_dir, train_dir, key, full_merge):
     it only scores. Under torchrun every process trains its shard; only rank 0 evaluates and writes (the others
     return None).
     """
-    base_model, tokenizer, splits, probe, device = setup.base_model, setup.tokenizer, setup.splits, setup.probe, setup.device
     rank, n_procs = rank_and_world()
-    model = copy.deepcopy(base_model).to(device)
+    model = copy.deepcopy(setup.base_model).to(setup.device)
     torch.manual_seed(seed)  # the adapter initialisation
     if spec.name == "full":
         model.requires_grad_(True)
@@ -120,56 +120,69 @@ def run_one(spec, seed, setup, cfg, out_dir, train_dir, key, full_merge):
         inject_adapters(model, spec.name, r=spec.r, alpha=spec.alpha, targets=spec.targets, dropout=spec.dropout, **spec.options)
     result = {"method": spec.text, "label": spec.label, "seed": seed, "trainable_params": 0, "processes": n_procs, "status": "ok"}
     if spec.name != "base":
-        result["trainable_params"] = trainable_parameters(model)
-        tcfg = budget_train_config(cfg)
-        tcfg.lr, tcfg.seed, tcfg.device, tcfg.desc = spec.lr, seed, device, f"{spec.label} seed {seed}"
-        capacity = base_model.config.block_size if cfg.packed else None  # packed rows, or one item per padded row
-        get_batch = finetune_batches(tokenizer, {k: parts.train for k, parts in splits.items()}, tcfg.batch_size, seed,
-                                     tokenizer.token_to_id(EOT), capacity=capacity, n_shards=n_procs)  # fmt: skip
-        result["train_positions"] = positions_in(get_batch, tcfg.steps, tokenizer.token_to_id(EOT))
-        t0 = time.perf_counter()
-        try:
-            trained = train(model, get_batch, tcfg, out_dir=train_dir, key=key)
-            result["status"] = "never moved" if trained.skipped_updates == tcfg.steps else "ok"
-        except TrainingDiverged as e:  # kept as a result (an lr sweep expects some), flagged in every table
-            print(f"{spec.label} seed {seed}: the loss became {e.loss} at step {e.step}: scored as it stands, marked "
-                  f"diverged (try a lower lr)", flush=True)  # fmt: skip
-            trained = e.result
-            result["status"] = "diverged"
-        if trained.skipped_updates:
-            print(f"{spec.label} seed {seed}: {trained.skipped_updates} of {tcfg.steps} updates skipped (gradient not finite)", flush=True)
-        result["train_seconds"] = time.perf_counter() - t0
-        result["steps"], result["resumed_from_step"] = tcfg.steps, trained.resumed_from
-        result["skipped_updates"] = trained.skipped_updates
-        result["losses"] = trained.losses
-        warm = len(trained.step_times) // 10  # the first tenth warms up the allocator and caches: left out
-        result["step_time"] = statistics.median(trained.step_times[warm:] or trained.step_times)
-        result["volatility"] = volatility(trained.losses)
+        result.update(fine_tune(model, spec, seed, setup, cfg, train_dir, key))
     if rank != 0:
         return None
     model.eval()
     t0, counts = time.perf_counter(), {"positions": 0, "padding": 0}
     result["split"], result["lr"], result["lr_from"] = cfg.split, spec.lr, spec.lr_from
-    result["items"] = evaluate_items(model, tokenizer, splits, counts, cfg.split)
+    result["items"] = evaluate_items(model, setup.tokenizer, setup.splits, counts, cfg.split)
     result["eval_positions"] = counts
     result["scores"] = task_scores(result["items"], cfg.scoring)
     if cfg.split == "test":
-        result.update(retention(model, tokenizer, probe))
+        result.update(retention(model, setup.tokenizer, setup.probe))
     if spec.name in METHODS and cfg.split == "test":
         result["adapter"] = str(Path("adapters") / f"{slug(spec.text)}_seed{seed}_{key}")  # keyed like the result
         save_adapters(model, out_dir / result["adapter"])
-        x, lengths = logit_probe_batch(tokenizer, splits)
-        merged = merge_adapters(copy.deepcopy(model))
-        result["merged_adapter_layers"] = len(adapter_layers(merged))  # 0: the merged model is plain nn.Linear
-        result["max_logit_diff"] = (real_logits(merged, x, lengths) - real_logits(model, x, lengths)).abs().max().item()
-        if full_merge:
-            speed = forward_throughput({"base": base_model, "unmerged": model, "merged": merged}, x)
-            result["eval_tokens_per_s"], result["merged_eval_tokens_per_s"] = speed["unmerged"], speed["merged"]
-            result["base_eval_tokens_per_s"] = speed["base"]
-            merged_scores = task_scores(evaluate_items(merged, tokenizer, splits, split=cfg.split), cfg.scoring)
-            result["merge_gap_pp"] = {k: 100 * (result["scores"][k] - merged_scores[k]) for k in result["scores"]}
+        result.update(merge_check(model, setup, cfg, result["scores"], full_merge))
     result["eval_seconds"] = time.perf_counter() - t0  # scoring, retention, the adapter file and the merge check
     return result
+
+
+def fine_tune(model, spec, seed, setup, cfg, train_dir, key):
+    """Train `model` (its adapters, or all of it for `full`) on the budget -> what the run records of its training:
+    status (ok, diverged, never moved), losses, step time, volatility, seconds, positions and padding."""
+    _, n_procs = rank_and_world()
+    tokenizer, pad = setup.tokenizer, setup.tokenizer.token_to_id(EOT)
+    out = {"trainable_params": trainable_parameters(model), "status": "ok"}
+    tcfg = budget_train_config(cfg)
+    tcfg.lr, tcfg.seed, tcfg.device, tcfg.desc = spec.lr, seed, setup.device, f"{spec.label} seed {seed}"
+    capacity = setup.base_model.config.block_size if cfg.packed else None  # packed rows, or one item per padded row
+    get_batch = finetune_batches(tokenizer, {k: parts.train for k, parts in setup.splits.items()}, tcfg.batch_size, seed, pad,
+                                 capacity=capacity, n_shards=n_procs)  # fmt: skip
+    out["train_positions"] = positions_in(get_batch, tcfg.steps, pad)
+    t0 = time.perf_counter()
+    try:
+        trained = train(model, get_batch, tcfg, out_dir=train_dir, key=key)
+        out["status"] = "never moved" if trained.skipped_updates == tcfg.steps else "ok"
+    except TrainingDiverged as e:  # kept as a result (an lr sweep expects some), flagged in every table
+        print(f"{spec.label} seed {seed}: the loss became {e.loss} at step {e.step}: scored as it stands, marked "
+              f"diverged (try a lower lr)", flush=True)  # fmt: skip
+        trained = e.result
+        out["status"] = "diverged"
+    if trained.skipped_updates:
+        print(f"{spec.label} seed {seed}: {trained.skipped_updates} of {tcfg.steps} updates skipped (gradient not finite)", flush=True)
+    warm = len(trained.step_times) // 10  # the first tenth warms up the allocator and caches: left out
+    out.update(train_seconds=time.perf_counter() - t0, steps=tcfg.steps, resumed_from_step=trained.resumed_from,
+               skipped_updates=trained.skipped_updates, losses=trained.losses, volatility=volatility(trained.losses),
+               step_time=statistics.median(trained.step_times[warm:] or trained.step_times))  # fmt: skip
+    return out
+
+
+def merge_check(model, setup, cfg, scores, full_merge):
+    """Merge a copy of the adapted model and measure what merging changed: the largest logit difference on the
+    probe batch, and on the first seed every item's score and the throughput of the base, unmerged and merged."""
+    x, lengths = logit_probe_batch(setup.tokenizer, setup.splits)
+    merged = merge_adapters(copy.deepcopy(model))
+    out = {"merged_adapter_layers": len(adapter_layers(merged)),  # 0: the merged model is plain nn.Linear
+           "max_logit_diff": (real_logits(merged, x, lengths) - real_logits(model, x, lengths)).abs().max().item()}  # fmt: skip
+    if full_merge:
+        speed = forward_throughput({"base": setup.base_model, "unmerged": model, "merged": merged}, x)
+        out["eval_tokens_per_s"], out["merged_eval_tokens_per_s"] = speed["unmerged"], speed["merged"]
+        out["base_eval_tokens_per_s"] = speed["base"]
+        merged_scores = task_scores(evaluate_items(merged, setup.tokenizer, setup.splits, split=cfg.split), cfg.scoring)
+        out["merge_gap_pp"] = {k: 100 * (scores[k] - merged_scores[k]) for k in scores}
+    return out
 
 
 def positions_in(get_batch, steps, pad_id):

@@ -146,8 +146,8 @@ def paired_runs(a, b):
 
 
 def mean_ci(runs, tasks, clusters, scoring, n_boot=N_BOOT, seed=0):
-    """One method's mean accuracy over its multiple-choice tasks with a bootstrap 95 % CI (seeds and clustered
-    items resampled, as in paired_bootstrap, against a zero baseline)."""
+    """One method's mean accuracy over its multiple-choice tasks with a 95 % CI computed as in paired_bootstrap
+    against a zero baseline: the seeds through their sample variance (Student's t), the items by a cluster bootstrap."""
     mc = [t for t in tasks if tasks[t].kind == "mc"]
     mats = {t: item_matrix(runs, t, primary_field(tasks[t].kind, scoring, tasks[t].normalise)) for t in mc}
     zero = {t: np.zeros_like(m) for t, m in mats.items()}

@@ -76,7 +76,9 @@ def cost_table(rows, base_row, speed_reference):
         if row["method"] == "base":
             continue
         rel = row["step_time"] / ref["step_time"] if ref and row["step_time"] and ref["step_time"] else None
-        if base_row:
+        if row["heldout_loss"] is None:  # (validation runs measure no retention)
+            d_loss, probe = None, "–"
+        elif base_row:
             d_loss = row["heldout_loss"] - base_row["heldout_loss"]
             probe = f"{100 * base_row['facts_probe']:.1f} → {100 * row['facts_probe']:.1f}"
         else:

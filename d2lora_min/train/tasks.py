@@ -29,24 +29,13 @@ was pretrained on the old facts, so a knowledge update is something only fine-tu
 """
 
 import functools
-import math
 import random
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 
-from tiny_gpt import packing
-
-from .evaluate import GenItem, MCItem, pack, pad_rows
+from .evaluate import GenItem, MCItem
 from .world import ADJECTIVES, CITIES, FACT_WORDINGS, INSTRUMENTS, JOBS, OBJECTS, PETS, SCRIPTS, World, elimination_story, owner_sentence, points_table, states_passage
-
-
-def _passage(rng, world, k_range=(3, 5)):
-    """k objects and their owners, key first, each sentence in a random wording -> (text, objs, names)."""
-    k = rng.randint(*k_range)
-    objs, names = rng.sample(OBJECTS, k), rng.sample(world.names, k)
-    return " ".join(owner_sentence(rng, o, n) for o, n in zip(objs, names)), objs, names
 
 
 def _choices(rng, right, others, n):
@@ -281,58 +270,6 @@ def build_splits(world: World, task_names, n_train, n_test, n_validation=0, seed
         validation = task_items(task, world, "validation", n_validation, seed, exclude_prompts=seen) if n_validation else []
         splits[name] = Split(train, validation, test)
     return splits
-
-
-def encode_examples(tokenizer, items):
-    """[(prompt ids, answer ids)]: the answer is what the fine-tuning loss is computed on."""
-    return [(tokenizer.encode(it.prompt).ids, tokenizer.encode(answer_text(it)).ids) for it in items]
-
-
-def steps_for(n_items, epochs, batch_size):
-    """Optimiser steps of a budget of `epochs` passes over `n_items` training items: every epoch is
-    ceil(n_items / batch_size) batches (the last one may be smaller)."""
-    return epochs * math.ceil(n_items / batch_size)
-
-
-def finetune_batches(tokenizer, train_sets, batch_size, seed, pad_id, capacity=None, n_shards=1):
-    """get_batch(step) -> (x, y) or, packed, (x, y, positions, attn_mask): epochs over every training item of every
-    task, each epoch in a new seeded order; y is -1 everywhere but on the answer tokens. The batch depends only on
-    (seed, step), so a resumed run sees the batches an uninterrupted one would have seen. train_sets: {task: items}.
-
-    capacity=None: one item per row, right-padded to the longest (what a reader expects, and the reference the
-    packed form is tested against). capacity=C: the same items of the step packed into rows of at most C positions
-    (first-fit decreasing), each item attending only to itself from position 0 (tiny_gpt.packing), so the step's
-    loss and gradient are the padded step's, up to float rounding, with little compute spent on padding. At least
-    n_shards rows (one per data-parallel process) when the step has that many items."""
-    pool = [ex for items in train_sets.values() for ex in encode_examples(tokenizer, items)]
-    per_epoch = math.ceil(len(pool) / batch_size)
-
-    def get_batch(step):
-        epoch, i = divmod(step, per_epoch)
-        order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed * SEED_STRIDE + epoch))
-        picks = [pool[j] for j in order[i * batch_size : (i + 1) * batch_size].tolist()]
-        inputs = [(p + a)[:-1] for p, a in picks]  # position t predicts token t + 1
-        targets = [[-1] * (len(p) - 1) + a for p, a in picks]  # the loss is on the answer tokens only
-        if capacity is None:
-            x = pad_rows(inputs, pad_id)  # (B, T), right-padded
-            return x, pad_rows(targets, -1, x.shape[1])  # (B, T), -1 = no loss
-        rows = pack([len(s) for s in inputs], capacity)
-        while len(rows) < min(n_shards, len(picks)):  # one row per process at least: split the fullest row
-            k = max(range(len(rows)), key=lambda k: len(rows[k]))
-            rows[k:k + 1] = [rows[k][: len(rows[k]) // 2], rows[k][len(rows[k]) // 2 :]]
-        x = pad_rows([[t for j in row for t in inputs[j]] for row in rows], pad_id)  # (rows, T)
-        y = pad_rows([[t for j in row for t in targets[j]] for row in rows], -1, x.shape[1])  # (rows, T)
-        segments = torch.full(x.shape, -1, dtype=torch.long)  # (rows, T): which item each position holds
-        for b, row in enumerate(rows):
-            segments[b, : sum(len(inputs[j]) for j in row)] = torch.tensor([k for k, j in enumerate(row) for _ in inputs[j]])
-        pads = segments < 0
-        segments[pads] = -1 - torch.nonzero(pads)[:, 1]  # every pad position a segment of its own
-        return (x, y, *packing(segments))
-
-    return get_batch
-
-
-SEED_STRIDE = 1_000_003  # a prime: seed * SEED_STRIDE + epoch never collides across seeds for < 1e6 epochs
 
 
 def retention_probe(world, n_items=400, seed=4242):

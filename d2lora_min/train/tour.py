@@ -2,12 +2,13 @@
 
     python -m d2lora_min.train.tour            # about a minute on 2 CPU cores
 
-  tour_toy.png      a 2x2 weight: the path of one row under LoRA, DoRA and D2-LoRA on the same toy loss, against
-                    the circle of radius norm(W0_0)
-  tour_drift.png    the tiny GPT fine-tuned with each method: per layer, the mean row-norm ratio norm(W_i)/norm(W0_i)
-  tour_tau.png      D2-LoRA's tau in each layer over that fine-tuning
-  tour_radial.png   the gradient reaching each D2-LoRA layer's rows, split into its radial part (along the row: it
-                    would stretch the row) and its tangential part, with the norm attached and detached
+  tour_toy.png      a 2x2 weight: the path of one row under every method (and D2-LoRA's exact-norm form) on the same
+                    toy loss, against the circle of radius norm(W0_0)
+  tour_drift.png    the tiny GPT fine-tuned with each of them: per layer, the mean row-norm ratio norm(W_i)/norm(W0_i)
+                    (the paper's form stays near 1, the exact-norm form on it)
+  tour_tau.png      D2-LoRA's tau in each layer over that fine-tuning, with learn_tau=True (the default keeps it fixed)
+  tour_radial.png   the gradient reaching each D2-LoRA layer's rows through V, split into its radial part (along the
+                    row: it would stretch the row) and its tangential part, with the norm attached and detached
 """
 
 import argparse
@@ -19,33 +20,39 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..nn import METHODS, adapter_layers, inject_adapters, row_factor, row_norm
+from ..nn import METHODS, adapter_layers, display_name, inject_adapters, row_factor, row_norm
 from .presets import CompareConfig, budget_train_config
 from .pretrain import load_base
 from .plots import pyplot, save_figure
-from .tasks import TASKS, build_splits, finetune_batches
+from .batches import finetune_batches
+from .tasks import TASKS, build_splits
 from .tokenizer import EOT
 from .trainer import train
 from .world import World
 
-COLORS = {"lora": "tab:blue", "dora": "tab:orange", "d2lora": "tab:green"}
-LABELS = {"lora": "LoRA", "dora": "DoRA", "d2lora": "D2-LoRA"}
+def variants():
+    """What the pictures show: every registered method at its defaults, and beside D2-LoRA's default (the paper's
+    form, W = P(V) + dW) its exact-norm form (W = P(V)) -> [(label, method, options)]."""
+    out = [(display_name(m), m, {}) for m in METHODS]
+    if "d2lora" in METHODS:
+        out.append((f"{display_name('d2lora')} exact-norm", "d2lora", {"readd_delta": False}))
+    return out
 
 
 def toy_paths(steps=300, lr=0.03):
-    """{method: (steps + 1, 2) path of row 0 of the merged 2x2 weight}, trained by Adam to fit a target row that is
-    longer than W0's and turned by 100 degrees."""
+    """{label: (steps + 1, 2) path of row 0 of the merged 2x2 weight}, for every variant trained by Adam to fit a
+    target row that is longer than W0's and turned by 100 degrees."""
     W0 = torch.tensor([[1.0, 0.0], [0.3, 0.8]], dtype=torch.float64)
     angle = np.deg2rad(100)
     target = torch.tensor([[1.6 * np.cos(angle), 1.6 * np.sin(angle)], [0.3, 0.8]], dtype=torch.float64)
     x = torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     paths = {}
-    for method in METHODS:
+    for label, method, options in variants():
         torch.manual_seed(0)
         base = nn.Linear(2, 2, bias=False).double()
         with torch.no_grad():
             base.weight.copy_(W0)
-        layer = METHODS[method](base, r=1, alpha=1.0)
+        layer = METHODS[method](base, r=1, alpha=1.0, **options)
         opt = torch.optim.Adam([p for p in layer.parameters() if p.requires_grad], lr=lr)
         path = [layer.merged_weight()[0].detach().clone()]
         for _ in range(steps):
@@ -54,7 +61,7 @@ def toy_paths(steps=300, lr=0.03):
             loss.backward()
             opt.step()
             path.append(layer.merged_weight()[0].detach().clone())
-        paths[method] = torch.stack(path).numpy()
+        paths[label] = torch.stack(path).numpy()
     return paths, W0[0].numpy(), target[0].numpy()
 
 
@@ -65,8 +72,8 @@ def plot_toy(path):
     t = np.linspace(0, 2 * np.pi, 200)
     r = np.linalg.norm(w0)
     ax.plot(r * np.cos(t), r * np.sin(t), color="grey", linestyle="--", linewidth=1, label="norm(W0_0) circle")
-    for method, p in paths.items():
-        ax.plot(p[:, 0], p[:, 1], color=COLORS[method], label=LABELS[method], linewidth=2)
+    for label, p in paths.items():
+        ax.plot(p[:, 0], p[:, 1], label=label, linewidth=2)
     ax.scatter(*w0, color="black", zorder=3, label="W0 row 0 (start)")
     ax.scatter(*target, color="red", marker="*", s=120, zorder=3, label="target row")
     ax.set_aspect("equal")
@@ -76,11 +83,11 @@ def plot_toy(path):
     save_figure(fig, path)
 
 
-def finetune_with_trace(method, base_model, tokenizer, splits, cfg, record_every=2):
+def finetune_with_trace(method, options, base_model, tokenizer, splits, cfg, record_every=2):
     """Fine-tune a copy of the base with `method`; record each layer's mean row-norm ratio (and tau)."""
     model = copy.deepcopy(base_model)
     torch.manual_seed(0)
-    inject_adapters(model, method, r=4, alpha=8)
+    inject_adapters(model, method, r=4, alpha=8, targets=cfg.targets, **options)
     names = [n for n, _ in adapter_layers(model)]
     trace = {"step": [], "ratio": [], "tau": []}
 
@@ -95,7 +102,8 @@ def finetune_with_trace(method, base_model, tokenizer, splits, cfg, record_every
 
     tcfg = budget_train_config(cfg)
     tcfg.progress, tcfg.desc = False, method
-    get_batch = finetune_batches(tokenizer, {k: parts.train for k, parts in splits.items()}, tcfg.batch_size, 0, tokenizer.token_to_id(EOT))
+    get_batch = finetune_batches(tokenizer, {k: parts.train for k, parts in splits.items()}, tcfg.batch_size, 0,
+                                 tokenizer.token_to_id(EOT), capacity=base_model.config.block_size)  # fmt: skip
     record(0, model, None)
     train(model, get_batch, tcfg, callback=record)
     return model, names, trace, get_batch
@@ -103,13 +111,13 @@ def finetune_with_trace(method, base_model, tokenizer, splits, cfg, record_every
 
 def plot_drift(traces, names, path):
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), sharey=True)
-    for ax, (method, trace) in zip(axes, traces.items()):
+    fig, axes = plt.subplots(1, len(traces), figsize=(4 * len(traces), 3.6), sharey=True)
+    for ax, (label, trace) in zip(axes, traces.items()):
         ratio = np.asarray(trace["ratio"])  # (records, layers)
         for j, name in enumerate(names):
             ax.plot(trace["step"], ratio[:, j], linewidth=1, label=name.replace("blocks.", "").replace(".attn", "").replace(".mlp", ""))
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
-        ax.set_title(LABELS[method])
+        ax.set_title(label)
         ax.set_xlabel("step")
     axes[0].set_ylabel("mean over rows of norm(W_i) / norm(W0_i)")
     axes[-1].legend(fontsize=6, ncol=2)
@@ -125,7 +133,7 @@ def plot_tau(trace, names, path):
         ax.plot(trace["step"], tau[:, j], linewidth=1, label=name.replace("blocks.", "").replace(".attn", "").replace(".mlp", ""))
     ax.set_xlabel("step")
     ax.set_ylabel("tau")
-    ax.set_title("D2-LoRA: tau per layer (starts at 0.5)")
+    ax.set_title("D2-LoRA with learn_tau=True: tau per layer (the default keeps it at 0.5)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
@@ -135,7 +143,8 @@ def radial_fractions(model, get_batch, detach):
     """Per layer: |radial part| / |dL/dV| for the trained D2-LoRA model on one more batch.
 
     dL/dV is what moves the rows (dL/dB = s dL/dV A^T, dL/dA = s B^T dL/dV); its radial part, along each row V_i,
-    is the part that would stretch the row. Each layer runs its dense form W = (t / norm(V)) V with V a leaf."""
+    is the part that would stretch the row. Each layer runs its dense form W = (t / norm(V)) V (+ V - W0, the
+    re-added dW, in the paper's form) with V a leaf."""
     model = copy.deepcopy(model)
     leaves = {}
     for name, layer in adapter_layers(model):
@@ -145,11 +154,11 @@ def radial_fractions(model, get_batch, detach):
             V = (layer.base.weight + layer.scaling * B @ A).detach().requires_grad_(True)  # (out, in)
             leaves[name] = V
             c = row_factor(layer.target_norm, row_norm(V), detach)  # (out,)
-            return nn.functional.linear(x, c[:, None] * V, layer.base.bias)
+            W = c[:, None] * V + (V - layer.base.weight if layer.readd_delta else 0)  # P(V) (+ dW): (out, in)
+            return nn.functional.linear(x, W, layer.base.bias)
 
         layer.forward = forward
-    x, y = get_batch(10_000)
-    _, loss = model(x, y)
+    _, loss = model(*get_batch(10_000))
     loss.backward()
     out = []
     for name, V in leaves.items():
@@ -189,11 +198,13 @@ def main(argv=None):
     cfg = CompareConfig(n_train=args.n_train, epochs=2)
     splits = build_splits(World(), list(TASKS), cfg.n_train, 10, seed=0)
     traces, models = {}, {}
-    for method in METHODS:
-        models[method], names, traces[method], get_batch = finetune_with_trace(method, base_model, tokenizer, splits, cfg)
+    for label, method, options in variants():
+        models[label], names, traces[label], get_batch = finetune_with_trace(method, options, base_model, tokenizer, splits, cfg)
     plot_drift(traces, names, out / "tour_drift.png")
-    plot_tau(traces["d2lora"], names, out / "tour_tau.png")
-    plot_radial(models["d2lora"], names, get_batch, out / "tour_radial.png")
+    d2 = display_name("d2lora")
+    _, names, learned, _ = finetune_with_trace("d2lora", {"learn_tau": True}, base_model, tokenizer, splits, cfg)
+    plot_tau(learned, names, out / "tour_tau.png")
+    plot_radial(models[d2], names, get_batch, out / "tour_radial.png")
     print(f"wrote {out}/tour_drift.png, tour_tau.png, tour_radial.png")
     return 0
 

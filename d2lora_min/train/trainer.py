@@ -11,7 +11,7 @@ inject_adapters freezes the base, and the same loop serves both.
 
 Batches come from `get_batch(step) -> (x, y, *extra)`, a pure function of the step number, so that a resumed run
 sees exactly the batches an uninterrupted one would have seen; the model is called as `model(x, y, *extra)` (packed
-fine-tuning batches pass position ids and an attention mask as extra tensors, see tasks.finetune_batches).
+fine-tuning batches pass position ids and an attention mask as extra tensors, see batches.finetune_batches).
 
 Data-parallel: started under `torchrun --nproc_per_node=N`, every process draws the same global batch and
 keeps its rows rank, rank + N, ...; DistributedDataParallel averages the gradients (of the adapter tensors
@@ -19,20 +19,19 @@ only, when the base is frozen). The loss is rescaled so that this average is exa
 single-process loss, even when the shards hold different numbers of answer tokens. Only rank 0 writes.
 """
 
-import io
 import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_path
 from .cli import UsageError, check_range
+from .resume import CHECKPOINT, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -151,93 +150,44 @@ def make_optimizer(model, cfg):
     return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, fused=fused)
 
 
-def trainable_state(model):
-    """The tensors training changes: {name: tensor} for parameters with requires_grad."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def shard_loss(forward, batch, rank, world, device):
+    """(this process's loss to backpropagate, the global mean loss) of a batch. Under torchrun every process takes
+    the rows rank, rank + world, ... and its mean loss is reweighted by its share of the target tokens, so that the
+    gradients DDP averages are exactly those of the single-process mean loss."""
+    n_targets = (batch[1] != -1).sum()
+    if world > 1:
+        batch = [t[rank::world] for t in batch]
+    x, y, *extra = [t.to(device, non_blocking=True) for t in batch]
+    _, loss = forward(x, y, *extra)
+    if world == 1:
+        return loss, loss.detach()
+    loss = loss * ((y != -1).sum() * world / n_targets.to(device))  # DDP averages: scale to d(global mean loss)
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss)  # sum of the scaled shard losses = world * global mean
+    return loss, global_loss / world
 
 
-CHECKPOINT = "checkpoint.pt"
+def update(optimizer, loss, grad_clip):
+    """Backpropagate, clip the global gradient norm and step -> True; or, when that norm is not finite (an
+    overflow that would turn the weights into NaN, or, clipped, into a zero update), skip the step -> False."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # the same in every process
+    if not torch.isfinite(grad_norm):
+        return False
+    if grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
+    optimizer.step()
+    return True
 
 
-def save_checkpoint(path, model, optimizer, step, result, cfg, key=None):
-    state = {
-        "step": step,
-        "trainable": trainable_state(model),
-        "optimizer": optimizer.state_dict(),
-        "losses": result.losses,
-        "step_times": result.step_times,
-        "skipped_updates": result.skipped_updates,
-        "rng": torch.get_rng_state(),
-        "config": asdict(cfg),
-        "key": key,
-    }
-    buffer = io.BytesIO()  # serialised in memory, then written as plain bytes: a full disk is an ordinary OSError
-    torch.save(state, buffer)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint that cannot be resumed: unreadable, not plain tensors, or made for another model or settings."""
-
-
-# Settings that change the numbers a run produces: a checkpoint is resumed only when they all match.
-RESUME_KEYS = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed")
-
-
-def load_checkpoint(path, model, optimizer, result, cfg, key=None):
-    """Resume from `path`: refuse (CheckpointMismatch, naming the file and the tensor) anything that is not
-    exactly this model's finite trainable tensors (names, shapes, dtypes) saved with these settings and this run
-    key (the caller's hash of everything else that changes the numbers: the base, the data, alpha, dropout...).
-
-    weights_only=True: the file is read as tensors, numbers, lists and dicts only, never as arbitrary pickled
-    objects, so a planted payload cannot run code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or holding objects other than tensors and plain containers
-        raise CheckpointMismatch(f"checkpoint {path} cannot be read as a plain-tensor checkpoint ({type(e).__name__}); "
-                                 f"delete it to start this run over") from None  # fmt: skip
-    fields = ("step", "trainable", "optimizer", "losses", "step_times", "skipped_updates", "rng", "config", "key")
-    if not isinstance(state, dict) or any(k not in state for k in fields) or not isinstance(state["config"], dict):
-        raise CheckpointMismatch(f"checkpoint {path} lacks the fields {', '.join(fields)}; delete it to start over")
-    saved = state["config"]
-    differ = [k for k in RESUME_KEYS if _plain(saved.get(k)) != _plain(getattr(cfg, k))]
-    if state["key"] != key:
-        differ.append("run key: the base, data or adapter settings")
-    if differ:
-        raise CheckpointMismatch(f"checkpoint {path} was made with other settings ({', '.join(differ)}); delete it to start over")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(state["trainable"]) != set(params):
-        diff = sorted(set(state["trainable"]) ^ set(params))
-        raise CheckpointMismatch(f"checkpoint {path} is for another model or method (tensors differ: {diff[:5]})")
-    for n, p in params.items():
-        t = state["trainable"][n]
-        if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype:
-            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise CheckpointMismatch(f"checkpoint {path}, tensor {n}: saved {got}, the model has {(tuple(p.shape), p.dtype)}")
-        if not torch.isfinite(t).all():
-            raise CheckpointMismatch(f"checkpoint {path}, tensor {n}: holds NaN or Inf; delete it to start over")
-    moments = [v for s in state["optimizer"].get("state", {}).values() if isinstance(s, dict) for v in s.values()]
-    if not all(torch.isfinite(v).all() for v in moments if isinstance(v, torch.Tensor)):
-        raise CheckpointMismatch(f"checkpoint {path}: the optimizer state holds NaN or Inf; delete it to start over")
-    step = state["step"]
-    if not isinstance(step, int) or not 0 < step <= cfg.steps or len(state["losses"]) != step:
-        raise CheckpointMismatch(f"checkpoint {path} has an inconsistent step count; delete it to start over")
-    with torch.no_grad():
-        for n, t in state["trainable"].items():
-            params[n].copy_(t)
-    optimizer.load_state_dict(state["optimizer"])
-    result.losses[:] = state["losses"]
-    result.step_times[:] = state["step_times"]
-    result.skipped_updates = state["skipped_updates"]
-    torch.set_rng_state(state["rng"])
-    return step
-
-
-def _plain(value):
-    """Tuples and lists compare alike (a checkpoint stores a tuple as a list only after JSON, never here)."""
-    return list(value) if isinstance(value, (tuple, list)) else value
+def diverged(step, loss, result, last_saved, ckpt_path):
+    """The TrainingDiverged error for a non-finite loss at `step` (it carries the result so far)."""
+    where = f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}" if last_saved else "no checkpoint was written"
+    error = TrainingDiverged(f"loss is {loss} at step {step}: training stopped; {where}. Try a lower lr.")
+    error.step, error.loss, error.result, error.last_saved, error.checkpoint = step, loss, result, last_saved, ckpt_path
+    return error
 
 
 def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callback=None, key=None):
@@ -277,37 +227,13 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
             group["lr"] = lr_at(step, cfg)
         batch = get_batch(step)  # (x, y, *extra): the global batch, the same in every process
         t0 = time.perf_counter()  # step time: forward, backward and update, not the batch's construction
-        n_targets = (batch[1] != -1).sum()
-        if world > 1:  # this process's rows; its mean loss is reweighted by its share of the target tokens
-            batch = [t[rank::world] for t in batch]
-        x, y, *extra = [t.to(device, non_blocking=True) for t in batch]
         with autocast:
-            _, loss = forward(x, y, *extra)
-        if world > 1:
-            # DDP averages gradients over processes: scale so the average is d(global mean loss)
-            loss = loss * ((y != -1).sum() * world / n_targets.to(device))
-            global_loss = loss.detach().clone()
-            dist.all_reduce(global_loss)  # sum of the scaled shard losses = world * global mean
-            global_loss = global_loss / world
-        else:
-            global_loss = loss.detach()
+            loss, global_loss = shard_loss(forward, batch, rank, world, device)
         if not torch.isfinite(global_loss):  # the same decision in every process
-            where = f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}" if last_saved else "no checkpoint was written"
-            error = TrainingDiverged(f"loss is {global_loss.item()} at step {step}: training stopped; {where}. Try a lower lr.")
-            error.step, error.loss, error.result = step, global_loss.item(), result  # the losses and step times so far
-            error.last_saved, error.checkpoint = last_saved, ckpt_path
             bar.close()
             model.eval()
-            raise error
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # the same in every process
-        if torch.isfinite(grad_norm):
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.grad_clip, grad_norm)
-            optimizer.step()
-        else:  # an overflowing gradient would turn the weights into NaN (or, clipped, into a zero update): skip it
+            raise diverged(step, global_loss.item(), result, last_saved, ckpt_path)
+        if not update(optimizer, loss, cfg.grad_clip):
             result.skipped_updates += 1
         if device == "cuda":
             torch.cuda.synchronize()  # so that step_times measure the step, not the launch

@@ -29,7 +29,7 @@ from ..atomic import check_writable, write_json, write_text
 from . import plots, stats
 from .cli import UsageError, apply_overrides, config_help, parse_value, run_cli
 from .compare import announce, prepare, run_all
-from .presets import COMPARED, DEV_SEEDS, TUNED_FILE, CompareConfig, budget_train_config, check_compare_config
+from .presets import COMPARED, DEV_SEEDS, TUNED_FILE, CompareConfig, check_compare_config, protocol
 from .report import PUBLISHED, cost_line
 from .tasks import TASKS
 from .trainer import rank_and_world
@@ -64,14 +64,18 @@ def choose(points, flagged):
 
 
 def robustness(points, chosen, flagged):
-    """{method: (lowest lr, highest lr, decades)} of the eligible grid points within WITHIN of the chosen one's
-    accuracy."""
+    """{method: (lowest lr, highest lr, decades, loss one grid step below, loss one grid step above)}: the span of
+    the eligible grid points within WITHIN of the chosen one's accuracy, and the accuracy lost at its neighbours
+    (None at the grid's end)."""
     out = {}
     for method, pts in points.items():
         if method in chosen:
-            best = next(p[1] for p in pts if p[0] == chosen[method])
-            near = [p[0] for p in pts if p[1] >= best - WITHIN and not flagged[method].get(p[0])]
-            out[method] = (min(near), max(near), math.log10(max(near) / min(near)))
+            pts = sorted(pts)
+            i = next(k for k, p in enumerate(pts) if p[0] == chosen[method])
+            near = [p[0] for p in pts if p[1] >= pts[i][1] - WITHIN and not flagged[method].get(p[0])]
+            below = pts[i][1] - pts[i - 1][1] if i > 0 else None
+            above = pts[i][1] - pts[i + 1][1] if i + 1 < len(pts) else None
+            out[method] = (min(near), max(near), math.log10(max(near) / min(near)), below, above)
     return out
 
 
@@ -93,8 +97,8 @@ def summarise(cfg, runs, splits, methods, grid):
 
 def table(points, flagged, chosen, spans):
     lrs = sorted({p[0] for pts in points.values() for p in pts})
-    head = "| method | " + " | ".join(f"lr {lr:.3g}" for lr in lrs) + " | chosen | within 1 pp of the best |"
-    lines = [head, "|---|" + "---|" * (len(lrs) + 2)]
+    head = "| method | " + " | ".join(f"lr {lr:.3g}" for lr in lrs) + " | chosen | within 1 pp of the best | lost one step below / above (pp) |"
+    lines = [head, "|---|" + "---|" * (len(lrs) + 3)]
     for method, pts in points.items():
         at = {p[0]: p for p in pts}
         cells = []
@@ -105,19 +109,12 @@ def table(points, flagged, chosen, spans):
             mark = "**" if chosen.get(method) == lr else ""
             note = " (diverged)" if flagged[method].get(lr) else ""
             cells.append(f"{mark}{100 * at[lr][1]:.1f}{mark} [{100 * at[lr][2]:.1f}, {100 * at[lr][3]:.1f}]{note}")
-        lo, hi, decades = spans.get(method, (None, None, None))
+        lo, hi, decades, below, above = spans.get(method, (None,) * 5)
         span = f"{lo:.3g} - {hi:.3g} ({decades:.2f} decades)" if lo else "–"
+        steps = " / ".join("–" if d is None else f"{100 * d:.1f}" for d in (below, above)) if lo else "–"
         choice = f"{chosen[method]:.3g}" if method in chosen else "none eligible"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {choice} | {span} |")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {choice} | {span} | {steps} |")
     return "\n".join(lines)
-
-
-def protocol(cfg):
-    """The settings a tuned lr holds for: compare warns when it runs under others."""
-    tcfg = budget_train_config(cfg)
-    return {"tasks": list(cfg.tasks), "n_train": cfg.n_train, "epochs": cfg.epochs, "batch_size": tcfg.batch_size,
-            "targets": list(cfg.targets), "r": cfg.r, "alpha_over_r": cfg.alpha_over_r, "packed": cfg.packed,
-            "base": cfg.pretrain.key()}  # fmt: skip
 
 
 def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
