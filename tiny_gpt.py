@@ -54,6 +54,8 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)
         if cache is not None:  # decoding: prepend the keys and values of the positions seen before
+            if cache.k is not None and attn_mask is None:  # is_causal aligns to the top left: wrong with a past
+                raise ValueError("decoding with a KVCache past the first call needs an attn_mask over the cached keys")
             k, v = cache.extend(k, v)  # (B, nh, T_past + T, hs)
         # softmax(q k^T / sqrt(hs)) v with a causal mask (or the given one), in one fused call
         y = F.scaled_dot_product_attention(

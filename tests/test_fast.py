@@ -2,7 +2,8 @@
 
 The bar: against a float64 computation, the fast path's error stays within a small factor of the plain path's
 error in the same dtype - for every shape and dtype, on rows that nearly cancel (norm(V_i) down to 1e-3 of
-norm(W0_i) + norm(dW_i)) and on zero rows: outputs, merged weights and every gradient.
+norm(W0_i) + norm(dW_i)) and on zero rows: outputs and every gradient; and the hand-written backward against
+torch.autograd.gradcheck in float64.
 """
 
 import copy
@@ -97,6 +98,23 @@ def test_the_hand_written_backward_passes_gradcheck_in_float64(readd, branches, 
     xd = (x.detach() * keep / 0.7).requires_grad_(True) if dropout else None
     A, B, target = rand(r, n_in), rand(n_out, r), rand(n_out)
     negative = (rand(r, n_in), rand(n_out, r), rand(())) if branches else (None, None, None)
-    settings = Settings(s=1.5, detach_norm=False, readd=readd, keep_h=False)
+    settings = Settings(s=1.5, detach_norm=False, readd=readd, keep_h=False, grad=True)
     inputs = (x, xd, W0, bias, A, B, target, *negative, settings)
     assert torch.autograd.gradcheck(RowScaledLowRank.apply, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_evaluation_keeps_nothing_for_backward(monkeypatch):
+    # under torch.no_grad the fused path does no backward-only work (the bias check, V @ A.T), as a plain layer would
+    import torch.nn as nn
+
+    from d2lora_min.nn import D2LoRALinear, DoRALinear, fast
+
+    def forbidden(*args):
+        raise AssertionError("backward-only work in evaluation")
+
+    monkeypatch.setattr(fast, "bias_dominates", forbidden)
+    x = torch.randn(4, 6)
+    for layer in (DoRALinear(nn.Linear(6, 3), r=2, alpha=2.0), D2LoRALinear(nn.Linear(6, 3), r=2, alpha=2.0, readd_delta=False)):
+        with torch.no_grad():
+            y = layer(x)
+        assert not y.requires_grad and y.grad_fn is None

@@ -383,6 +383,11 @@ def test_the_update_task_never_shows_a_test_wording_in_training_and_the_base_ans
     words = {k: {wording(it, it.cluster) for it in getattr(parts, k)} for k in ("train", "validation", "test")}
     assert all(words.values()) and not words["train"] & words["test"]
     assert not words["validation"] & (words["train"] | words["test"])
+    from d2lora_min.train.tasks import UPDATE_QUESTIONS  # no split's question is another split's with words around it
+
+    for a, b in ((a, b) for a in UPDATE_QUESTIONS for b in UPDATE_QUESTIONS if a != b):
+        for attr in ("city", "job"):
+            assert not any(q in p for q in UPDATE_QUESTIONS[a][attr] for p in UPDATE_QUESTIONS[b][attr]), (a, b, attr)
     for it in parts.test + parts.validation:
         attr, old, new = updates[it.cluster]
         assert it.choices[it.answer] == " " + new and " " + old in it.choices and old != new

@@ -144,8 +144,9 @@ class AdapterLinear(nn.Module):
         raise NotImplementedError
 
     def derived_buffers(self):
-        """{name: tensor} of the buffers computed from the base weight when the layer is wrapped (never trained, e.g.
-        D2-LoRA's target_norm). A loaded adapter file must agree with them, and they keep the base's values."""
+        """{name: tensor} of the buffers computed when the layer is wrapped, from the base weight or the options, and
+        never trained (D2-LoRA's target_norm, and its tau when fixed). A loaded adapter file must agree with them, and
+        they keep the values computed here."""
         return {}
 
     def options(self):

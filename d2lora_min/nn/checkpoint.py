@@ -133,38 +133,54 @@ def load_adapter_state_dict(model, state_dict, config, source="adapter checkpoin
     A model without adapters gets them injected from `config` (each new layer in the mode of the layer it replaces).
     Anything that does not match (other targets, shapes, method, rank, options, dtypes; missing, extra or non-finite
     tensors; target norms of another base) is a ValueError naming the tensor, raised before the model is changed.
-    Tensors a layer derives from its base (D2-LoRA's target_norm) keep the values computed from this model's base.
+    Tensors a layer derives from its base or options (D2-LoRA's target_norm, a fixed tau) keep the values computed
+    for this model.
     """
     config = upgrade_config(config)
     _check_config(config)
+    layers = dict(adapter_layers(model))
+    _check_model_fits(model, layers, config, source)
+    if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
+        raise ValueError(f"{source}: the state dict must map names to tensors")
+    largest = max((max(t.shape, default=1) for t in state_dict.values()), default=1)
+    if config["r"] > largest:  # the rank is a dimension of the stored factors: refuse before allocating for it
+        raise ValueError(f"{source}: rank r={config['r']} is larger than any dimension of the stored tensors ({largest})")
+    modules = dict(model.named_modules())
+    bases = {name: layers[name].base if name in layers else modules[name] for name in config["targets"]}
+    want, derived = _expected_tensors(config, bases)
+    _check_tensors(state_dict, want, derived, source)
+
+    if not layers:
+        inject_adapters(model, config["method"], r=config["r"], alpha=config["alpha"], targets=tuple(config["targets"]),
+                        dropout=config["dropout"], **config["options"])  # fmt: skip
+    with torch.no_grad():
+        for key, tensor in adapter_state_dict(model).items():
+            if key not in derived:  # derived tensors keep what the layer computed for this model
+                tensor.copy_(state_dict[key])  # same shape and dtype, checked above; shares storage with the layer
+    return model
+
+
+def _check_model_fits(model, layers, config, source):
+    """The config's targets are the model's (names and [out, in]), and adapters already there are the config's."""
     want_targets = {name: list(shape) for name, shape in config["targets"].items()}
-    layers = adapter_layers(model)
     if layers:
-        have_targets = {name: [m.out_features, m.in_features] for name, m in layers}
+        have_targets = {name: [m.out_features, m.in_features] for name, m in layers.items()}
     else:
         linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         have_targets = {name: [linears[name].out_features, linears[name].in_features] for name in want_targets if name in linears}
     if have_targets != want_targets:
-        diffs = [
-            f"{k}: checkpoint {want_targets.get(k, 'absent')}, model {have_targets.get(k, 'absent')}"
-            for k in sorted(set(have_targets) | set(want_targets))
-            if have_targets.get(k) != want_targets.get(k)
-        ]
+        diffs = [f"{k}: checkpoint {want_targets.get(k, 'absent')}, model {have_targets.get(k, 'absent')}"
+                 for k in sorted(set(have_targets) | set(want_targets)) if have_targets.get(k) != want_targets.get(k)]  # fmt: skip
         raise ValueError(f"{source} is for other targets or shapes ([out, in]): " + "; ".join(diffs))
     if layers:
         have = adapter_config(model)
         for key in ("method", "r", "alpha", "dropout", "options"):
             if have[key] != config[key]:
                 raise ValueError(f"{source} has {key}={config[key]!r}, the model's adapters have {have[key]!r}")
-    if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
-        raise ValueError(f"{source}: the state dict must map names to tensors")
-    largest = max((max(t.shape, default=1) for t in state_dict.values()), default=1)
-    if config["r"] > largest:  # the rank is a dimension of the stored factors: refuse before allocating for it
-        raise ValueError(f"{source}: rank r={config['r']} is larger than any dimension of the stored tensors ({largest})")
 
-    modules = dict(model.named_modules())
-    bases = {name: modules[name].base if name in dict(layers) else modules[name] for name in want_targets}
-    want, derived = _expected_tensors(config, bases)
+
+def _check_tensors(state_dict, want, derived, source):
+    """Exactly the expected tensors, with their shapes and dtypes, finite, and the derived ones as computed here."""
     missing, extra = sorted(set(want) - set(state_dict)), sorted(set(state_dict) - set(want))
     if missing or extra:
         raise ValueError(f"{source} does not fit the model: missing {missing}, unexpected {extra}")
@@ -174,21 +190,12 @@ def load_adapter_state_dict(model, state_dict, config, source="adapter checkpoin
             raise ValueError(f"{source}, tensor {key}: stored {(tuple(t.shape), t.dtype)}, the model needs {(shape, dt)}")
         if not torch.isfinite(t).all():
             raise ValueError(f"{source}, tensor {key}: holds NaN or Inf")
-    for key, from_base in derived.items():
-        stored, tol = state_dict[key].double().cpu(), 1e-2 if from_base.dtype in (torch.float16, torch.bfloat16) else 1e-5
-        if not torch.allclose(stored, from_base.double(), rtol=tol, atol=tol * float(from_base.abs().max()) if from_base.numel() else 0.0):
-            raise ValueError(f"{source}, tensor {key}: the stored values are not those of this model's base weight "
-                             f"(saved for another base, or edited); {key.rpartition('.')[2]} is derived from the base")  # fmt: skip
-
-    if not layers:
-        targets = tuple(want_targets)
-        inject_adapters(model, config["method"], r=config["r"], alpha=config["alpha"], targets=targets,
-                        dropout=config["dropout"], **config["options"])  # fmt: skip
-    with torch.no_grad():
-        for key, tensor in adapter_state_dict(model).items():
-            if key not in derived:  # derived tensors keep what the layer computed from this model's base
-                tensor.copy_(state_dict[key])  # same shape and dtype, checked above; shares storage with the layer
-    return model
+    for key, computed in derived.items():
+        stored, tol = state_dict[key].double().cpu(), 1e-2 if computed.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        if not torch.allclose(stored, computed.double(), rtol=tol, atol=tol * float(computed.abs().max()) if computed.numel() else 0.0):
+            raise ValueError(f"{source}, tensor {key}: the stored values are not those of this model's base weight and the "
+                             f"adapter's options (saved for another base, or edited); {key.rpartition('.')[2]} is derived, "
+                             f"not trained")  # fmt: skip
 
 
 def save_adapters(model, folder):

@@ -73,7 +73,8 @@ class D2LoRALinear(AdapterLinear):
         self.register_buffer("target_norm", row_norm(w).detach().to(w.dtype))  # (out,)
 
     def derived_buffers(self):
-        return {"target_norm": self.target_norm}
+        fixed = {} if self.learn_tau else {"tau": self.tau}  # a fixed tau is tau_init, never trained
+        return {"target_norm": self.target_norm, **fixed}
 
     def stacked_factors(self):
         """Both branches as one rank-2r pair (one matmul each instead of two):

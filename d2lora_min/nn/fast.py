@@ -17,12 +17,12 @@ What the fused function saves, and why it stays exact:
 - Operations. Plain autograd records a dozen small operations per layer and as many backward nodes; at the
   small default shape a training step is dispatch-bound, so that count is the cost (make bench counts them).
 - A weight-sized tensor. The norm needs V (out, in). The plain path keeps it for backward; here it is formed
-  without gradient tracking in forward, used for its row norms and dropped. V is formed exactly as in the plain
-  path, so the norms - also of rows that nearly cancel - carry the plain path's rounding, not more (the expansion
-  norm(V_i)^2 = norm(W0_i)^2 + 2s<B_i, (W0 A^T)_i> + s^2 B_i A A^T B_i^T, which needs no V, loses digits there:
-  it subtracts numbers of size norm(W0_i)^2 to get a small one). Backward needs V only through V @ A.T (out, k)
-  and B.T @ V scaled by a vector, which the factors give: V @ A.T = W0 @ A.T + s B (A A^T), with the rounding of
-  V itself.
+  without gradient tracking in forward, used for its row norms and for V @ A.T (out, k), which is kept, and
+  dropped. V is formed as in the plain path (in float32 for float16/bfloat16 weights, where the plain path forms it in
+  the weights' dtype), so the norms - also of rows that nearly cancel - carry the plain path's rounding, not more
+  (the expansion norm(V_i)^2 = norm(W0_i)^2 + 2s<B_i, (W0 A^T)_i> + s^2 B_i A A^T B_i^T, which needs no V, loses
+  digits there: it subtracts numbers of size norm(W0_i)^2 to get a small one). Backward needs V only through that
+  V @ A.T and through (k B).T @ V, which the factors give: (k B).T @ W0 + s ((k B).T @ B) @ A.
 - dL/dc = sum over tokens of G * h needs h (..., out). The paper's form keeps h. DoRA and the exact-norm form keep
   y instead and recover h = (y - b) / c where c != 0 (where c == 0: D2-LoRA's t_i = 0, whose dL/dc_i is multiplied
   by dc_i/dnorm_i = -t_i / norm_i^2 = 0 and is not needed; a DoRA magnitude of exactly 0 keeps h). Keeping y costs
@@ -47,7 +47,7 @@ The backward, for G = dL/dy flattened to (N, out), x and xd to (N, in) (docs/POR
     attached norm only (c depends on V through norm(V)):
               k_i = -dL/dc_i * c_i / norm(V_i)^2  (0 where norm(V_i) < eps: past the clamp the norm is constant)
               dL/dV_i = k_i * V_i
-              dL/dB += s * dL/dV @ A.T = s * k[:, None] * (W0 @ A.T + s * B @ (A @ A.T))
+              dL/dB += s * dL/dV @ A.T = s * k[:, None] * (V @ A.T)     (V @ A.T kept from forward)
               dL/dA += s * B.T @ dL/dV = s * (k[:, None] * B).T @ W0 + s^2 * ((k[:, None] * B).T @ B) @ A
     D2-LoRA's two branches, from the stacked gradients (B = [B_pos, -tau * B_neg]):
               dL/dA_pos = dL/dA[:r],   dL/dA_neg = dL/dA[r:]
@@ -79,6 +79,7 @@ class Settings:
     detach_norm: bool  # treat norm(V) as a constant in backward
     readd: bool  # D2-LoRA's paper form: add the update once more after the projection
     keep_h: bool  # keep h for dL/dc (else keep y and recover h = (y - b) / c)
+    grad: bool  # autograd is recording (inside forward it never is): only then is anything kept for backward
 
 
 # y = c * h + b recovers h = (y - b) / c with y's rounding times (|c h| + |b|) / |c h|: past this ratio of |b_i| to
@@ -106,40 +107,32 @@ class RowScaledLowRank(torch.autograd.Function):
         lead, (n_out, n_in) = x.shape[:-1], W0.shape
         x2 = x.reshape(-1, n_in)  # (N, in)
         xd2 = x2 if xd is None else xd.reshape(-1, n_in)  # (N, in)
-        zs = torch.mm(xd2, _to(A, dt).t()).mul_(s)  # s * z = s * xd @ A.T: (N, k), the scaling on the small side
+        s_z = torch.mm(xd2, _to(A, dt).t()).mul_(s)  # s * z = s * xd @ A.T: (N, k), the scaling on the small side
         base = torch.mm(x2, _to(W0, dt).t())  # x @ W0.T: (N, out)
-        if settings.readd:
-            low = torch.mm(zs, _to(B, dt).t())  # s * z @ B.T = x @ dW.T: (N, out)
-            h = base.add_(low)  # x @ V.T: (N, out)
-        else:
-            h = torch.addmm(base, zs, _to(B, dt).t())  # x @ V.T, factored: (N, out)
+        low = torch.mm(s_z, _to(B, dt).t())  # s * z @ B.T = x @ dW.T: (N, out)
+        h = (base + low).view(*lead, n_out)  # x @ V.T: (..., out)
         V = torch.addmm(_to(W0, ndt), _to(B, ndt), _to(A, ndt), alpha=s)  # (out, in), dropped after its norms
         norm = torch.linalg.vector_norm(V, dim=1)  # L2 over in_features -> (out,)
         c = _to(target, ndt) / norm.clamp_min(NORM_EPS)  # (out,)
-        cd = factor_as(c, dt)
         offset = None if bias is None else _to(bias, dt)  # what is added to c * h: the bias (out,) ...
-        if settings.readd:  # ... and, in the paper's form, x @ dW.T once more: (N, out)
-            offset = low if offset is None else low.add_(offset)
-        h = h.view(*lead, n_out)  # (..., out)
-        offset = offset if offset is None or offset.dim() == 1 else offset.view(*lead, n_out)
+        if settings.readd:  # ... and, in the paper's form, x @ dW.T once more: (..., out)
+            offset = (low if offset is None else low + offset).view(*lead, n_out)
+        cd = factor_as(c, dt)  # (out,)
         y = h * cd if offset is None else torch.addcmul(offset, h, cd)  # (..., out), a new tensor: it can be saved
 
         needs = dict(zip(INPUTS, ctx.needs_input_grad))
-        need_factors = any(needs[k] for k in ("A", "B", "A_neg", "B_neg", "tau"))  # does any factor want a gradient?
-        need_gc = needs["target"] or (not settings.detach_norm and need_factors)  # is dL/dc needed?
-        keep_h = settings.keep_h
-        if need_gc and not keep_h and bias is not None:  # y - b keeps c * h's digits only where the bias does not dominate
-            typical = torch.linalg.vector_norm(h.reshape(-1, n_out), ord=1, dim=0) / max(1, x2.shape[0])  # mean |h| per row: (out,)
-            keep_h = bool((_to(bias, ndt).abs() > BIAS_DOMINATES * c.abs() * _to(typical, ndt)).any())
+        need_factors = settings.grad and any(needs[k] for k in ("A", "B", "A_neg", "B_neg", "tau"))  # a factor's gradient?
+        need_gc = settings.grad and (needs["target"] or (not settings.detach_norm and need_factors))  # is dL/dc needed?
+        keep_h = settings.keep_h or (need_gc and bias_dominates(h, c, bias))
         kept = (h if keep_h else y) if need_gc else None  # h itself, or y to recover it from
         VA = torch.mm(V, _to(A, ndt).t()) if need_gc and need_factors and not settings.detach_norm else None  # V @ A.T: (out, k)
-        ctx.save_for_backward(x2, None if xd is None else xd2, zs, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau)
+        ctx.save_for_backward(x2, None if xd is None else xd2, s_z, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau)
         ctx.settings, ctx.x_shape, ctx.need_factors, ctx.need_gc, ctx.keep_h = settings, x.shape, need_factors, need_gc, keep_h
         return y
 
     @staticmethod
     def backward(ctx, G):
-        x2, xd2, zs, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau = ctx.saved_tensors
+        x2, xd2, s_z, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau = ctx.saved_tensors
         st, needs = ctx.settings, dict(zip(INPUTS, ctx.needs_input_grad))
         s, dt, ndt = st.s, x2.dtype, c.dtype
         G2 = G.reshape(-1, W0.shape[0])  # (N, out)
@@ -160,26 +153,15 @@ class RowScaledLowRank(torch.autograd.Function):
         grad_A = grad_B = None
         if ctx.need_factors:
             grad_A = _to(torch.mm(g_z.t(), x2 if xd2 is None else xd2), ndt)  # dL/dz.T @ xd: (k, in)
-            grad_B = _to(torch.mm(G2.t(), zs), ndt) * _to(c_low, ndt)[:, None]  # s * (G * c_low).T @ z: (out, k)
+            grad_B = _to(torch.mm(G2.t(), s_z), ndt) * _to(c_low, ndt)[:, None]  # s * (G * c_low).T @ z: (out, k)
         if ctx.need_gc:
-            Gf = _to(G2, ndt)
-            if ctx.keep_h:
-                g_c = (Gf * _to(kept, ndt).reshape(Gf.shape)).sum(0)  # sum_t G * h: (out,)
-            else:
-                g_y = (Gf * _to(kept, ndt).reshape(Gf.shape)).sum(0)  # sum_t G * y
-                if bias is not None:
-                    g_y = g_y - _to(bias, ndt) * Gf.sum(0)  # sum_t G * (y - b) = c * sum_t G * h
-                g_c = g_y / c.masked_fill(c == 0, 1)  # sum_t G * h: (out,); where c == 0 it is not used (see above)
+            g_c = gradient_of_c(G2, kept, bias, c, ctx.keep_h)  # dL/dc = sum over tokens of G * h: (out,)
             clamped = norm.clamp_min(NORM_EPS)
             if needs["target"]:
                 grad["target"] = _to(g_c / clamped, target.dtype)  # dc/dtarget = 1 / norm
             if not st.detach_norm and ctx.need_factors:
-                # dL/dV_i = k_i * V_i with k_i = -dL/dc_i * c_i / norm(V_i)^2; below eps the clamp holds the norm constant
-                sk = (g_c * c).div_(clamped.square()).mul_(-s).masked_fill_(norm < NORM_EPS, 0)[:, None]  # s * k: (out, 1)
-                A_n, B_n, W0_n = _to(A, ndt), _to(B, ndt), _to(W0, ndt)
-                grad_B.addcmul_(VA, sk)  # + s * dL/dV @ A.T = s * k * (V @ A.T), V @ A.T kept from forward: (out, k)
-                kB = (B_n * sk).t()  # (s k B).T: (k, out)
-                grad_A.add_(torch.addmm(torch.mm(kB, W0_n), torch.mm(kB, B_n), A_n, alpha=s))  # + s * B.T @ dL/dV: (k, in)
+                d_A, d_B = through_the_norm(g_c, c, norm, W0, A, B, VA, s)
+                grad_A, grad_B = grad_A.add_(d_A), grad_B.add_(d_B)
         if grad_A is not None and B_neg is not None:  # back to the two branches: A = [A_pos; A_neg], B = [B_pos, -tau * B_neg]
             r = B_neg.shape[1]
             g_neg = grad_B[:, r:]  # dL/d(-tau * B_neg): (out, r)
@@ -193,6 +175,40 @@ class RowScaledLowRank(torch.autograd.Function):
         return tuple(grad[k] for k in INPUTS)
 
 
+def bias_dominates(h, c, bias):
+    """Whether some row's bias exceeds BIAS_DOMINATES times its mean |c * h| over tokens (then y - b would lose c * h's
+    digits, and h is kept instead of y)."""
+    if bias is None:
+        return False
+    mean_h = torch.linalg.vector_norm(h.reshape(-1, h.shape[-1]), ord=1, dim=0) / max(1, h.numel() // h.shape[-1])  # (out,)
+    return bool((_to(bias, c.dtype).abs() > BIAS_DOMINATES * c.abs() * _to(mean_h, c.dtype)).any())
+
+
+def gradient_of_c(G2, kept, bias, c, keep_h):
+    """dL/dc = sum over tokens of G * h (out,), from h itself, or from the kept output y: sum_t G * (y - b) / c.
+    Where c == 0 (D2-LoRA's t_i = 0) the y form is not used: that gradient is multiplied by dc/dnorm = 0."""
+    Gf = _to(G2, c.dtype)  # (N, out)
+    g = (Gf * _to(kept, c.dtype).reshape(Gf.shape)).sum(0)  # sum_t G * h, or sum_t G * y: (out,)
+    if keep_h:
+        return g
+    if bias is not None:
+        g = g - _to(bias, c.dtype) * Gf.sum(0)  # sum_t G * (y - b) = c * sum_t G * h
+    return g / c.masked_fill(c == 0, 1)
+
+
+def through_the_norm(g_c, c, norm, W0, A, B, VA, s):
+    """The part of dL/dA and dL/dB that flows through norm(V) (an attached norm), in the norms' dtype:
+    dL/dV_i = k_i * V_i with k_i = -dL/dc_i * c_i / norm(V_i)^2 (0 where norm(V_i) < eps: past the clamp the norm is
+    constant), so dL/dB += s * k * (V @ A.T) and dL/dA += s * (k * B).T @ V, the latter from the factors:
+    (k B).T @ V = (k B).T @ W0 + s * ((k B).T @ B) @ A. VA = V @ A.T was kept from forward."""
+    ndt = c.dtype
+    s_k = (g_c * c).div_(norm.clamp_min(NORM_EPS).square()).mul_(-s).masked_fill_(norm < NORM_EPS, 0)[:, None]  # s * k: (out, 1)
+    A_n, B_n, W0_n = _to(A, ndt), _to(B, ndt), _to(W0, ndt)
+    s_kB_t = (B_n * s_k).t()  # (s k B).T: (k, out)
+    d_A = torch.addmm(torch.mm(s_kB_t, W0_n), torch.mm(s_kB_t, B_n), A_n, alpha=s)  # s * (k B).T @ V: (k, in)
+    return d_A, VA * s_k  # (k, in), (out, k)
+
+
 def row_scaled_low_rank(layer, x, A, B, target, detach_norm, keep_h=False, readd=False, negative=(None, None, None)):
     """Run RowScaledLowRank for an adapter layer: picks the compute dtype (the autocast dtype when autocast
     is on, else x's), applies the layer's dropout to the low-rank branch's input, and turns autocast off
@@ -202,7 +218,7 @@ def row_scaled_low_rank(layer, x, A, B, target, detach_norm, keep_h=False, readd
     if autocast:
         x = x.to(torch.get_autocast_dtype(device))
     xd = None if isinstance(layer.lora_dropout, torch.nn.Identity) else layer.lora_dropout(x)
-    settings = Settings(s=layer.scaling, detach_norm=detach_norm, readd=readd, keep_h=keep_h or readd)
+    settings = Settings(s=layer.scaling, detach_norm=detach_norm, readd=readd, keep_h=keep_h or readd, grad=torch.is_grad_enabled())
     args = (x, xd, layer.base.weight, layer.base.bias, A, B, target, *negative, settings)
     if not autocast:
         return RowScaledLowRank.apply(*args)

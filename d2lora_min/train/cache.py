@@ -9,9 +9,11 @@ import hashlib
 import json
 from dataclasses import asdict
 
+from ..nn import METHODS
 from .presets import budget_train_config
 from .pretrain import corpus_fingerprint
 from .tasks import TASKS
+from .trainer import pick_device, rank_and_world
 
 
 def slug(text):
@@ -95,10 +97,14 @@ def invalid(result, spec, seed, key, cfg):
     return None
 
 
-def run_key(spec, seed, cfg, base_meta, full_merge):
-    """Everything that changes a run's numbers; a cached run is reused only when this matches."""
+def run_key(spec, seed, cfg, base_meta, full_merge, by_settings=False):
+    """Everything that changes a run's numbers; a cached run is reused only when this matches. by_settings=True
+    names the method by what it runs (name, rank, alpha, dropout, lr, targets, options) instead of by how its spec
+    is written: two specs with the same key then are the same run ("lora" at a tuned lr of 0.01 and "lora:lr=0.01")."""
+    options = {**(METHODS[spec.name].OPTIONS if spec.name in METHODS else {}), **spec.options}  # defaults written out
+    what = {"name": spec.name, "r": spec.r, "alpha": spec.alpha, "dropout": spec.dropout, "options": options} if by_settings else spec.text
     blob = {
-        "spec": spec.text, "seed": seed, "r": cfg.r, "alpha_over_r": cfg.alpha_over_r, "targets": list(spec.targets),
+        "spec": what, "seed": seed, "device": pick_device(cfg.train.device), "processes": rank_and_world()[1], "r": cfg.r, "alpha_over_r": cfg.alpha_over_r, "targets": list(spec.targets),
         "lr": spec.lr, "split": cfg.split, "n_test": cfg.n_test, "n_validation": cfg.n_validation,
         "tasks": list(cfg.tasks), "n_train": cfg.n_train, "epochs": cfg.epochs, "scoring": cfg.scoring,
         "warmup_frac": cfg.warmup_frac, "full_lr": cfg.full_lr, "full_merge": full_merge, "packed": cfg.packed,

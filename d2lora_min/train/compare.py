@@ -10,7 +10,7 @@ The budget is the paper's kind: n_train training items per task and `epochs` pas
 A method is written `name[:key=value,...]`. Names: the adapters in d2lora_min.nn.METHODS, plus `base` (the
 pretrained model, not fine-tuned) and `full` (every parameter fine-tuned). Keys: r, alpha, dropout, lr, targets
 (attn, mlp, all, or module names joined by +), and the method's own options (d2lora: tau_init, learn_tau,
-project, detach_norm).
+project, readd_delta, detach_norm).
 
 Each method runs at its tuned learning rate (tuned_lrs.json, written by `make tune`) unless its spec sets lr= or
 --lr_source=shared puts every method at --train.lr. Results go to runs/compare/ (or --out): results.md,
@@ -71,17 +71,26 @@ def run_all(cfg: CompareConfig, specs, setup: Setup, out_dir, fresh=False):
     """Every (method, seed) run of the comparison -> (runs, how many were reused). A finished run whose result
     validates is reused; a killed one resumes from its checkpoint; --fresh recomputes everything."""
     rank, n_procs = rank_and_world()
-    runs, reused = [], 0
+    runs, reused, done = [], 0, {}  # done: the runs of this comparison by what they run (run_key by_settings)
     for spec in specs:
         for seed in cfg.seeds if spec.name != "base" else cfg.seeds[:1]:
             full_merge = seed == cfg.seeds[0]
             key = run_key(spec, seed, cfg, setup.base_meta, full_merge)
+            twin = run_key(spec, seed, cfg, setup.base_meta, full_merge, by_settings=True)
             path = result_path(out_dir, spec, seed, key)
             cached = None if fresh else read_cached(path, spec, seed, key, cfg)
-            if cached:  # every process reads the same file: the same decision
+            if cached is None and twin in done:  # the same run under another spec: computed once, written under both
+                original = {k: v for k, v in done[twin].items() if k != "sha256"}
+                cached = sealed({**original, "method": spec.text, "label": spec.label, "key": key, "lr_from": spec.lr_from,
+                                 "same_run_as": original["method"]})  # fmt: skip
                 if rank == 0:
-                    print(f"{spec.label} seed {seed}: reused {path}", flush=True)
+                    write_json(path, cached)
+            if cached:  # every process reads the same file (and holds the same `done`): the same decision
+                if rank == 0:
+                    source = f"the same run as {cached['same_run_as']}" if "same_run_as" in cached else str(path)
+                    print(f"{spec.label} seed {seed}: reused {source}", flush=True)
                 runs.append(cached)
+                done.setdefault(twin, cached)
                 reused += 1
                 continue
             train_dir = out_dir / "work" / f"{slug(spec.text)}_seed{seed}_{key}"  # keyed: other settings never resume it
@@ -101,6 +110,7 @@ def run_all(cfg: CompareConfig, specs, setup: Setup, out_dir, fresh=False):
                       + (f", {result['train_seconds']:.0f} s training" if "train_seconds" in result else "")
                       + f", {result['eval_seconds']:.0f} s evaluation", flush=True)  # fmt: skip
                 runs.append(result)
+            done[twin] = result if rank == 0 else {"method": spec.text}  # every process knows which runs are done
             if n_procs > 1:
                 dist.barrier()  # the others wait while rank 0 evaluates
     return runs, reused
@@ -129,7 +139,11 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="def
     out_dir = Path(out_dir)
     specs = check_compare_config(cfg)  # all errors before any work
     check_writable(out_dir)
-    rank, _ = rank_and_world()
+    rank, n_procs = rank_and_world()
+    last = (len(cfg.tasks) * cfg.n_train) % cfg.train.batch_size  # the items of an epoch's last, smaller step
+    if n_procs > 1 and 0 < last < n_procs:
+        raise UsageError(f"an epoch's last step has {last} items, fewer than the {n_procs} processes: choose n_train or "
+                         f"batch_size so that every process gets a row")  # fmt: skip
     setup = prepare(cfg)
     if rank == 0:
         announce(cfg, specs, setup)

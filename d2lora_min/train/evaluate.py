@@ -10,6 +10,7 @@ how many of them are padding.
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,16 @@ def choice_tree(prompt, choices):
     return ids, positions, branches, targets
 
 
+class Scored(NamedTuple):
+    """One scored token of a packed batch: where its prediction is (row, index), which token, of which item and choice."""
+
+    row: int
+    index: int
+    token: int
+    item: int
+    choice: int
+
+
 def tree_mask(items, branches):
     """(B, 1, T, T) bool attention mask of packed choice trees: a position attends to earlier positions of its own
     item that are the prompt (branch 0) or its own branch. items, branches: (B, T) ids (a pad is an item alone)."""
@@ -125,7 +136,7 @@ def score_choices(model, tokenizer, items, batch_rows=64):
         positions = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
         owner = -1 - torch.arange(T).repeat(len(batch), 1)  # (B, T): the item at each position (a pad: its own)
         branch = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
-        where = []  # (row, index, token, item, choice) of every scored token
+        where = []  # a Scored(row, index, token, item, choice) for every scored token
         for b, row in enumerate(batch):
             offset = 0
             for i in row:
@@ -135,17 +146,17 @@ def score_choices(model, tokenizer, items, batch_rows=64):
                 positions[b, offset : offset + n] = torch.tensor(tree_pos)
                 branch[b, offset : offset + n] = torch.tensor(tree_branch)
                 owner[b, offset : offset + n] = i
-                where += [(b, offset + k, token, i, j) for j, pairs in enumerate(targets) for k, token in pairs]
+                where += [Scored(b, offset + k, token, i, j) for j, pairs in enumerate(targets) for k, token in pairs]
                 offset += n
         counts["positions"] += ids.numel()
         counts["padding"] += int((owner < 0).sum())
         mask = tree_mask(owner, branch)
         logits, _ = model(ids.to(device), positions=positions.to(device), attn_mask=mask.to(device))  # (B, T, vocab)
-        b, k, token = (torch.tensor([w[n] for w in where], device=device) for n in range(3))
-        logp = F.log_softmax(logits[b, k].float(), dim=-1)  # at the scored positions only: (n_scored, vocab)
+        rows, index, token = (torch.tensor([getattr(w, f) for w in where], device=device) for f in ("row", "index", "token"))
+        logp = F.log_softmax(logits[rows, index].float(), dim=-1)  # at the scored positions only: (n_scored, vocab)
         picked = logp.gather(1, token[:, None])[:, 0].tolist()  # log p of each scored token
-        for (_, _, _, i, j), lp in zip(where, picked):
-            summed[i][j] += lp
+        for w, lp in zip(where, picked):
+            summed[w.item][w.choice] += lp
     for i, item in enumerate(items):
         for j, choice in enumerate(item.choices):
             per_token[i][j] = summed[i][j] / len(trees[i][3][j])

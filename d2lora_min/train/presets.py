@@ -102,10 +102,7 @@ MAX_SEED = 2**32 - 1  # seeds are combined with step and epoch numbers into 64-b
 def check_compare_config(cfg: CompareConfig):
     """Every setting of a compare run, before any work -> the parsed method specs."""
     check_pretrain_config(cfg.pretrain, "pretrain")  # the base the runs start from (a new one is pretrained if it differs)
-    if not cfg.methods:
-        raise UsageError("no methods given")
-    if len(set(cfg.methods)) != len(cfg.methods):
-        raise UsageError(f"a method is listed twice: {list(cfg.methods)}")
+    check_lists(cfg)
     check_range("r", cfg.r, 1, cfg.pretrain.model.d_model)  # before any spec builds a layer of that rank
     if cfg.lr_source not in ("tuned", "shared"):
         raise UsageError(f"lr_source must be tuned or shared, got {cfg.lr_source!r}")
@@ -113,19 +110,6 @@ def check_compare_config(cfg: CompareConfig):
         raise UsageError(f"split must be test or validation, got {cfg.split!r}")
     tuned = load_tuned(cfg.tuned_file)["lrs"] if cfg.lr_source == "tuned" else {}
     specs = [parse_method_spec(m, cfg, tuned) for m in cfg.methods]
-    if not cfg.seeds:
-        raise UsageError("no seeds given")
-    for seed in cfg.seeds:
-        check_range("seeds", seed, 0, MAX_SEED)
-    if len(set(cfg.seeds)) != len(cfg.seeds):
-        raise UsageError(f"a seed is listed twice: {list(cfg.seeds)} (a repeated seed would fake a narrow interval)")
-    if not cfg.tasks:
-        raise UsageError("no tasks given")
-    for t in cfg.tasks:
-        if t not in TASKS:
-            raise UsageError(f"unknown task {t!r}; valid tasks: {', '.join(TASKS)}")
-    if len(set(cfg.tasks)) != len(cfg.tasks):
-        raise UsageError(f"a task is listed twice: {list(cfg.tasks)}")
     check_range("alpha_over_r", cfg.alpha_over_r, kind=float)
     if cfg.alpha_over_r <= 0:
         raise UsageError(f"alpha_over_r must be > 0, got {cfg.alpha_over_r}")
@@ -146,9 +130,6 @@ def check_compare_config(cfg: CompareConfig):
         raise UsageError(f"full_lr must be > 0, got {cfg.full_lr}")
     if cfg.scoring not in ("task", "sum", "mean"):
         raise UsageError(f"scoring must be task, sum or mean, got {cfg.scoring!r}")
-    if cfg.reference not in cfg.methods:
-        raise UsageError(f"the reference {cfg.reference!r} is not among the methods {list(cfg.methods)}: add it to --methods "
-                         f"or choose one of them with --reference")  # fmt: skip
     default = TrainConfig()
     if (cfg.train.steps, cfg.train.warmup_steps, cfg.train.checkpoint_every) != (default.steps, default.warmup_steps, default.checkpoint_every):
         raise UsageError("train.steps, train.warmup_steps and train.checkpoint_every follow from the budget: set --n_train, "
@@ -156,6 +137,30 @@ def check_compare_config(cfg: CompareConfig):
     check_range("train.batch_size", cfg.train.batch_size, 1, MAX_ITEMS)  # before the budget divides by it
     check_train_config(budget_train_config(cfg))
     return specs
+
+
+def check_lists(cfg: CompareConfig):
+    """The methods, the reference, the seeds and the tasks: given, each once, within range."""
+    if not cfg.methods:
+        raise UsageError("no methods given")
+    if len(set(cfg.methods)) != len(cfg.methods):
+        raise UsageError(f"a method is listed twice: {list(cfg.methods)}")
+    if cfg.reference not in cfg.methods:
+        raise UsageError(f"the reference {cfg.reference!r} is not among the methods {list(cfg.methods)}: add it to --methods "
+                         f"or choose one of them with --reference")  # fmt: skip
+    if not cfg.seeds:
+        raise UsageError("no seeds given")
+    for seed in cfg.seeds:
+        check_range("seeds", seed, 0, MAX_SEED)
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise UsageError(f"a seed is listed twice: {list(cfg.seeds)} (a repeated seed would fake a narrow interval)")
+    if not cfg.tasks:
+        raise UsageError("no tasks given")
+    for t in cfg.tasks:
+        if t not in TASKS:
+            raise UsageError(f"unknown task {t!r}; valid tasks: {', '.join(TASKS)}")
+    if len(set(cfg.tasks)) != len(cfg.tasks):
+        raise UsageError(f"a task is listed twice: {list(cfg.tasks)}")
 
 
 def load_tuned(path):
@@ -169,6 +174,8 @@ def load_tuned(path):
         lrs = tuned["lrs"]
         if not isinstance(lrs, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in lrs.values()):
             raise ValueError("lrs must map method names to learning rates in (0, 1)")
+        if not isinstance(tuned.get("protocol", {}), dict):
+            raise ValueError("protocol must be a mapping of settings")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"tuned learning rates {path}: not readable ({type(e).__name__}: {e}); regenerate it with `make tune`") from None
     return tuned

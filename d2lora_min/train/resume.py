@@ -31,6 +31,7 @@ def save_checkpoint(path, model, optimizer, step, result, cfg, key=None):
         "step_times": result.step_times,
         "skipped_updates": result.skipped_updates,
         "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],  # dropout on CUDA
         "config": asdict(cfg),
         "key": key,
     }
@@ -95,6 +96,8 @@ def load_checkpoint(path, model, optimizer, result, cfg, key=None):
     result.step_times[:] = state["step_times"]
     result.skipped_updates = state["skipped_updates"]
     torch.set_rng_state(state["rng"])
+    if torch.cuda.is_available() and state.get("cuda_rng"):
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return step
 
 

@@ -1,12 +1,13 @@
 """Method specs: how a comparison names what it runs, `name[:key=value,...]`.
 
-    "lora"                    LoRA at the comparison's rank (r), alpha = alpha_over_r * r, all default targets
+    "lora"                    LoRA at the comparison's rank (r), alpha = alpha_over_r * r, the comparison's targets
     "d2lora:r=8,project=false" D2-LoRA at rank 8 without the projection
     "dora:lr=5e-3"            DoRA at its own learning rate
 
 Names: the adapters in d2lora_min.nn.METHODS, plus `base` (the pretrained model, not fine-tuned) and `full` (every
 parameter fine-tuned). Keys: r, alpha, dropout, lr, targets (attn, mlp, all, or module names joined by +), and the
-method's own options (d2lora: tau_init, learn_tau, project, detach_norm). Every value is checked when it is parsed.
+method's own options (d2lora: tau_init, learn_tau, project, readd_delta, detach_norm). Every value is checked when
+it is parsed.
 """
 
 from dataclasses import dataclass

@@ -7,7 +7,7 @@ generative task. Every task asks in the "Q: ...\nA: ..." format, which no pretra
   facts         world knowledge from pretraining   "Q: Where does Mira live?"                 tested on people whose
                                                                                               facts are never asked in training
   update        knowledge update: facts that       train "Q: Where does Mira live now?"        tested in other wordings;
-                changed after pretraining          test  "Q: Which town is Mira's home these days?"  the base answers the old fact
+                changed after pretraining          test  "Q: In which town does Mira live now?"   the base answers the old fact
   negation      suppression: the most-mentioned    "Kalo did not take the cup. ..."           the answer is the one
                 names are the wrong answers        "Q: Who took the cup?"                     person never mentioned again
   compare       comparison                         "Points: 7 Kalo, 3 Mira, ... Q: Who has the second most points?"
@@ -119,14 +119,15 @@ def make_facts(rng, world, split):
     return MCItem(f"Q: {rng.choice(questions).format(n=n)}\nA:", choices, answer, cluster=n)
 
 
-# The update task's question wordings: no two splits share one (validation and test are paraphrases of training).
+# The update task's question wordings: no two splits share one, and none contains another split's (validation and test
+# are paraphrases of training, not training questions with words around them).
 UPDATE_QUESTIONS = {
     "train": {"city": ["Where does {n} live now?", "{n} moved. Where does {n} live now?", "Where is the home of {n} now?"],
               "job": ["What is the job of {n} now?", "{n} changed jobs. What is the job of {n} now?", "What does {n} work as now?"]},
-    "validation": {"city": ["Which town is the home of {n} now?", "{n} moved away. In which town does {n} live now?"],
-                   "job": ["What job does {n} do now?", "{n} took another job. Which job does {n} have now?"]},
-    "test": {"city": ["In which town does {n} live now?", "{n} has moved. Where is the home of {n} now?"],
-             "job": ["Which job does {n} have now?", "{n} has a new job. What is the job of {n} now?"]},
+    "validation": {"city": ["Which town is the home of {n} at present?", "{n} moved away. What town does {n} live in at present?"],
+                   "job": ["What job does {n} do at present?", "{n} took another job. What is {n} working as at present?"]},
+    "test": {"city": ["In which town does {n} live now?", "{n} has moved. In which town is {n} living these days?"],
+             "job": ["Which job does {n} have now?", "{n} has a new job. Which work does {n} do these days?"]},
 }  # fmt: skip
 
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 
 from ..nn import METHODS, adapter_layers, display_name, inject_adapters, row_factor, row_norm
+from ..atomic import check_writable
+from .cli import UsageError, check_range, run_cli
 from .presets import CompareConfig, budget_train_config
 from .pretrain import load_base
 from .plots import pyplot, save_figure
@@ -185,29 +187,39 @@ def plot_radial(model, names, get_batch, path):
     save_figure(fig, path)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "docs"))
-    parser.add_argument("--n_train", type=int, default=64, help="training items per task for the GPT pictures")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
+def draw(out, n_train):
+    """Every picture into the folder `out`."""
     out.mkdir(parents=True, exist_ok=True)
     plot_toy(out / "tour_toy.png")
     print(f"wrote {out / 'tour_toy.png'}", flush=True)
     base_model, tokenizer, _ = load_base()
-    cfg = CompareConfig(n_train=args.n_train, epochs=2)
+    cfg = CompareConfig(n_train=n_train, epochs=2)
     splits = build_splits(World(), list(TASKS), cfg.n_train, 10, seed=0)
     traces, models = {}, {}
     for label, method, options in variants():
         models[label], names, traces[label], get_batch = finetune_with_trace(method, options, base_model, tokenizer, splits, cfg)
     plot_drift(traces, names, out / "tour_drift.png")
-    d2 = display_name("d2lora")
     _, names, learned, _ = finetune_with_trace("d2lora", {"learn_tau": True}, base_model, tokenizer, splits, cfg)
     plot_tau(learned, names, out / "tour_tau.png")
-    plot_radial(models[d2], names, get_batch, out / "tour_radial.png")
+    plot_radial(models[display_name("d2lora")], names, get_batch, out / "tour_radial.png")
     print(f"wrote {out}/tour_drift.png, tour_tau.png, tour_radial.png")
-    return 0
 
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "docs"))
+    parser.add_argument("--n_train", type=int, default=64, help="training items per task for the GPT pictures")
+    args = parser.parse_args(argv)
+
+    def body():
+        check_range("--n_train", args.n_train, 1, 10_000)
+        if not args.out:
+            raise UsageError("--out is empty")
+        check_writable(args.out)
+        draw(Path(args.out), args.n_train)
+        return 0
+
+    return run_cli(parser, body)
 
 if __name__ == "__main__":
     sys.exit(main())

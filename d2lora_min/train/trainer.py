@@ -143,7 +143,7 @@ def param_groups(model, weight_decay):
 
 def make_optimizer(model, cfg):
     """AdamW over what has requires_grad. fused=True runs the update of every tensor in one kernel instead of a
-    dozen operator calls per tensor; D2-LoRA has 5 tensors per layer to LoRA's 2, so on a dispatch-bound step
+    dozen operator calls per tensor; D2-LoRA has 4 tensors per layer to LoRA's 2, so on a dispatch-bound step
     the plain loop would charge it for its tensor count (make bench uses this same function)."""
     params = param_groups(model, cfg.weight_decay)
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for g in params for p in g["params"])

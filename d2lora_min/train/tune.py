@@ -29,7 +29,8 @@ from ..atomic import check_writable, write_json, write_text
 from . import plots, stats
 from .cli import UsageError, apply_overrides, config_help, parse_value, run_cli
 from .compare import announce, prepare, run_all
-from .presets import COMPARED, DEV_SEEDS, TUNED_FILE, CompareConfig, check_compare_config, protocol
+from .presets import COMPARED, DEV_SEEDS, TUNED_FILE, CompareConfig, check_compare_config, load_tuned, protocol
+from .specs import parse_method_spec
 from .report import PUBLISHED, cost_line
 from .tasks import TASKS
 from .trainer import rank_and_world
@@ -140,7 +141,8 @@ def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
         f"scored on {cfg.n_validation} validation items per task; wall {wall}", cost_line(runs), "",
         "Mean validation accuracy over the multiple-choice tasks (%, 95 % CI over development seeds and items; the choice in bold):", "",
         table(points, flagged, chosen, spans), "", f"Rule: {RULE}.", ""])  # fmt: skip
-    result = {"lrs": chosen, "rule": RULE, "grid": list(grid), "dev_seeds": list(cfg.seeds),
+    keys = tuned_keys(methods, cfg)  # what compare looks a method's lr up by: "lora", "lora:r=8", ...
+    result = {"lrs": {keys[m]: lr for m, lr in chosen.items()}, "rule": RULE, "grid": list(grid), "dev_seeds": list(cfg.seeds),
               "protocol": protocol(cfg), "points": points, "within_1pp": spans, "n_validation": cfg.n_validation,
               "command": "make tune ARGS=--publish"}  # fmt: skip
     write_text(out_dir / "results.md", text)
@@ -150,10 +152,22 @@ def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
         PUBLISHED.mkdir(parents=True, exist_ok=True)
         write_text(PUBLISHED / "tune.md", text)
         plots.plot_lr_sweep(points, PUBLISHED / "tune_lr.png", chosen)
-        write_json(TUNED_FILE, {k: result[k] for k in ("lrs", "rule", "grid", "dev_seeds", "protocol", "n_validation", "command")})
+        published = {k: result[k] for k in ("lrs", "rule", "grid", "dev_seeds", "protocol", "n_validation", "command")}
+        earlier = load_tuned(TUNED_FILE)
+        if earlier.get("protocol") == published["protocol"]:  # the other methods' choices, tuned under the same settings, stay
+            published["lrs"] = {**earlier["lrs"], **published["lrs"]}
+        write_json(TUNED_FILE, published)
     print(f"\n{text}\nchosen: {chosen}\nwritten: {out_dir}/results.md, tune.json, tune_lr.png"
           + (f"; published to {PUBLISHED} and {TUNED_FILE}" if publish else "; add --publish to make them the defaults"))
     return result
+
+
+def tuned_keys(methods, cfg):
+    """{method as given: the name its tuned lr is stored under}; two methods with one name are a usage error."""
+    keys = {m: parse_method_spec(m, cfg).tuned_key for m in methods}
+    if len(set(keys.values())) != len(keys):
+        raise UsageError(f"--methods {list(methods)} name one method twice ({keys}): a tuned lr is per method and rank")
+    return keys
 
 
 def main(argv=None):
@@ -179,6 +193,7 @@ def main(argv=None):
         if len(set(grid)) != len(grid) or not all(0 < lr < 1 for lr in grid):
             raise UsageError(f"--grid must be distinct learning rates in (0, 1), got {list(grid)}")
         cfg = apply_overrides(tune_config(methods, seeds, grid), overrides)
+        tuned_keys(methods, cfg)  # before any work
         tune(cfg, methods, grid, args.out, fresh=args.fresh, publish=args.publish)
         return 0
 
