@@ -120,12 +120,13 @@ def make_facts(rng, world, split):
 
 
 # The update task's question wordings: no two splits share one, and none contains another split's (validation and test
-# are paraphrases of training, not training questions with words around them).
+# are paraphrases of training, not training questions with words around them); validation mirrors test's two kinds of
+# wording ("... now?" and "... these days?"), so that it is as hard.
 UPDATE_QUESTIONS = {
     "train": {"city": ["Where does {n} live now?", "{n} moved. Where does {n} live now?", "Where is the home of {n} now?"],
               "job": ["What is the job of {n} now?", "{n} changed jobs. What is the job of {n} now?", "What does {n} work as now?"]},
-    "validation": {"city": ["Which town is the home of {n} at present?", "{n} moved away. What town does {n} live in at present?"],
-                   "job": ["What job does {n} do at present?", "{n} took another job. What is {n} working as at present?"]},
+    "validation": {"city": ["Which town does {n} live in now?", "{n} has left. Which town is {n} living in these days?"],
+                   "job": ["What job does {n} have now?", "{n} found new work. Which job is {n} doing these days?"]},
     "test": {"city": ["In which town does {n} live now?", "{n} has moved. In which town is {n} living these days?"],
              "job": ["Which job does {n} have now?", "{n} has a new job. Which work does {n} do these days?"]},
 }  # fmt: skip
