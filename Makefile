@@ -16,7 +16,7 @@ help:
 	@echo "make tune      each method's learning rate, on development seeds and validation items (ARGS=--publish adopts them)"
 	@echo "make ablate    D2-LoRA's open design questions (form, tau, detached norm, targets), 16 seeds"
 	@echo "make replicate the paper's claims at this scale, 28 seeds, at tuned and at the shared learning rate"
-	@echo "make tour      the pictures of docs/TOUR.md (about a minute)"
+	@echo "make tour      the pictures of docs/TOUR.md (about 10 s)"
 	@echo "make pretrain  pretrain the default base model into runs/pretrain/ (about 20 minutes on 2 CPU cores)"
 	@echo "make bench     speed and memory of every method, as ratios (writes runs/bench/)"
 	@echo "make golden    regenerate the golden vectors under tests/golden/"

@@ -1,6 +1,6 @@
 """`make tour`: the pictures a learner would rather look at than read, written to docs/ (docs/TOUR.md shows them).
 
-    python -m d2lora_min.train.tour            # about a minute on 2 CPU cores
+    python -m d2lora_min.train.tour            # about 10 s on 2 CPU cores
 
   tour_toy.png      a 2x2 weight: the path of one row under every method (and D2-LoRA's exact-norm form) on the same
                     toy loss, against the circle of radius norm(W0_0)
@@ -135,7 +135,7 @@ def plot_tau(trace, names, path):
         ax.plot(trace["step"], tau[:, j], linewidth=1, label=name.replace("blocks.", "").replace(".attn", "").replace(".mlp", ""))
     ax.set_xlabel("step")
     ax.set_ylabel("tau")
-    ax.set_title("D2-LoRA with learn_tau=True: tau per layer (the default keeps it at 0.5)")
+    ax.set_title("D2-LoRA, learn_tau=True: tau per layer (default: fixed at 0.5)")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     save_figure(fig, path)
