@@ -407,5 +407,6 @@ def test_two_specs_that_run_the_same_thing_are_computed_once(tmp_path, small_pro
     assert printed.count("s training") == 1 and "the same run as lora:lr=0.01" in printed
     first, second = (json.loads(p.read_text()) for p in sorted(run_files(out), key=lambda p: "r_4" in p.name))
     assert second["same_run_as"] == "lora:lr=0.01" and second["items"] == first["items"]
+    assert "one run under two names (computed once): LoRA(r=4), lr=0.01 is LoRA(r=4), lr=0.01" in (out / "results.md").read_text()
     assert compare_main(TINY + ["--methods", "lora:lr=0.01 lora:lr=1e-2,r=4", "--out", str(out)]) == 0  # both reused
     assert "s training" not in capsys.readouterr().out

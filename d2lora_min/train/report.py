@@ -97,6 +97,8 @@ def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, pre
               f"targets {'+'.join(cfg.targets)}; scoring {cfg.scoring}; device {device}, {torch.get_num_threads()} threads; wall {wall}")  # fmt: skip
     parts = [header, learning_rates_line(specs), cost_line(runs), "", "Accuracy (%, mean over seeds; span: ROUGE-L F1 and exact match):", "",
              tables.score_table(rows, tasks)]  # fmt: skip
+    twins = tables.same_run_lines(runs)  # two specs that ran the same thing
+    parts += ["", *twins] if twins else []
     if ref:
         parts += ["", f"Difference from {ref.label}, paired over seeds and {cfg.split} items (bootstrap, items resampled by cluster):", "",
                   tables.difference_table(rows, tasks, ref.label)]  # fmt: skip

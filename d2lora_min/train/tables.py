@@ -33,6 +33,14 @@ def flag_lines(rows):
             for r in rows if r.get("flags")]  # fmt: skip
 
 
+def same_run_lines(runs):
+    """One line naming the methods whose runs are another method's (the same settings under two specs, computed once
+    and written under both names), so that two identical rows do not read as a coincidence."""
+    label = {r["method"]: r["label"] for r in runs}
+    pairs = sorted({(r["label"], label.get(r["same_run_as"], r["same_run_as"])) for r in runs if "same_run_as" in r})
+    return [f"one run under two names (computed once): {'; '.join(f'{a} is {b}' for a, b in pairs)}"] if pairs else []
+
+
 def score_table(rows, tasks):
     mc = [t for t in tasks if tasks[t].kind == "mc"]
     gen = [t for t in tasks if tasks[t].kind == "gen"]
