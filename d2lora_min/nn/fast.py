@@ -62,6 +62,7 @@ the output has that dtype; V, its norms and c are computed in float32 from the f
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .base import NORM_EPS, factor_as, norm_dtype
 
@@ -107,25 +108,29 @@ class RowScaledLowRank(torch.autograd.Function):
         lead, (n_out, n_in) = x.shape[:-1], W0.shape
         x2 = x.reshape(-1, n_in)  # (N, in)
         xd2 = x2 if xd is None else xd.reshape(-1, n_in)  # (N, in)
-        s_z = torch.mm(xd2, _to(A, dt).t()).mul_(s)  # s * z = s * xd @ A.T: (N, k), the scaling on the small side
-        base = torch.mm(x2, _to(W0, dt).t())  # x @ W0.T: (N, out)
-        low = torch.mm(s_z, _to(B, dt).t())  # s * z @ B.T = x @ dW.T: (N, out)
-        h = (base + low).view(*lead, n_out)  # x @ V.T: (..., out)
+        s_z = F.linear(xd2, _to(A, dt)).mul_(s)  # s * z = s * xd @ A.T: (N, k), the scaling on the small side
+        # Every new (..., out) tensor costs a pass over fresh memory, so few are formed: x @ W0.T becomes h in place,
+        # and in the paper's form low becomes y in place (y has a tensor of its own only without the re-added low).
+        # low is formed with the leading dimensions (linear folds them), so that y is not a view of something else.
+        h = F.linear(x2, _to(W0, dt)).view(*lead, n_out)  # x @ W0.T: (..., out)
+        low = F.linear(s_z.view(*lead, -1), _to(B, dt))  # s * z @ B.T = x @ dW.T: (..., out)
+        h = h.add_(low)  # x @ W0.T + low = x @ V.T: (..., out)
         V = torch.addmm(_to(W0, ndt), _to(B, ndt), _to(A, ndt), alpha=s)  # (out, in), dropped after its norms
         norm = torch.linalg.vector_norm(V, dim=1)  # L2 over in_features -> (out,)
         c = _to(target, ndt) / norm.clamp_min(NORM_EPS)  # (out,)
-        offset = None if bias is None else _to(bias, dt)  # what is added to c * h: the bias (out,) ...
-        if settings.readd:  # ... and, in the paper's form, x @ dW.T once more: (..., out)
-            offset = (low if offset is None else low + offset).view(*lead, n_out)
         cd = factor_as(c, dt)  # (out,)
-        y = h * cd if offset is None else torch.addcmul(offset, h, cd)  # (..., out), a new tensor: it can be saved
+        b = None if bias is None else _to(bias, dt)  # (out,)
+        if settings.readd:  # the paper's form: y = (low + b) + c * h, formed in low's memory (low is not needed again)
+            y = (low if b is None else low.add_(b)).addcmul_(h, cd)  # (..., out)
+        else:  # y = b + c * h, a new tensor (it may be kept for backward)
+            y = h * cd if b is None else torch.addcmul(b, h, cd)  # (..., out)
 
         needs = dict(zip(INPUTS, ctx.needs_input_grad))
         need_factors = settings.grad and any(needs[k] for k in ("A", "B", "A_neg", "B_neg", "tau"))  # a factor's gradient?
         need_gc = settings.grad and (needs["target"] or (not settings.detach_norm and need_factors))  # is dL/dc needed?
         keep_h = settings.keep_h or (need_gc and bias_dominates(h, c, bias))
         kept = (h if keep_h else y) if need_gc else None  # h itself, or y to recover it from
-        VA = torch.mm(V, _to(A, ndt).t()) if need_gc and need_factors and not settings.detach_norm else None  # V @ A.T: (out, k)
+        VA = F.linear(V, _to(A, ndt)) if need_gc and need_factors and not settings.detach_norm else None  # V @ A.T: (out, k)
         ctx.save_for_backward(x2, None if xd is None else xd2, s_z, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau)
         ctx.settings, ctx.x_shape, ctx.need_factors, ctx.need_gc, ctx.keep_h = settings, x.shape, need_factors, need_gc, keep_h
         return y
@@ -163,10 +168,9 @@ class RowScaledLowRank(torch.autograd.Function):
                 d_A, d_B = through_the_norm(g_c, c, norm, W0, A, B, VA, s)
                 grad_A, grad_B = grad_A.add_(d_A), grad_B.add_(d_B)
         if grad_A is not None and B_neg is not None:  # back to the two branches: A = [A_pos; A_neg], B = [B_pos, -tau * B_neg]
-            r = B_neg.shape[1]
-            g_neg = grad_B[:, r:]  # dL/d(-tau * B_neg): (out, r)
-            grad["A"], grad["A_neg"] = _to(grad_A[:r], A.dtype), _to(grad_A[r:], A.dtype)  # (r, in) each
-            grad["B"] = _to(grad_B[:, :r], B.dtype)  # (out, r)
+            (g_A_pos, g_A_neg), (g_B_pos, g_neg) = grad_A.chunk(2), grad_B.chunk(2, dim=1)  # g_neg = dL/d(-tau * B_neg)
+            grad["A"], grad["A_neg"] = _to(g_A_pos, A.dtype), _to(g_A_neg, A.dtype)  # (r, in) each
+            grad["B"] = _to(g_B_pos, B.dtype)  # (out, r)
             grad["B_neg"] = _to(-tau * g_neg, B_neg.dtype)  # (out, r)
             if needs["tau"]:  # a learned tau
                 grad["tau"] = _to(-(g_neg * _to(B_neg, ndt)).sum(), tau.dtype)  # scalar
