@@ -16,6 +16,10 @@ D2-LoRA passes its two branches, stacked inside: A = [A_pos; A_neg] (2r, in), B 
 What the fused function saves, and why it stays exact:
 - Operations. Plain autograd records a dozen small operations per layer and as many backward nodes; at the
   small default shape a training step is dispatch-bound, so that count is the cost (make bench counts them).
+- New activation-sized tensors. Each new (N, out) tensor is a pass over memory that is not in cache, which on a
+  CPU costs about as much as one of the small low-rank matmuls. Forward turns x @ W0.T into h in place and, in the
+  paper's form, low into y in place: two new (N, out) tensors, where forming each intermediate on its own takes five
+  (x @ W0.T, low, h, low + b, y). The additions are the same and in the same order, so the rounding is too.
 - A weight-sized tensor. The norm needs V (out, in). The plain path keeps it for backward; here it is formed
   without gradient tracking in forward, used for its row norms and for V @ A.T (out, k), which is kept, and
   dropped. V is formed as in the plain path (in float32 for float16/bfloat16 weights, where the plain path forms it in
