@@ -207,6 +207,16 @@ def test_one_flipped_byte_in_an_adapter_file_is_refused(tmp_path):
         load_adapters(small_gpt(), tmp_path)
 
 
+def test_a_format_2_file_without_its_checksum_says_so(tmp_path):
+    saved(tmp_path, "lora")
+    path = tmp_path / ADAPTER_FILE
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata={CONFIG_KEY: metadata[CONFIG_KEY]})  # the checksum entry dropped
+    with pytest.raises(ValueError, match="no checksum is stored"):
+        load_adapters(small_gpt(), tmp_path)
+
+
 def test_a_deeply_nested_or_huge_rank_config_is_a_clear_error_before_any_allocation(tmp_path):
     saved(tmp_path, "lora")
     path = tmp_path / ADAPTER_FILE

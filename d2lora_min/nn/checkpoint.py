@@ -58,7 +58,8 @@ def adapter_state_dict(model):
 
 
 def tensors_sha256(tensors):
-    """SHA-256 over {name: tensor} (names in sorted order, each with its dtype, shape and raw bytes)."""
+    """SHA-256 over {name: tensor}: for each name in sorted order, the JSON text [name, dtype, [numel]] (the length of
+    the flattened tensor, not its shape: shapes are checked against the model on load) and then its raw bytes."""
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-d tensor (tau) cannot be viewed as bytes
@@ -223,7 +224,10 @@ def read_adapter_file(path):
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"{path} is not a readable d2lora_min adapter file ({type(e).__name__}: {str(e)[:200]})") from None
     if isinstance(config, dict) and "format" in config:  # format 1 files carry no checksum
-        if metadata.get(CHECKSUM_KEY) != tensors_sha256(tensors):
+        if CHECKSUM_KEY not in metadata:
+            raise ValueError(f"{path}: its config says format {config['format']}, but no checksum is stored with the "
+                             f"tensors ({CHECKSUM_KEY!r} is missing from the metadata: an edited file)")  # fmt: skip
+        if metadata[CHECKSUM_KEY] != tensors_sha256(tensors):
             raise ValueError(f"{path}: the tensors do not match the checksum stored with them (a damaged or edited file)")
     return tensors, config
 
