@@ -21,7 +21,7 @@ from d2lora_min.train.cache import read_cached
 from d2lora_min.train.data import heldout_text
 from d2lora_min.train.tasks import retention_probe
 from d2lora_min.train.pretrain import SHIPPED_BASE, load_base
-from d2lora_min.train.resume import CHECKPOINT, CheckpointMismatch
+from d2lora_min.train.resume import CHECKPOINT, CheckpointMismatch, read_checkpoint_state, write_checkpoint_state
 from d2lora_min.train.trainer import TrainConfig, train
 from tiny_gpt import GPT, GPTConfig
 
@@ -69,6 +69,7 @@ API_CASES = [
     ("dora", {"detach_norm": None}, TypeError, "detach_norm must be a bool"),
     ("d2lora", {"tau_init": float("inf")}, ValueError, "tau_init must be a finite number"),
     ("d2lora", {"tau_init": "0.5"}, TypeError, "tau_init must be a number"),
+    ("d2lora", {"tau_init": 1e39}, ValueError, "tau_init=1e\\+39 is not finite in the weights' dtype torch.float32"),
     ("lorax", {}, ValueError, "unknown method 'lorax'; valid methods: lora, dora, d2lora"),
     (None, {}, ValueError, "unknown method None"),
     ("d2lora", {"projekt": False}, ValueError, "unknown option.*projekt.*valid options: tau_init"),
@@ -89,6 +90,20 @@ def test_bad_api_input_is_a_clear_error_and_leaves_the_model_as_it_was(method, k
         inject_adapters(model, method, **kwargs)
     assert_untouched(model, before)
     assert not adapter_layers(model)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+def test_an_empty_batch_gives_an_empty_output_and_a_wrong_width_names_the_features(method, fast):
+    layer = METHODS[method](nn.Linear(4, 3), r=2, alpha=4.0)
+    layer.fast = fast
+    for lead in [(0,), (2, 0), (0, 5)]:
+        x = torch.zeros(*lead, 4, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert y.shape == (*lead, 3) and x.grad.shape == x.shape
+    with pytest.raises((ValueError, RuntimeError), match="features in its last dimension|shapes cannot be multiplied"):
+        layer(torch.zeros(2, 5))
 
 
 @pytest.mark.parametrize("cls", list(METHODS.values()))
@@ -200,17 +215,20 @@ class Payload:
 
 def test_a_planted_pickle_payload_in_a_checkpoint_does_not_run(tmp_path):
     marker = tmp_path / "marker"
-    torch.save({"step": 1, "payload": Payload(marker)}, tmp_path / CHECKPOINT)
     model = inject_adapters(small_gpt(), "lora", r=2, alpha=4)
+    torch.save({"step": 1, "payload": Payload(marker)}, tmp_path / CHECKPOINT)  # a bare pickle: no checksum header
+    with pytest.raises(CheckpointMismatch, match="not a d2lora_min checkpoint"):
+        train(model, count_batches, quiet(steps=3), out_dir=tmp_path)
+    write_checkpoint_state(tmp_path / CHECKPOINT, {"step": 1, "payload": Payload(marker)})  # a valid header around it
     with pytest.raises(CheckpointMismatch, match="cannot be read as a plain-tensor checkpoint"):
         train(model, count_batches, quiet(steps=3), out_dir=tmp_path)
     assert not marker.exists()
 
 
-def checkpoint_of(tmp_path, method="lora", r=2, **cfg):
+def checkpoint_of(tmp_path, method="lora", r=2, steps=2, **cfg):
     model = inject_adapters(small_gpt(), method, r=r, alpha=4)
-    train(model, count_batches, quiet(steps=2, **cfg), out_dir=tmp_path)
-    return torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    train(model, count_batches, quiet(steps=steps, checkpoint_every=1, **cfg), out_dir=tmp_path)
+    return read_checkpoint_state(tmp_path / CHECKPOINT)
 
 
 @pytest.mark.parametrize(
@@ -224,7 +242,7 @@ def checkpoint_of(tmp_path, method="lora", r=2, **cfg):
 def test_resume_refuses_a_checkpoint_that_does_not_fit_exactly(tmp_path, method, r, dtype, cfg, match):
     state = checkpoint_of(tmp_path, method, r, **cfg)
     state["trainable"] = {k: v.to(dtype) for k, v in state["trainable"].items()}
-    torch.save(state, tmp_path / CHECKPOINT)
+    write_checkpoint_state(tmp_path / CHECKPOINT, state)
     model = inject_adapters(small_gpt(), "lora", r=4, alpha=4)
     with pytest.raises(CheckpointMismatch, match=match):
         train(model, count_batches, quiet(steps=2), out_dir=tmp_path)
@@ -238,6 +256,77 @@ def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
         train(inject_adapters(small_gpt(), "lora", r=2, alpha=4), count_batches, quiet(steps=2), out_dir=tmp_path)
 
 
+def test_one_flipped_bit_in_a_checkpoint_is_refused(tmp_path):
+    checkpoint_of(tmp_path)
+    path = tmp_path / CHECKPOINT
+    data = bytearray(path.read_bytes())
+    for offset in (200, len(data) // 2, len(data) - 20):  # inside the pickle, inside the tensor data
+        flipped = bytearray(data)
+        flipped[offset] ^= 0x04
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointMismatch, match="does not match its checksum"):
+            train(inject_adapters(small_gpt(), "lora", r=2, alpha=4), count_batches, quiet(steps=2), out_dir=tmp_path)
+
+
+def wrong_moment(state):
+    state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+
+
+def no_moments(state):
+    state["optimizer"]["state"] = {}
+
+
+def fewer_groups(state):
+    state["optimizer"]["param_groups"] = state["optimizer"]["param_groups"][:1]
+
+
+def other_betas(state):
+    for group in state["optimizer"]["param_groups"]:
+        group["betas"] = (0.5, 0.5)
+
+
+def bad_rng(state):
+    state["rng"] = torch.zeros(3, dtype=torch.uint8)
+
+
+def bool_step(state):
+    state["step"], state["losses"], state["step_times"] = True, state["losses"][:1], state["step_times"][:1]
+
+
+def nan_loss(state):
+    state["losses"][0] = float("nan")
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [(wrong_moment, "exp_avg of parameter 0: saved"), (no_moments, "does not cover"), (fewer_groups, "groups differ"),
+     (other_betas, "other optimizer settings"), (bad_rng, "RNG state"), (bool_step, "inconsistent step count"),
+     (nan_loss, "inconsistent step count")],
+    ids=lambda v: getattr(v, "__name__", ""),
+)  # fmt: skip
+def test_a_checkpoint_whose_contents_do_not_fit_is_refused_before_anything_changes(tmp_path, edit, match):
+    """Edits that pass the checksum (a writer's bug, or a hand edit): each is named, and nothing is loaded. A moment of
+    another shape used to reach Adam and crash the process."""
+    state = checkpoint_of(tmp_path, steps=3)
+    edit(state)
+    write_checkpoint_state(tmp_path / CHECKPOINT, state)
+    model = inject_adapters(small_gpt(), "lora", r=2, alpha=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointMismatch, match=match):
+        train(model, count_batches, quiet(steps=3), out_dir=tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_file_where_the_checkpoint_folder_should_be_fails_before_training(tmp_path):
+    blocker = tmp_path / "out"
+    blocker.write_text("not a folder")
+    steps = []
+    with pytest.raises(PermissionError, match="not writable"):
+        train(inject_adapters(small_gpt(), "lora", r=2, alpha=4), count_batches, quiet(steps=3), out_dir=blocker,
+              callback=lambda done, model, result: steps.append(done))  # fmt: skip
+    assert steps == []
+
+
 # --- the command lines: usage errors before any work ----------------------------------------------------------------
 
 COMPARE_CASES = [
@@ -246,6 +335,9 @@ COMPARE_CASES = [
     (["--train.steps=100"], "follow from the budget"),
     (["--scoring=best"], "scoring must be task, sum or mean"),
     (["--methods", "lora:targets=attn+attn"], "targets has duplicates"),
+    (["--methods", "lora:r=2,r=3"], "'r' is given twice"),
+    (["--methods", "full:r=4"], "'full' takes only lr, got 'r'"),
+    (["--methods", "base:lr=5"], "'base' takes no keys, got 'lr'"),
     (["--methods", ""], "no methods given"),
     (["--out", ""], "output folder is empty"),
     (["--seeds", "0,0"], "a seed is listed twice"),
@@ -384,7 +476,7 @@ def consistent(out):
             elif p.suffix == ".safetensors":
                 load_file(p)
             elif p.suffix == ".pt":
-                torch.load(p, weights_only=True)
+                read_checkpoint_state(p)
     for run in (out / "runs").glob("*.json") if (out / "runs").exists() else []:
         result = json.loads(run.read_text())
         load_file(out / result["adapter"] / ADAPTER_FILE)
@@ -421,3 +513,13 @@ def test_a_kill_at_any_write_leaves_a_consistent_state_that_resumes_to_the_same_
         consistent(out)
         resumed = json.loads(next((out / "runs").glob("*.json")).read_text())
         assert resumed["losses"] == clean["losses"] and resumed["scores"] == clean["scores"], k
+
+
+def test_set_fast_path_takes_a_bool_not_the_string_false():
+    from d2lora_min.nn import set_fast_path
+
+    model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        set_fast_path(model, "false")
+    assert all(layer.fast for _, layer in adapter_layers(model))
+    assert not any(layer.fast for _, layer in adapter_layers(set_fast_path(model, False)))

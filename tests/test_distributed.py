@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from d2lora_min.train.resume import read_checkpoint_state
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
 
@@ -74,7 +76,7 @@ def every_file_loads(folder):
         if p.suffix == ".json":
             json.loads(p.read_text())
         elif p.suffix == ".pt":
-            torch.load(p, weights_only=True)
+            read_checkpoint_state(p)
         elif p.suffix == ".safetensors":
             load_file(p)
 
@@ -88,7 +90,7 @@ def test_a_killed_compare_run_resumes_to_the_uninterrupted_result(tmp_path):
     deadline, ckpt = time.time() + 120, None
     while time.time() < deadline:  # wait for a checkpoint beyond the first, checking every file as we go
         found = list(out.glob("work/d2lora-*_seed0_*/checkpoint.pt"))
-        if found and torch.load(found[0], weights_only=True)["step"] >= 10:
+        if found and read_checkpoint_state(found[0])["step"] >= 10:
             ckpt = found[0]
             break
         every_file_loads(out)
@@ -96,7 +98,7 @@ def test_a_killed_compare_run_resumes_to_the_uninterrupted_result(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt is not None, "no checkpoint appeared"
-    killed_at = torch.load(ckpt, weights_only=True)["step"]
+    killed_at = read_checkpoint_state(ckpt)["step"]
     assert 10 <= killed_at < 160, "the run was not killed partway through training"
     every_file_loads(out)
 

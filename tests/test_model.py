@@ -194,19 +194,36 @@ def test_adapter_checkpoint_round_trip(method, tmp_path):
 
 
 def _rewrite_config(path, change):
-    """Rewrite an adapter file's config in place (the tensors stay; the checksum entry is dropped with "format")."""
+    """Rewrite an adapter file's config in place, as the writer of its format would have: the tensors stay, the
+    checksum is recomputed (format 3 covers the config, format 2 the tensors only), or dropped with "format"."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from d2lora_min.nn.checkpoint import CONFIG_KEY
+    from d2lora_min.nn.checkpoint import CHECKSUM_KEY, CONFIG_KEY, tensors_sha256
 
     with safe_open(str(path), framework="pt") as f:
         metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
     config = json.loads(metadata[CONFIG_KEY])
     change(config)
-    save_file(tensors, str(path), metadata={**metadata, CONFIG_KEY: json.dumps(config)})
+    text = json.dumps(config, sort_keys=True)
+    metadata = {CONFIG_KEY: text}
+    if "format" in config:
+        metadata[CHECKSUM_KEY] = tensors_sha256(tensors, None if config["format"] == 2 else text)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_a_format_2_file_loads_as_it_was_written(tmp_path):
+    # Format 2 stored every option and checksummed the tensors only; format 3 checksums the config too.
+    model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
+    perturb_adapters(model, seed=4)
+    save_adapters(model, tmp_path)
+    _rewrite_config(tmp_path / "adapter.safetensors", lambda config: config.update(format=2))
+    fresh = load_adapters(small_gpt(), tmp_path)
+    idx = tokens()
+    with torch.no_grad():
+        assert torch.equal(fresh(idx)[0], model(idx)[0])
 
 
 def test_a_format_1_d2lora_file_loads_as_the_exact_norm_form_it_was(tmp_path):
@@ -226,7 +243,7 @@ def test_a_format_1_d2lora_file_loads_as_the_exact_norm_form_it_was(tmp_path):
         assert torch.equal(fresh(idx)[0], model(idx)[0])
 
 
-def test_a_format_2_file_that_does_not_say_its_form_is_refused(tmp_path):
+def test_a_file_that_does_not_say_its_form_is_refused(tmp_path):
     model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
     save_adapters(model, tmp_path)
     _rewrite_config(tmp_path / "adapter.safetensors", lambda config: config["options"].pop("readd_delta"))

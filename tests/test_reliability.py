@@ -23,7 +23,7 @@ from d2lora_min.train.compare import main as compare_main
 from d2lora_min.train.data import heldout_text
 from d2lora_min.train.pretrain import SHIPPED_BASE, load_base
 from d2lora_min.train.tasks import retention_probe
-from d2lora_min.train.resume import CHECKPOINT, CheckpointMismatch
+from d2lora_min.train.resume import CHECKPOINT, CheckpointMismatch, read_checkpoint_state, write_checkpoint_state
 from d2lora_min.train.trainer import TrainConfig, train
 from tiny_gpt import GPT, GPTConfig
 
@@ -144,10 +144,10 @@ def test_resume_refuses_a_checkpoint_of_another_run_key(tmp_path):
 
 def test_resume_refuses_non_finite_tensors(tmp_path):
     train(inject_adapters(small_gpt(), "lora", r=2, alpha=4), counting, quiet(steps=4), out_dir=tmp_path)
-    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    state = read_checkpoint_state(tmp_path / CHECKPOINT)
     name = next(iter(state["trainable"]))
     state["trainable"][name] = torch.full_like(state["trainable"][name], float("nan"))
-    torch.save(state, tmp_path / CHECKPOINT)
+    write_checkpoint_state(tmp_path / CHECKPOINT, state)
     with pytest.raises(CheckpointMismatch, match="NaN or Inf"):
         train(inject_adapters(small_gpt(), "lora", r=2, alpha=4), counting, quiet(steps=4), out_dir=tmp_path)
 
@@ -207,7 +207,23 @@ def test_one_flipped_byte_in_an_adapter_file_is_refused(tmp_path):
         load_adapters(small_gpt(), tmp_path)
 
 
-def test_a_format_2_file_without_its_checksum_says_so(tmp_path):
+@pytest.mark.parametrize("edit", [("\"alpha\": 4.0", "\"alpha\": 5.0"), ("\"dropout\": 0.0", "\"dropout\": 0.2"),
+                                  ("\"readd_delta\": true", "\"readd_delta\": false"), ("\"format\": 3, ", "")],
+                         ids=["alpha", "dropout", "option", "format removed"])
+def test_an_edited_config_in_an_adapter_file_is_refused(tmp_path, edit):
+    """The checksum covers the config: one changed digit of alpha (a single flipped bit: '4' -> '5') is refused, and
+    so is a file whose format entry was removed to pass as format 1 (which has no checksum)."""
+    saved(tmp_path, "d2lora")
+    path = tmp_path / ADAPTER_FILE
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    assert edit[0] in metadata[CONFIG_KEY]
+    save_file(tensors, str(path), metadata={**metadata, CONFIG_KEY: metadata[CONFIG_KEY].replace(*edit)})
+    with pytest.raises(ValueError, match="do not match the checksum|carries a checksum but its config has no format"):
+        load_adapters(small_gpt(), tmp_path)
+
+
+def test_a_file_without_its_checksum_says_so(tmp_path):
     saved(tmp_path, "lora")
     path = tmp_path / ADAPTER_FILE
     with safe_open(str(path), framework="pt") as f:
@@ -420,3 +436,31 @@ def test_two_specs_that_run_the_same_thing_are_computed_once(tmp_path, small_pro
     assert "one run under two names (computed once): LoRA(r=4), lr=0.01 is LoRA(r=4), lr=0.01" in (out / "results.md").read_text()
     assert compare_main(TINY + ["--methods", "lora:lr=0.01 lora:lr=1e-2,r=4", "--out", str(out)]) == 0  # both reused
     assert "s training" not in capsys.readouterr().out
+
+
+def test_loading_onto_a_model_where_a_stored_name_is_also_a_suffix_adapts_only_that_module(tmp_path):
+    # Adapter files store full names; "0" read as a suffix would also select "1.0" (and then fail half-way).
+    source = inject_adapters(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), "lora", r=2, alpha=4, targets=("0",))
+    save_adapters(source, tmp_path)
+    target = load_adapters(nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4))), tmp_path)
+    assert [name for name, _ in adapter_layers(target)] == ["0"]
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_finished_run_whose_adapter_file_is_gone_or_damaged_is_recomputed(tmp_path, small_probes, capsys, damage):
+    out = tmp_path / "out"
+    argv = TINY + ["--methods", "lora:lr=0.01", "--out", str(out)]
+    assert compare_main(argv) == 0
+    (result,) = [json.loads(p.read_text()) for p in run_files(out)]
+    adapter = out / result["adapter"] / ADAPTER_FILE
+    if damage == "delete":
+        adapter.unlink()
+    else:
+        adapter.write_bytes(adapter.read_bytes()[:100])
+    capsys.readouterr()
+    assert compare_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "adapter file is missing or damaged" in printed and "s training" in printed
+    (again,) = [json.loads(p.read_text()) for p in run_files(out)]
+    assert again["items"] == result["items"]
+    read_adapter_file(adapter)  # whole again

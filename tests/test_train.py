@@ -22,7 +22,7 @@ from d2lora_min.train.data import heldout_text
 from d2lora_min.train.batches import finetune_batches, steps_for
 from d2lora_min.train.tasks import TASKS, answer_text, build_splits, retention_probe, updated_facts
 from d2lora_min.train.tokenizer import EOT, train_tokenizer
-from d2lora_min.train.resume import CHECKPOINT
+from d2lora_min.train.resume import CHECKPOINT, read_checkpoint_state
 from d2lora_min.train.trainer import TrainConfig, TrainingDiverged, lr_at, train
 from d2lora_min.train.world import SCRIPTS, World, corpus_documents
 from tiny_gpt import GPT, GPTConfig
@@ -89,7 +89,7 @@ def test_an_interrupted_run_resumes_to_the_same_result(tmp_path):
     inject_adapters(first, "dora", r=2, alpha=4)
     with pytest.raises(Interrupt):
         train(first, count_batches(), cfg, out_dir=tmp_path, callback=stop_at_7)
-    assert torch.load(tmp_path / CHECKPOINT, weights_only=True)["step"] == 4  # the last checkpoint before the stop
+    assert read_checkpoint_state(tmp_path / CHECKPOINT)["step"] == 4  # the last checkpoint before the stop
 
     again = tiny_model()
     inject_adapters(again, "dora", r=2, alpha=4)
@@ -110,7 +110,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
 
     with pytest.raises(TrainingDiverged, match=r"loss is nan at step 6.*last good checkpoint \(step 4\)"):
         train(model, count_batches(), quiet(steps=20, checkpoint_every=4), out_dir=tmp_path, callback=poison_after_6)
-    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    state = read_checkpoint_state(tmp_path / CHECKPOINT)
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())
 

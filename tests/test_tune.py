@@ -92,3 +92,10 @@ def test_the_shipped_tuned_lrs_cover_the_compared_methods():
     assert set(COMPARED) <= set(tuned["lrs"])
     assert all(seed >= 100 for seed in tuned["dev_seeds"])  # chosen on development seeds only
     assert len(tuned["grid"]) >= 6 and max(tuned["grid"]) / min(tuned["grid"]) >= 10**1.5 * 0.999
+
+
+@pytest.mark.parametrize("flag", ["--methods", "--seeds", "--grid"])
+def test_an_empty_flag_is_a_usage_error_not_the_full_default_tune(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit):
+        tune_mod.main([flag, "", "--out", str(tmp_path / "x")])
+    assert f"{flag} is empty" in capsys.readouterr().err

@@ -4,7 +4,7 @@
     load_adapters(base_model, "runs/my_adapter")
 
 The config (format version, method, r, alpha, dropout, every option, and each target's [out, in]) and a SHA-256
-of the tensors travel in the file's metadata, so the tensors and their description are written in one atomic
+of the config and the tensors travel in the file's metadata, so the tensors and their description are written in one atomic
 rename: a kill leaves the old file or the new one, never a mix. Nothing is unpickled. Loading checks the checksum,
 names, shapes, dtypes and finiteness exactly, and that the tensors a layer derives from its base (D2-LoRA's target
 norms) agree with the base it is loaded onto; every check runs before the model is changed.
@@ -22,13 +22,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..atomic import atomic_path
-from .inject import adapter_layers, check_options, inject_adapters
+from .inject import adapter_layers, check_options, inject_adapters_at
 from .registry import get_method, method_name
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_KEY = "d2lora_min.adapter_config"  # the metadata entry holding the config as JSON
 CHECKSUM_KEY = "d2lora_min.tensors_sha256"  # the metadata entry holding tensors_sha256() of the tensors
-FORMAT = 2  # 2: every option stored, tensors checksummed; files without "format" are format 1 (see upgrade_config)
+FORMAT = 3  # 3: the checksum covers the config too; 2: every option stored, the tensors checksummed; no "format": 1
+READS = (2, 3)  # the formats read besides format 1 (see upgrade_config)
 MAX_CONFIG_CHARS = 1_000_000  # a config longer than this is not ours (and is not parsed)
 CONFIG_KEYS = ("format", "method", "r", "alpha", "dropout", "options", "targets")
 
@@ -57,10 +58,13 @@ def adapter_state_dict(model):
     return {f"{name}.{key}": t for name, layer in adapter_layers(model) for key, t in _own_tensors(layer).items()}
 
 
-def tensors_sha256(tensors):
-    """SHA-256 over {name: tensor}: for each name in sorted order, the JSON text [name, dtype, [numel]] (the length of
-    the flattened tensor, not its shape: shapes are checked against the model on load) and then its raw bytes."""
+def tensors_sha256(tensors, config_text=None):
+    """SHA-256 over the config's JSON text (format 3; format 2 hashed the tensors only) and {name: tensor}: for each
+    name in sorted order, the JSON text [name, dtype, [numel]] (the length of the flattened tensor, not its shape:
+    shapes are checked against the model on load) and then its raw bytes."""
     h = hashlib.sha256()
+    if config_text is not None:
+        h.update(config_text.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-d tensor (tau) cannot be viewed as bytes
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
@@ -92,8 +96,8 @@ def _check_config(config):
     for key, kind in kinds.items():
         if key not in config or isinstance(config[key], bool) or not isinstance(config[key], kind):
             raise ValueError(f"adapter config: {key!r} is missing or has the wrong type ({type(config.get(key)).__name__})")
-    if config["format"] != FORMAT:
-        raise ValueError(f"adapter config has format {config['format']}; this version reads format {FORMAT} (and format 1)")
+    if config["format"] not in READS:
+        raise ValueError(f"adapter config has format {config['format']}; this version reads formats 1, 2 and 3")
     if config["r"] < 1:
         raise ValueError(f"adapter config: r must be >= 1, got {config['r']}")
     defaults = get_method(config["method"]).OPTIONS
@@ -152,8 +156,8 @@ def load_adapter_state_dict(model, state_dict, config, source="adapter checkpoin
     _check_tensors(state_dict, want, derived, source)
 
     if not layers:
-        inject_adapters(model, config["method"], r=config["r"], alpha=config["alpha"], targets=tuple(config["targets"]),
-                        dropout=config["dropout"], **config["options"])  # fmt: skip
+        inject_adapters_at(model, config["method"], tuple(config["targets"]), r=config["r"], alpha=config["alpha"],
+                           dropout=config["dropout"], **config["options"])  # fmt: skip
     with torch.no_grad():
         for key, tensor in adapter_state_dict(model).items():
             if key not in derived:  # derived tensors keep what the layer computed for this model
@@ -203,7 +207,8 @@ def save_adapters(model, folder):
     """Write folder/adapter.safetensors (tensors, config and their checksum in its metadata) atomically; returns its path."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
     path = os.path.join(folder, ADAPTER_FILE)
-    metadata = {CONFIG_KEY: json.dumps(adapter_config(model), sort_keys=True), CHECKSUM_KEY: tensors_sha256(tensors)}
+    config_text = json.dumps(adapter_config(model), sort_keys=True)
+    metadata = {CONFIG_KEY: config_text, CHECKSUM_KEY: tensors_sha256(tensors, config_text)}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return path
@@ -223,12 +228,17 @@ def read_adapter_file(path):
         tensors = load_file(path)
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"{path} is not a readable d2lora_min adapter file ({type(e).__name__}: {str(e)[:200]})") from None
-    if isinstance(config, dict) and "format" in config:  # format 1 files carry no checksum
-        if CHECKSUM_KEY not in metadata:
-            raise ValueError(f"{path}: its config says format {config['format']}, but no checksum is stored with the "
-                             f"tensors ({CHECKSUM_KEY!r} is missing from the metadata: an edited file)")  # fmt: skip
-        if metadata[CHECKSUM_KEY] != tensors_sha256(tensors):
-            raise ValueError(f"{path}: the tensors do not match the checksum stored with them (a damaged or edited file)")
+    if not isinstance(config, dict) or "format" not in config:  # format 1 files, and only they, carry no checksum
+        if CHECKSUM_KEY in metadata:
+            raise ValueError(f"{path}: it carries a checksum but its config has no format (an edited or damaged file)")
+        return tensors, config
+    if CHECKSUM_KEY not in metadata:
+        raise ValueError(f"{path}: its config says format {config['format']}, but no checksum is stored with the "
+                         f"tensors ({CHECKSUM_KEY!r} is missing from the metadata: an edited file)")  # fmt: skip
+    covered = text if config["format"] != 2 else None  # format 2's checksum covers the tensors only
+    if metadata[CHECKSUM_KEY] != tensors_sha256(tensors, covered):
+        raise ValueError(f"{path}: the config or the tensors do not match the checksum stored with them (a damaged or "
+                         f"edited file)")  # fmt: skip
     return tensors, config
 
 

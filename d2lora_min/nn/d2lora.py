@@ -65,6 +65,8 @@ class D2LoRALinear(AdapterLinear):
         self.lora_B_neg = self._new_lora_B()  # (out, r)
         w = base.weight
         tau = torch.tensor(self.tau_init, device=w.device, dtype=w.dtype)  # scalar
+        if not torch.isfinite(tau):  # e.g. 1e39 in float32, 1e5 in float16: inf * B_neg = NaN at initialisation
+            raise ValueError(f"tau_init={self.tau_init!r} is not finite in the weights' dtype {w.dtype}")
         if self.learn_tau:
             self.tau = nn.Parameter(tau)
         else:

@@ -117,7 +117,7 @@ class RowScaledLowRank(torch.autograd.Function):
         # and in the paper's form low becomes y in place (y has a tensor of its own only without the re-added low).
         # low is formed with the leading dimensions (linear folds them), so that y is not a view of something else.
         h = F.linear(x2, _to(W0, dt)).view(*lead, n_out)  # x @ W0.T: (..., out)
-        low = F.linear(s_z.view(*lead, -1), _to(B, dt))  # s * z @ B.T = x @ dW.T: (..., out)
+        low = F.linear(s_z.view(*lead, s_z.shape[-1]), _to(B, dt))  # s * z @ B.T = x @ dW.T: (..., out)
         h = h.add_(low)  # x @ W0.T + low = x @ V.T: (..., out)
         V = torch.addmm(_to(W0, ndt), _to(B, ndt), _to(A, ndt), alpha=s)  # (out, in), dropped after its norms
         norm = torch.linalg.vector_norm(V, dim=1)  # L2 over in_features -> (out,)
@@ -221,6 +221,8 @@ def row_scaled_low_rank(layer, x, A, B, target, detach_norm, keep_h=False, readd
     """Run RowScaledLowRank for an adapter layer: picks the compute dtype (the autocast dtype when autocast
     is on, else x's), applies the layer's dropout to the low-rank branch's input, and turns autocast off
     inside (the function casts for itself)."""
+    if x.shape[-1] != layer.in_features:  # else a reshape would fail with a message about sizes, not features
+        raise ValueError(f"input has {x.shape[-1]} features in its last dimension, the layer takes {layer.in_features}")
     device = x.device.type
     autocast = torch.is_autocast_enabled(device)
     if autocast:
@@ -255,8 +257,9 @@ def d2lora_forward(layer, x):
 
 def set_fast_path(model, enabled):
     """Select the fused (True) or the plain (False) implementation in every adapter layer of `model`."""
-    from .base import AdapterLinear
+    from .base import AdapterLinear, check_bool
 
+    enabled = check_bool("enabled", enabled)  # the string "false" must not switch the fast path on
     for m in model.modules():
         if isinstance(m, AdapterLinear):
             m.fast = bool(enabled)

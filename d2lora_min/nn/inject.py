@@ -41,9 +41,10 @@ def adapter_layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, AdapterLinear)]
 
 
-def _matches(module_name, target):
-    """A target names a module by its full name or by a suffix after a dot: "v_proj" matches "blocks.0.attn.v_proj"."""
-    return module_name == target or module_name.endswith("." + target)
+def _matches(module_name, target, exact=False):
+    """A target names a module by its full name or by a suffix after a dot: "v_proj" matches "blocks.0.attn.v_proj".
+    exact: by its full name only."""
+    return module_name == target or (not exact and module_name.endswith("." + target))
 
 
 def _replace_module(model, name, new):
@@ -72,13 +73,23 @@ def inject_adapters(model, method, r=4, alpha=8.0, targets=DEFAULT_TARGETS, drop
     it). A layer registered under several names (shared) gets one adapter, under every name. Each adapter starts in
     the mode (train or eval) of the layer it replaces. Returns the model. On any error the model is left as it was.
     """
+    return _inject(model, method, r, alpha, targets, dropout, options, exact=False)
+
+
+def inject_adapters_at(model, method, names, r, alpha, dropout=0.0, **options):
+    """inject_adapters for exactly the modules with these full names (what adapter files store): a full name used as
+    a suffix could select more modules ("0" also matches "1.0")."""
+    return _inject(model, method, r, alpha, names, dropout, options, exact=True)
+
+
+def _inject(model, method, r, alpha, targets, dropout, options, exact):
     cls = get_method(method)
     check_options(method, options)
     targets = check_targets(targets)
     if adapter_layers(model):
         raise ValueError("model already has adapters: merge_adapters(model) first, or start from the base model")
 
-    chosen = find_targets(model, targets)
+    chosen = find_targets(model, targets, exact)
     # Build every adapter first (a bad r, alpha or option raises here); wrapping freezes each base layer,
     # so remember what was trainable and restore it if anything fails.
     trainable = {p: p.requires_grad for p in model.parameters()}
@@ -95,18 +106,19 @@ def inject_adapters(model, method, r=4, alpha=8.0, targets=DEFAULT_TARGETS, drop
     return model
 
 
-def find_targets(model, targets):
-    """The modules `targets` select -> [(module, [every name it is registered under])], in model order; a clear
-    error when a target matches nothing or selects something an adapter cannot wrap. Changes nothing."""
+def find_targets(model, targets, exact=False):
+    """The modules `targets` select (by suffix, or by full name only when exact) -> [(module, [every name it is
+    registered under])], in model order; a clear error when a target matches nothing or selects something an adapter
+    cannot wrap. Changes nothing."""
     targets = check_targets(targets)
     # every name a module is registered under (a module shared by two parents has two names)
     modules = [(name, m) for name, m in model.named_modules(remove_duplicate=False) if name]
     chosen = {}  # id(module) -> (module, [every name it has]), for modules that a target matches
     for name, m in modules:
-        if any(_matches(name, t) for t in targets):
+        if any(_matches(name, t, exact) for t in targets):
             chosen[id(m)] = (m, [n for n, other in modules if other is m])
     for t in targets:
-        if not any(_matches(name, t) for name, _ in modules):
+        if not any(_matches(name, t, exact) for name, _ in modules):
             linears = sorted({name.rsplit(".", 1)[-1] for name, m in modules if isinstance(m, nn.Linear)})
             raise ValueError(f"target {t!r} matches no module; the model's nn.Linear names end in: {', '.join(linears)}")
     parents = dict(modules)

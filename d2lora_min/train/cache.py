@@ -1,8 +1,8 @@
 """The run cache: where a run's result lives, the key of the settings that produced it, and reading it back.
 
 A run's JSON is written last (its presence, with the right key, marks the run as finished); a rerun reuses it
-when it validates - the right method, seed and key, every field the report reads, and a checksum that matches its
-content - and computes only what is missing.
+when it validates - the right method, seed and key, every field the report reads, a checksum that matches its
+content, and the adapter file it names present and intact - and computes only what is missing.
 """
 
 import hashlib
@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict
 
 from ..nn import METHODS
+from ..nn.checkpoint import ADAPTER_FILE, read_adapter_file
 from .presets import budget_train_config
 from .pretrain import corpus_fingerprint
 from .tasks import TASKS
@@ -47,7 +48,7 @@ def read_cached(path, spec=None, seed=None, key=None, cfg=None):
         return None
     try:
         result = json.loads(path.read_text())
-        problem = None if spec is None else invalid(result, spec, seed, key, cfg)
+        problem = None if spec is None else invalid(result, spec, seed, key, cfg) or adapter_problem(result, path.parent.parent)
     except (OSError, ValueError) as e:  # unreadable, a folder, not UTF-8, not JSON
         problem = f"unreadable ({type(e).__name__})"
     if problem:
@@ -94,6 +95,20 @@ def invalid(result, spec, seed, key, cfg):
             return f"task {task!r}: a correctness flag is not 0 or 1"
         if not _is_number(result["scores"].get(task)):
             return f"no score for task {task!r}"
+    return None
+
+
+def adapter_problem(result, out_dir):
+    """Why the adapter file a finished run names (relative to out_dir) is missing or damaged, or None (also when the
+    run names none: base, full, the validation split)."""
+    if "adapter" not in result:
+        return None
+    if not isinstance(result["adapter"], str):
+        return "its adapter path is not a string"
+    try:
+        read_adapter_file(str(out_dir / result["adapter"] / ADAPTER_FILE))
+    except (OSError, ValueError) as e:
+        return f"its adapter file is missing or damaged ({str(e)[:160]})"
     return None
 
 

@@ -1,13 +1,17 @@
 """Training checkpoints: what a killed run resumes from (trainer.py writes and reads them).
 
 A checkpoint holds the trainable tensors, the optimizer state, the losses and step times so far, the RNG state, the
-trainer's settings and the caller's run key. It is written atomically (serialised in memory, then one rename) and read
-with weights_only=True (tensors and plain containers only: a planted pickle payload cannot run), and it is resumed only
-when it is exactly this run's: same settings, same key, the model's trainable tensors by name, shape and dtype, every
-value finite.
+trainer's settings and the caller's run key. It is written atomically (serialised in memory, then one rename), as one
+header line with the SHA-256 of what follows and then torch.save's bytes, so a damaged file (one flipped bit) is
+refused rather than resumed with other numbers. It is read with weights_only=True (tensors and plain containers only:
+a planted pickle payload cannot run), and resumed only when it is exactly this run's: same settings, same key, the
+model's trainable tensors and their Adam moments by name, shape and dtype, every value finite. Every check runs
+before anything is changed.
 """
 
+import hashlib
 import io
+import math
 from dataclasses import asdict
 
 import torch
@@ -35,15 +39,44 @@ def save_checkpoint(path, model, optimizer, step, result, cfg, key=None):
         "config": asdict(cfg),
         "key": key,
     }
+    write_checkpoint_state(path, state)
+
+
+# The first line of a checkpoint file: this text, the hex SHA-256 of the bytes after the line, and a newline.
+MAGIC = b"d2lora_min checkpoint, sha256 of the rest: "
+
+
+def write_checkpoint_state(path, state):
+    """Write the dict `state` as a checkpoint file: the header line, then torch.save's bytes, in one atomic rename."""
     buffer = io.BytesIO()  # serialised in memory, then written as plain bytes: a full disk is an ordinary OSError
     torch.save(state, buffer)
+    payload = buffer.getvalue()
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
+            f.write(MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+
+
+def read_checkpoint_state(path):
+    """The dict a checkpoint file holds, after its checksum; CheckpointMismatch for a file that is not one, is damaged,
+    or holds anything but tensors and plain containers (weights_only=True: nothing else is unpickled)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    start = len(MAGIC) + 65  # the header: MAGIC, 64 hex digits, a newline
+    if not data.startswith(MAGIC) or len(data) < start or data[start - 1 : start] != b"\n":
+        raise CheckpointMismatch(f"checkpoint {path} is not a d2lora_min checkpoint (no checksum header); delete it to "
+                                 f"start this run over")  # fmt: skip
+    if hashlib.sha256(data[start:]).hexdigest().encode() != data[len(MAGIC) : start - 1]:
+        raise CheckpointMismatch(f"checkpoint {path} does not match its checksum (a damaged or edited file); delete it "
+                                 f"to start this run over")  # fmt: skip
+    try:
+        return torch.load(io.BytesIO(data[start:]), map_location="cpu", weights_only=True)
+    except Exception as e:  # holding objects other than tensors and plain containers
+        raise CheckpointMismatch(f"checkpoint {path} cannot be read as a plain-tensor checkpoint ({type(e).__name__}); "
+                                 f"delete it to start this run over") from None  # fmt: skip
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint that cannot be resumed: unreadable, not plain tensors, or made for another model or settings."""
+    """A checkpoint that cannot be resumed: unreadable, damaged, not plain tensors, or made for another model or settings."""
 
 
 # Settings that change the numbers a run produces: a checkpoint is resumed only when they all match.
@@ -52,16 +85,10 @@ RESUME_KEYS = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "wei
 
 def load_checkpoint(path, model, optimizer, result, cfg, key=None):
     """Resume from `path`: refuse (CheckpointMismatch, naming the file and the tensor) anything that is not
-    exactly this model's finite trainable tensors (names, shapes, dtypes) saved with these settings and this run
-    key (the caller's hash of everything else that changes the numbers: the base, the data, alpha, dropout...).
-
-    weights_only=True: the file is read as tensors, numbers, lists and dicts only, never as arbitrary pickled
-    objects, so a planted payload cannot run code."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt, truncated, or holding objects other than tensors and plain containers
-        raise CheckpointMismatch(f"checkpoint {path} cannot be read as a plain-tensor checkpoint ({type(e).__name__}); "
-                                 f"delete it to start this run over") from None  # fmt: skip
+    exactly this model's finite trainable tensors (names, shapes, dtypes) and their optimizer state, saved with these
+    settings and this run key (the caller's hash of everything else that changes the numbers: the base, the data,
+    alpha, dropout...). Every check runs before the model, the optimizer, the result or the RNG is changed."""
+    state = read_checkpoint_state(path)
     fields = ("step", "trainable", "optimizer", "losses", "step_times", "skipped_updates", "rng", "config", "key")
     if not isinstance(state, dict) or any(k not in state for k in fields) or not isinstance(state["config"], dict):
         raise CheckpointMismatch(f"checkpoint {path} lacks the fields {', '.join(fields)}; delete it to start over")
@@ -72,22 +99,17 @@ def load_checkpoint(path, model, optimizer, result, cfg, key=None):
     if differ:
         raise CheckpointMismatch(f"checkpoint {path} was made with other settings ({', '.join(differ)}); delete it to start over")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(state["trainable"]) != set(params):
-        diff = sorted(set(state["trainable"]) ^ set(params))
+    if not isinstance(state["trainable"], dict) or set(state["trainable"]) != set(params):
+        diff = sorted(set(state["trainable"]) ^ set(params)) if isinstance(state["trainable"], dict) else "not a dict"
         raise CheckpointMismatch(f"checkpoint {path} is for another model or method (tensors differ: {diff[:5]})")
     for n, p in params.items():
-        t = state["trainable"][n]
-        if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype:
-            got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise CheckpointMismatch(f"checkpoint {path}, tensor {n}: saved {got}, the model has {(tuple(p.shape), p.dtype)}")
-        if not torch.isfinite(t).all():
-            raise CheckpointMismatch(f"checkpoint {path}, tensor {n}: holds NaN or Inf; delete it to start over")
-    moments = [v for s in state["optimizer"].get("state", {}).values() if isinstance(s, dict) for v in s.values()]
-    if not all(torch.isfinite(v).all() for v in moments if isinstance(v, torch.Tensor)):
-        raise CheckpointMismatch(f"checkpoint {path}: the optimizer state holds NaN or Inf; delete it to start over")
+        _check_tensor(path, f"tensor {n}", state["trainable"][n], p)
     step = state["step"]
-    if not isinstance(step, int) or not 0 < step <= cfg.steps or len(state["losses"]) != step:
-        raise CheckpointMismatch(f"checkpoint {path} has an inconsistent step count; delete it to start over")
+    _check_progress(path, state, step, cfg)
+    _check_optimizer(path, state["optimizer"], optimizer, step - state["skipped_updates"])
+    rng = state["rng"]
+    if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
+        raise CheckpointMismatch(f"checkpoint {path}: its RNG state is not one; delete it to start over")
     with torch.no_grad():
         for n, t in state["trainable"].items():
             params[n].copy_(t)
@@ -95,10 +117,61 @@ def load_checkpoint(path, model, optimizer, result, cfg, key=None):
     result.losses[:] = state["losses"]
     result.step_times[:] = state["step_times"]
     result.skipped_updates = state["skipped_updates"]
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(rng)
     if torch.cuda.is_available() and state.get("cuda_rng"):
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return step
+
+
+def _check_tensor(path, what, t, like):
+    """t is a finite tensor with like's shape and dtype, else a CheckpointMismatch naming `what`."""
+    if not isinstance(t, torch.Tensor) or t.shape != like.shape or t.dtype != like.dtype:
+        got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise CheckpointMismatch(f"checkpoint {path}, {what}: saved {got}, the model has {(tuple(like.shape), like.dtype)}")
+    if not torch.isfinite(t).all():
+        raise CheckpointMismatch(f"checkpoint {path}, {what}: holds NaN or Inf; delete it to start over")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_progress(path, state, step, cfg):
+    """step, losses, step times and skipped updates agree with one another and with the budget."""
+    losses, times, skipped = state["losses"], state["step_times"], state["skipped_updates"]
+    ok = (_is_int(step) and 0 < step <= cfg.steps and _is_int(skipped) and 0 <= skipped <= step
+          and isinstance(losses, list) and isinstance(times, list) and len(losses) == len(times) == step
+          and all(isinstance(v, float) and math.isfinite(v) for v in losses + times))  # fmt: skip
+    if not ok:
+        raise CheckpointMismatch(f"checkpoint {path} has an inconsistent step count, losses or step times; delete it to start over")
+
+
+def _check_optimizer(path, saved, optimizer, updates):
+    """The saved optimizer state fits `optimizer` exactly: as many groups with as many parameters, the same settings
+    but the learning rate (the schedule sets it every step), and for each parameter finite moments of its shape and
+    dtype (every parameter has them once an update was made). Loading a state of other shapes can crash torch."""
+    where = f"checkpoint {path}: the optimizer state"
+    groups = optimizer.param_groups
+    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("param_groups"), list)
+            and len(saved["param_groups"]) == len(groups)):  # fmt: skip
+        raise CheckpointMismatch(f"{where} is not this optimizer's (its groups differ); delete it to start over")
+    by_id = {}
+    for mine, theirs in zip(groups, saved["param_groups"]):
+        if not isinstance(theirs, dict) or not isinstance(theirs.get("params"), list) or len(theirs["params"]) != len(mine["params"]):
+            raise CheckpointMismatch(f"{where} has other parameter groups; delete it to start over")
+        settings = {k: _plain(v) for k, v in mine.items() if k not in ("params", "lr")}
+        if {k: _plain(theirs.get(k)) for k in settings} != settings:
+            raise CheckpointMismatch(f"{where} was made with other optimizer settings; delete it to start over")
+        by_id.update(zip(theirs["params"], mine["params"]))
+    if set(saved["state"]) - set(by_id) or (updates > 0 and set(saved["state"]) != set(by_id)):
+        raise CheckpointMismatch(f"{where} does not cover this model's trainable tensors; delete it to start over")
+    for i, entry in saved["state"].items():
+        if not isinstance(entry, dict) or not {"exp_avg", "exp_avg_sq", "step"} <= set(entry):
+            raise CheckpointMismatch(f"{where}, parameter {i}: not Adam's moments; delete it to start over")
+        for name in ("exp_avg", "exp_avg_sq"):
+            _check_tensor(path, f"the optimizer's {name} of parameter {i}", entry[name], by_id[i])
+        if not (isinstance(entry["step"], torch.Tensor) and entry["step"].numel() == 1 and torch.isfinite(entry["step"]).all()):
+            raise CheckpointMismatch(f"{where}, parameter {i}: its step count is not a finite number; delete it to start over")
 
 
 def _plain(value):

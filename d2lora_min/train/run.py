@@ -165,7 +165,7 @@ def fine_tune(model, spec, seed, setup, cfg, train_dir, key):
     warm = len(trained.step_times) // 10  # the first tenth warms up the allocator and caches: left out
     out.update(train_seconds=time.perf_counter() - t0, steps=tcfg.steps, resumed_from_step=trained.resumed_from,
                skipped_updates=trained.skipped_updates, losses=trained.losses, volatility=volatility(trained.losses),
-               step_time=statistics.median(trained.step_times[warm:] or trained.step_times))  # fmt: skip
+               step_time=statistics.median(trained.step_times[warm:] or trained.step_times or [float("nan")]))  # fmt: skip
     return out
 
 

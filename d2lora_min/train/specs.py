@@ -88,11 +88,17 @@ def parse_method_spec(text, cfg, tuned=None):
         raise UsageError(f"unknown method {name!r} in {text!r}; valid methods: {', '.join(valid_names)}")
     option_defaults = METHODS[name].OPTIONS if name in METHODS else {}
     common = {"r": cfg.r, "alpha": None, "dropout": 0.0, "lr": cfg.full_lr if name == "full" else cfg.train.lr, "targets": cfg.targets}
-    options = {}
+    options, seen = {}, set()
+    takes = {"base": (), "full": ("lr",)}.get(name)  # the keys base and full take (they have no adapter)
     for pair in rest.split(",") if rest else []:
         key, eq, value = pair.partition("=")
         if not eq or not key:
             raise UsageError(f"{pair!r} in {text!r} is not key=value")
+        if key in seen:
+            raise UsageError(f"{key!r} is given twice in {text!r}")
+        seen.add(key)
+        if takes is not None and key not in takes:
+            raise UsageError(f"{name!r} takes {'only lr' if takes else 'no keys'}, got {key!r} in {text!r}")
         if key == "targets":
             common[key] = parse_targets(value, repr(text))
         elif key in common:

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..atomic import check_writable
 from .cli import UsageError, check_range
 from .resume import CHECKPOINT, load_checkpoint, save_checkpoint
 
@@ -215,6 +216,8 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
 
     result = TrainResult()
     ckpt_path = os.path.join(out_dir, CHECKPOINT) if out_dir else None
+    if out_dir and rank == 0:
+        check_writable(out_dir)  # now, not at the first checkpoint
     start, last_saved = 0, None
     if ckpt_path and resume and os.path.exists(ckpt_path):
         start = last_saved = load_checkpoint(ckpt_path, model, optimizer, result, cfg, key)

@@ -185,6 +185,9 @@ def main(argv=None):
     args, overrides = parser.parse_known_args(argv)
 
     def body():
+        for flag in ("methods", "seeds", "grid"):  # given but empty: an error, not the defaults (as in compare)
+            if getattr(args, flag) is not None and not getattr(args, flag).strip():
+                raise UsageError(f"--{flag} is empty; leave it out for the default")
         methods = tuple(args.methods.split()) if args.methods else COMPARED
         if any("lr=" in m for m in methods):
             raise UsageError("--methods for tune take no lr= (the grid sets it)")
