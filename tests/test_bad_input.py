@@ -176,6 +176,11 @@ def test_a_bad_adapter_config_is_refused(tmp_path, config_change, match):
 def test_missing_truncated_or_foreign_adapter_files_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter file"):
         load_adapters(small_gpt(), tmp_path / "nowhere")
+    (tmp_path / "folder" / ADAPTER_FILE).mkdir(parents=True)
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_adapters(small_gpt(), tmp_path / "folder")
+    with pytest.raises(ValueError, match="holds no tensors"):
+        load_adapter_state_dict(small_gpt(), {}, adapter_config(inject_adapters(small_gpt(), "lora", r=2, alpha=4)))
     saved_adapter(tmp_path)
     path = tmp_path / ADAPTER_FILE
     data = path.read_bytes()
@@ -523,3 +528,12 @@ def test_set_fast_path_takes_a_bool_not_the_string_false():
         set_fast_path(model, "false")
     assert all(layer.fast for _, layer in adapter_layers(model))
     assert not any(layer.fast for _, layer in adapter_layers(set_fast_path(model, False)))
+
+
+def test_a_batch_without_target_tokens_is_a_clear_error_not_a_divergence():
+    def no_targets(step):
+        x, y = count_batches(step)
+        return x, torch.full_like(y, -1)
+
+    with pytest.raises(ValueError, match="no target tokens"):
+        train(inject_adapters(small_gpt(), "lora", r=2, alpha=4), no_targets, quiet(steps=2))

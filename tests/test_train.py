@@ -303,11 +303,14 @@ def test_window_batches_shift_by_one_and_refuse_a_tiny_corpus():
         (b"", ValueError, "at least"),
         (b"\xff\xfe\x00bad", ValueError, "not UTF-8"),
         (b"too short", ValueError, "at least 1000"),
+        ("folder", ValueError, "not a regular file"),
     ],
 )
 def test_bad_user_corpus_is_refused_before_training(tmp_path, content, error, match):
     path = tmp_path / "corpus.txt"
-    if content is not None:
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
         path.write_bytes(content)
     with pytest.raises(error, match=match):
         read_text_file(str(path))

@@ -147,6 +147,8 @@ def load_adapter_state_dict(model, state_dict, config, source="adapter checkpoin
     _check_model_fits(model, layers, config, source)
     if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
         raise ValueError(f"{source}: the state dict must map names to tensors")
+    if not state_dict:
+        raise ValueError(f"{source} holds no tensors")
     largest = max((max(t.shape, default=1) for t in state_dict.values()), default=1)
     if config["r"] > largest:  # the rank is a dimension of the stored factors: refuse before allocating for it
         raise ValueError(f"{source}: rank r={config['r']} is larger than any dimension of the stored tensors ({largest})")
@@ -216,8 +218,10 @@ def save_adapters(model, folder):
 
 def read_adapter_file(path):
     """(tensors on CPU, config) from an adapter file; a clear ValueError for a missing, truncated, edited or foreign file."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter file at {path}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a readable d2lora_min adapter file (not a regular file)")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

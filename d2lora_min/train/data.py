@@ -30,8 +30,10 @@ class CorpusConfig:
 
 def read_text_file(path, min_chars=MIN_TEXT_CHARS):
     """The user's corpus, checked before any training starts: it exists, is UTF-8 and is long enough."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"corpus file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ValueError(f"corpus file {path!r} is not a regular file (a folder or a device)")
     with open(path, "rb") as f:
         raw = f.read()
     try:

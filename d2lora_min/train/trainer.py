@@ -156,6 +156,8 @@ def shard_loss(forward, batch, rank, world, device):
     the rows rank, rank + world, ... and its mean loss is reweighted by its share of the target tokens, so that the
     gradients DDP averages are exactly those of the single-process mean loss."""
     n_targets = (batch[1] != -1).sum()
+    if not n_targets:  # a mean over no tokens is NaN, which would read as a diverged run
+        raise ValueError("a batch has no target tokens (every label is -1): its mean loss is undefined")
     if world > 1:
         batch = [t[rank::world] for t in batch]
     x, y, *extra = [t.to(device, non_blocking=True) for t in batch]
