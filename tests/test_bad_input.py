@@ -277,8 +277,12 @@ def wrong_moment(state):
     state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
 
 
-def no_moments(state):
-    state["optimizer"]["state"] = {}
+def unknown_parameter(state):
+    state["optimizer"]["state"][99] = state["optimizer"]["state"][0]
+
+
+def bad_cuda_rng(state):
+    state["cuda_rng"] = ["not a state"]
 
 
 def fewer_groups(state):
@@ -304,7 +308,8 @@ def nan_loss(state):
 
 @pytest.mark.parametrize(
     "edit, match",
-    [(wrong_moment, "exp_avg of parameter 0: saved"), (no_moments, "does not cover"), (fewer_groups, "groups differ"),
+    [(wrong_moment, "exp_avg of parameter 0: saved"), (unknown_parameter, "names parameters this optimizer does not have"),
+     (bad_cuda_rng, "CUDA RNG states"), (fewer_groups, "groups differ"),
      (other_betas, "other optimizer settings"), (bad_rng, "RNG state"), (bool_step, "inconsistent step count"),
      (nan_loss, "inconsistent step count")],
     ids=lambda v: getattr(v, "__name__", ""),
@@ -320,6 +325,42 @@ def test_a_checkpoint_whose_contents_do_not_fit_is_refused_before_anything_chang
     with pytest.raises(CheckpointMismatch, match=match):
         train(model, count_batches, quiet(steps=3), out_dir=tmp_path)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class WithAnUnusedParameter(nn.Module):
+    """A model with a trainable tensor that no loss reaches: AdamW makes no state for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.gpt, self.unused = small_gpt(), nn.Linear(2, 2)
+
+    def forward(self, x, y):
+        return self.gpt(x, y)
+
+
+@pytest.mark.parametrize(
+    "make, cfg",
+    [(lambda: inject_adapters(small_gpt(), "d2lora", r=2, alpha=4, learn_tau=True), {"weight_decay": 0.1}),
+     (lambda: inject_adapters(small_gpt(), "dora", r=2, alpha=4), {"weight_decay": 0.1}),
+     (lambda: small_gpt().requires_grad_(True), {}),
+     (WithAnUnusedParameter, {})],
+    ids=["d2lora-learned-tau-decay", "dora-decay", "full", "unused-parameter"],
+)  # fmt: skip
+def test_a_run_resumes_from_its_own_checkpoint_whatever_its_optimizer_state_holds(tmp_path, make, cfg):
+    def stop_after_2(done, model, result):  # the callback runs before step 2's checkpoint: step 1's is the last
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(make(), count_batches, quiet(steps=4, checkpoint_every=1, **cfg), out_dir=tmp_path, callback=stop_after_2)
+    resumed = train(make(), count_batches, quiet(steps=4, checkpoint_every=1, **cfg), out_dir=tmp_path)
+    assert resumed.resumed_from == 1 and len(resumed.losses) == 4
+
+
+def test_a_folder_where_the_checkpoint_file_should_be_is_a_clear_error(tmp_path):
+    (tmp_path / CHECKPOINT).mkdir()
+    with pytest.raises(CheckpointMismatch, match="not a regular file"):
+        train(inject_adapters(small_gpt(), "lora", r=2, alpha=4), count_batches, quiet(steps=2), out_dir=tmp_path)
 
 
 def test_a_file_where_the_checkpoint_folder_should_be_fails_before_training(tmp_path):

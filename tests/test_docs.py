@@ -4,6 +4,8 @@ import json
 import re
 from pathlib import Path
 
+import pytest
+import torch
 import torch.nn as nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +22,8 @@ def test_porting_snippet_checks_the_golden_file(monkeypatch, capsys):
     assert "forward and merged weight match" in capsys.readouterr().out
 
 
-def test_porting_checksum_is_the_one_adapter_files_carry(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_porting_checksum_is_the_one_adapter_files_carry(tmp_path, dtype):
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
@@ -30,7 +33,8 @@ def test_porting_checksum_is_the_one_adapter_files_carry(tmp_path):
     snippet = porting_snippets()[1]
     names = {}
     exec(compile(snippet, "PORTING.md", "exec"), names)
-    model = inject_adapters(nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 4)), "d2lora", r=2, alpha=4, targets=("0", "1"))
+    base = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 4)).to(dtype)
+    model = inject_adapters(base, "d2lora", r=2, alpha=4, targets=("0", "1"))
     path = save_adapters(model, tmp_path)
     with safe_open(path, framework="np") as f:
         metadata = f.metadata()

@@ -27,7 +27,7 @@ from .registry import get_method, method_name
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_KEY = "d2lora_min.adapter_config"  # the metadata entry holding the config as JSON
-CHECKSUM_KEY = "d2lora_min.tensors_sha256"  # the metadata entry holding tensors_sha256() of the tensors
+CHECKSUM_KEY = "d2lora_min.tensors_sha256"  # the metadata entry holding tensors_sha256() (the name is format 2's)
 FORMAT = 3  # 3: the checksum covers the config too; 2: every option stored, the tensors checksummed; no "format": 1
 READS = (2, 3)  # the formats read besides format 1 (see upgrade_config)
 MAX_CONFIG_CHARS = 1_000_000  # a config longer than this is not ours (and is not parsed)
@@ -73,8 +73,8 @@ def tensors_sha256(tensors, config_text=None):
 
 
 def upgrade_config(config):
-    """A format-1 config (written before D2-LoRA had its paper form) as a format-2 one: format 1 knew one D2-LoRA
-    form, the exact-norm one, so its files load as readd_delta=False. Any other config is returned as it is."""
+    """A format-1 config (written before D2-LoRA had its paper form) as one of today's format: format 1 knew one
+    D2-LoRA form, the exact-norm one, so its files load as readd_delta=False. Any other config is returned as it is."""
     if not isinstance(config, dict) or "format" in config:
         return config
     config = {**config, "format": FORMAT}
@@ -97,7 +97,8 @@ def _check_config(config):
         if key not in config or isinstance(config[key], bool) or not isinstance(config[key], kind):
             raise ValueError(f"adapter config: {key!r} is missing or has the wrong type ({type(config.get(key)).__name__})")
     if config["format"] not in READS:
-        raise ValueError(f"adapter config has format {config['format']}; this version reads formats 1, 2 and 3")
+        raise ValueError(f"adapter config has format {config['format']}; this version reads formats 1, "
+                         f"{', '.join(map(str, READS))}")  # fmt: skip
     if config["r"] < 1:
         raise ValueError(f"adapter config: r must be >= 1, got {config['r']}")
     defaults = get_method(config["method"]).OPTIONS

@@ -12,6 +12,7 @@ before anything is changed.
 import hashlib
 import io
 import math
+import os
 from dataclasses import asdict
 
 import torch
@@ -19,6 +20,9 @@ import torch
 from ..atomic import atomic_path
 
 CHECKPOINT = "checkpoint.pt"
+# The first line of a checkpoint file: this text, the hex SHA-256 of the bytes after the line, and a newline.
+MAGIC = b"d2lora_min checkpoint, sha256 of the rest: "
+HEADER_LEN = len(MAGIC) + 64 + 1
 
 
 def trainable_state(model):
@@ -42,10 +46,6 @@ def save_checkpoint(path, model, optimizer, step, result, cfg, key=None):
     write_checkpoint_state(path, state)
 
 
-# The first line of a checkpoint file: this text, the hex SHA-256 of the bytes after the line, and a newline.
-MAGIC = b"d2lora_min checkpoint, sha256 of the rest: "
-
-
 def write_checkpoint_state(path, state):
     """Write the dict `state` as a checkpoint file: the header line, then torch.save's bytes, in one atomic rename."""
     buffer = io.BytesIO()  # serialised in memory, then written as plain bytes: a full disk is an ordinary OSError
@@ -59,9 +59,11 @@ def write_checkpoint_state(path, state):
 def read_checkpoint_state(path):
     """The dict a checkpoint file holds, after its checksum; CheckpointMismatch for a file that is not one, is damaged,
     or holds anything but tensors and plain containers (weights_only=True: nothing else is unpickled)."""
+    if not os.path.isfile(path):
+        raise CheckpointMismatch(f"checkpoint {path} is not a regular file (a folder?); delete it to start this run over")
     with open(path, "rb") as f:
         data = f.read()
-    start = len(MAGIC) + 65  # the header: MAGIC, 64 hex digits, a newline
+    start = HEADER_LEN  # the payload starts after MAGIC, 64 hex digits and a newline
     if not data.startswith(MAGIC) or len(data) < start or data[start - 1 : start] != b"\n":
         raise CheckpointMismatch(f"checkpoint {path} is not a d2lora_min checkpoint (no checksum header); delete it to "
                                  f"start this run over")  # fmt: skip
@@ -106,10 +108,12 @@ def load_checkpoint(path, model, optimizer, result, cfg, key=None):
         _check_tensor(path, f"tensor {n}", state["trainable"][n], p)
     step = state["step"]
     _check_progress(path, state, step, cfg)
-    _check_optimizer(path, state["optimizer"], optimizer, step - state["skipped_updates"])
-    rng = state["rng"]
+    _check_optimizer(path, state["optimizer"], optimizer)
+    rng, cuda_rng = state["rng"], state.get("cuda_rng", [])
     if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
         raise CheckpointMismatch(f"checkpoint {path}: its RNG state is not one; delete it to start over")
+    if not (isinstance(cuda_rng, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda_rng)):
+        raise CheckpointMismatch(f"checkpoint {path}: its CUDA RNG states are not a list of them; delete it to start over")
     with torch.no_grad():
         for n, t in state["trainable"].items():
             params[n].copy_(t)
@@ -118,8 +122,8 @@ def load_checkpoint(path, model, optimizer, result, cfg, key=None):
     result.step_times[:] = state["step_times"]
     result.skipped_updates = state["skipped_updates"]
     torch.set_rng_state(rng)
-    if torch.cuda.is_available() and state.get("cuda_rng"):
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if torch.cuda.is_available() and cuda_rng:  # the devices present (a checkpoint may come from a machine with more)
+        torch.cuda.set_rng_state_all(cuda_rng[: torch.cuda.device_count()])
     return step
 
 
@@ -146,30 +150,32 @@ def _check_progress(path, state, step, cfg):
         raise CheckpointMismatch(f"checkpoint {path} has an inconsistent step count, losses or step times; delete it to start over")
 
 
-def _check_optimizer(path, saved, optimizer, updates):
+def _check_optimizer(path, saved, optimizer):
     """The saved optimizer state fits `optimizer` exactly: as many groups with as many parameters, the same settings
-    but the learning rate (the schedule sets it every step), and for each parameter finite moments of its shape and
-    dtype (every parameter has them once an update was made). Loading a state of other shapes can crash torch."""
+    but the learning rate (the schedule sets it every step), and for each parameter that has a state (AdamW makes one
+    at the first update that gives the parameter a gradient) finite moments of its shape and dtype. Loading moments
+    of other shapes can crash torch."""
     where = f"checkpoint {path}: the optimizer state"
     groups = optimizer.param_groups
     if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("param_groups"), list)
             and len(saved["param_groups"]) == len(groups)):  # fmt: skip
         raise CheckpointMismatch(f"{where} is not this optimizer's (its groups differ); delete it to start over")
-    by_id = {}
-    for mine, theirs in zip(groups, saved["param_groups"]):
-        if not isinstance(theirs, dict) or not isinstance(theirs.get("params"), list) or len(theirs["params"]) != len(mine["params"]):
+    param_at = {}  # the saved state's parameter index -> the live parameter it belongs to
+    for live, stored in zip(groups, saved["param_groups"]):
+        ids = stored.get("params") if isinstance(stored, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(live["params"]) or not all(_is_int(i) for i in ids):
             raise CheckpointMismatch(f"{where} has other parameter groups; delete it to start over")
-        settings = {k: _plain(v) for k, v in mine.items() if k not in ("params", "lr")}
-        if {k: _plain(theirs.get(k)) for k in settings} != settings:
+        settings = {k: _plain(v) for k, v in live.items() if k not in ("params", "lr")}
+        if {k: _plain(stored.get(k)) for k in settings} != settings:
             raise CheckpointMismatch(f"{where} was made with other optimizer settings; delete it to start over")
-        by_id.update(zip(theirs["params"], mine["params"]))
-    if set(saved["state"]) - set(by_id) or (updates > 0 and set(saved["state"]) != set(by_id)):
-        raise CheckpointMismatch(f"{where} does not cover this model's trainable tensors; delete it to start over")
+        param_at.update(zip(ids, live["params"]))
+    if len(param_at) != sum(len(g["params"]) for g in groups) or set(saved["state"]) - set(param_at):
+        raise CheckpointMismatch(f"{where} names parameters this optimizer does not have; delete it to start over")
     for i, entry in saved["state"].items():
         if not isinstance(entry, dict) or not {"exp_avg", "exp_avg_sq", "step"} <= set(entry):
             raise CheckpointMismatch(f"{where}, parameter {i}: not Adam's moments; delete it to start over")
         for name in ("exp_avg", "exp_avg_sq"):
-            _check_tensor(path, f"the optimizer's {name} of parameter {i}", entry[name], by_id[i])
+            _check_tensor(path, f"the optimizer's {name} of parameter {i}", entry[name], param_at[i])
         if not (isinstance(entry["step"], torch.Tensor) and entry["step"].numel() == 1 and torch.isfinite(entry["step"]).all()):
             raise CheckpointMismatch(f"{where}, parameter {i}: its step count is not a finite number; delete it to start over")
 

@@ -163,6 +163,7 @@ def fine_tune(model, spec, seed, setup, cfg, train_dir, key):
     if trained.skipped_updates:
         print(f"{spec.label} seed {seed}: {trained.skipped_updates} of {tcfg.steps} updates skipped (gradient not finite)", flush=True)
     warm = len(trained.step_times) // 10  # the first tenth warms up the allocator and caches: left out
+    # no step time at all only when the loss was not finite at the very first step: NaN then (the run is flagged diverged)
     out.update(train_seconds=time.perf_counter() - t0, steps=tcfg.steps, resumed_from_step=trained.resumed_from,
                skipped_updates=trained.skipped_updates, losses=trained.losses, volatility=volatility(trained.losses),
                step_time=statistics.median(trained.step_times[warm:] or trained.step_times or [float("nan")]))  # fmt: skip
