@@ -298,6 +298,10 @@ def bad_rng(state):
     state["rng"] = torch.zeros(3, dtype=torch.uint8)
 
 
+def negative_adam_step(state):
+    state["optimizer"]["state"][0]["step"] = torch.tensor(-5.0)
+
+
 def bool_step(state):
     state["step"], state["losses"], state["step_times"] = True, state["losses"][:1], state["step_times"][:1]
 
@@ -310,7 +314,7 @@ def nan_loss(state):
     "edit, match",
     [(wrong_moment, "exp_avg of parameter 0: saved"), (unknown_parameter, "names parameters this optimizer does not have"),
      (bad_cuda_rng, "CUDA RNG states"), (fewer_groups, "groups differ"),
-     (other_betas, "other optimizer settings"), (bad_rng, "RNG state"), (bool_step, "inconsistent step count"),
+     (other_betas, "other optimizer settings"), (bad_rng, "RNG state"), (negative_adam_step, "step count is not a number >= 0"), (bool_step, "inconsistent step count"),
      (nan_loss, "inconsistent step count")],
     ids=lambda v: getattr(v, "__name__", ""),
 )  # fmt: skip
@@ -384,6 +388,7 @@ COMPARE_CASES = [
     (["--methods", "lora:r=2,r=3"], "'r' is given twice"),
     (["--methods", "full:r=4"], "'full' takes only lr, got 'r'"),
     (["--methods", "base:lr=5"], "'base' takes no keys, got 'lr'"),
+    (["--pretrain.corpus.text_file=/etc"], "is not a regular file"),
     (["--methods", ""], "no methods given"),
     (["--out", ""], "output folder is empty"),
     (["--seeds", "0,0"], "a seed is listed twice"),

@@ -446,7 +446,7 @@ def test_loading_onto_a_model_where_a_stored_name_is_also_a_suffix_adapts_only_t
     assert [name for name, _ in adapter_layers(target)] == ["0"]
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate"])
+@pytest.mark.parametrize("damage", ["delete", "truncate", "folder"])
 def test_a_finished_run_whose_adapter_file_is_gone_or_damaged_is_recomputed(tmp_path, small_probes, capsys, damage):
     out = tmp_path / "out"
     argv = TINY + ["--methods", "lora:lr=0.01", "--out", str(out)]
@@ -455,6 +455,9 @@ def test_a_finished_run_whose_adapter_file_is_gone_or_damaged_is_recomputed(tmp_
     adapter = out / result["adapter"] / ADAPTER_FILE
     if damage == "delete":
         adapter.unlink()
+    elif damage == "folder":
+        adapter.unlink()
+        adapter.mkdir()
     else:
         adapter.write_bytes(adapter.read_bytes()[:100])
     capsys.readouterr()

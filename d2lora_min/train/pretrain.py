@@ -79,7 +79,8 @@ def check_pretrain_config(cfg: PretrainConfig, prefix=""):
     check_range(f"{p}corpus.world_seed", c.world_seed, 0, 2**32 - 1)
     check_range(f"{p}corpus.seed", c.seed, 0, 2**32 - 1)
     if c.text_file is not None and not os.path.isfile(c.text_file):
-        raise UsageError(f"{p}corpus.text_file {c.text_file!r} does not exist")
+        what = "is not a regular file (a folder or a device)" if os.path.exists(c.text_file) else "does not exist"
+        raise UsageError(f"{p}corpus.text_file {c.text_file!r} {what}")
     check_train_config(cfg.train, f"{p}train")
     return cfg
 

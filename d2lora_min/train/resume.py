@@ -176,8 +176,9 @@ def _check_optimizer(path, saved, optimizer):
             raise CheckpointMismatch(f"{where}, parameter {i}: not Adam's moments; delete it to start over")
         for name in ("exp_avg", "exp_avg_sq"):
             _check_tensor(path, f"the optimizer's {name} of parameter {i}", entry[name], param_at[i])
-        if not (isinstance(entry["step"], torch.Tensor) and entry["step"].numel() == 1 and torch.isfinite(entry["step"]).all()):
-            raise CheckpointMismatch(f"{where}, parameter {i}: its step count is not a finite number; delete it to start over")
+        count = entry["step"]
+        if not (isinstance(count, torch.Tensor) and count.numel() == 1 and torch.isfinite(count).all() and count.item() >= 0):
+            raise CheckpointMismatch(f"{where}, parameter {i}: its step count is not a number >= 0; delete it to start over")
 
 
 def _plain(value):

@@ -4,6 +4,7 @@ throughput of the base, unmerged and merged models).
 """
 
 import copy
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from ..nn import METHODS, adapter_layers, inject_adapters, merge_adapters, save_adapters, trainable_parameters
+from ..nn.checkpoint import ADAPTER_FILE
 from .cache import slug
 from .evaluate import greedy_generate, mc_accuracy, pad_rows, rouge_l_f1, score_choices, validation_loss
 from .presets import budget_train_config
@@ -133,6 +135,9 @@ def run_one(spec, seed, setup, cfg, out_dir, train_dir, key, full_merge):
         result.update(retention(model, setup.tokenizer, setup.probe))
     if spec.name in METHODS and cfg.split == "test":
         result["adapter"] = str(Path("adapters") / f"{slug(spec.text)}_seed{seed}_{key}")  # keyed like the result
+        blocker = out_dir / result["adapter"] / ADAPTER_FILE
+        if blocker.is_dir():  # a folder where this run's adapter file goes (compare owns this path): out of the way
+            shutil.rmtree(blocker)
         save_adapters(model, out_dir / result["adapter"])
         result.update(merge_check(model, setup, cfg, result["scores"], full_merge))
     result["eval_seconds"] = time.perf_counter() - t0  # scoring, retention, the adapter file and the merge check
