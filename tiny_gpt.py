@@ -2,12 +2,12 @@
 
 A decoder-only transformer in the style of GPT-2 / nanoGPT: learned absolute position embeddings,
 pre-LayerNorm blocks, causal self-attention, a GELU MLP and an output head tied to the token
-embedding. The one departure from nanoGPT is that attention keeps separate `q_proj, k_proj, v_proj,
-o_proj` linears and the MLP `fc_in, fc_out`, so that an adapter can target each projection by name
-(as LoRA papers do: "adapt q and v").
+embedding. Where it departs from nanoGPT: attention keeps separate `q_proj, k_proj, v_proj, o_proj`
+linears and the MLP `fc_in, fc_out`, so that an adapter can target each projection by name (the LoRA
+paper adapts q and v); and the forward pass takes the optional inputs below.
 
-Two optional inputs let one row hold several sequences and let decoding skip recomputation (they change no
-result, only the work done):
+Three optional inputs let one row hold several sequences and let decoding skip recomputation (they change the
+work done, and the result only by rounding):
   positions (B, T) and attn_mask (B, 1, T, T), True where a query position may attend to a key position: packed
       rows (several training items in one row, each attending only to itself, each starting at position 0) and
       multiple-choice scoring (a prompt encoded once, each choice seeing the prompt and itself); see packing().

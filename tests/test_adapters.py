@@ -3,7 +3,8 @@
 Each test draws random shapes (1-wide and non-square included), ranks, alphas, bias on/off, all four dtypes,
 devices, method options, and - except where the property is about initialisation - random non-zero adapter
 tensors, with rows of W0 that nearly cancel the update or are zero. Both implementations run: the plain one
-written out in each method file and the fused one in fast.py (`fast` parametrises every test).
+written out in each method file (the default) and the opt-in fused one in fused.py (`fused` parametrises every
+test).
 """
 
 import copy
@@ -20,26 +21,26 @@ from d2lora_min.nn import METHODS, D2LoRALinear, DoRALinear, LoRALinear, row_nor
 
 from .helpers import CANCEL_UNITS, RTOL, assert_close, cancellation_ratio, layer_cases, make_layer, perturb_adapters, random_input
 
-FAST = pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 
 
 def _base_output(base, x):
     return F.linear(x, base.weight, base.bias)
 
 
-def _build(case, fast, perturb=True):
+def _build(case, fused, perturb=True):
     base, layer = make_layer(case, perturb=perturb)
-    layer.fast = fast
+    layer.use_fused = fused
     return base, layer
 
 
 # 1. Identity at init -------------------------------------------------------------------------------
 
 
-@FAST
+@FUSED
 @given(layer_cases(rows=("random", "zero")))
-def test_identity_at_init(fast, case):
-    base, layer = _build(case, fast, perturb=False)
+def test_identity_at_init(fused, case):
+    base, layer = _build(case, fused, perturb=False)
     x = random_input(case)
     assert_close(layer(x), _base_output(base, x))
     assert_close(layer.merged_weight(), base.weight)
@@ -79,10 +80,10 @@ def test_row_norm_does_not_overflow_or_underflow_in_float16():
 # 2. Forward = merged weight, for outputs and for gradients -----------------------------------------
 
 
-@FAST
+@FUSED
 @given(layer_cases())
-def test_forward_equals_merged_weight(fast, case):
-    base, layer = _build(case, fast)
+def test_forward_equals_merged_weight(fused, case):
+    base, layer = _build(case, fused)
     ratio = cancellation_ratio(layer)  # 1 for ordinary rows; grows where a row nearly cancels
     x = random_input(case)
     y_layer = layer(x)
@@ -91,7 +92,7 @@ def test_forward_equals_merged_weight(fast, case):
     assert_close(y_layer, y_dense, factor=2, ratio=ratio)
 
     if case["dtype"] in (torch.float16, torch.bfloat16):
-        return  # gradients in low precision: test_fast.py compares both paths against float64 instead
+        return  # gradients in low precision: test_fused.py compares both paths against float64 instead
     # The layer (through the factors) and the dense formula must also agree on every gradient.
     params = [p for p in layer.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(case["seed"])
@@ -105,10 +106,10 @@ def test_forward_equals_merged_weight(fast, case):
 # 3. Merge equivalence --------------------------------------------------------------------------------
 
 
-@FAST
+@FUSED
 @given(layer_cases())
-def test_merge_gives_a_plain_linear_with_the_same_output(fast, case):
-    base, layer = _build(case, fast)
+def test_merge_gives_a_plain_linear_with_the_same_output(fused, case):
+    base, layer = _build(case, fused)
     x = random_input(case)
     with torch.no_grad():
         y = layer(x)
@@ -161,14 +162,16 @@ def test_d2lora_projection_keeps_pretrained_row_norms_and_turns_rows_along_V(cas
 
 
 @given(layer_cases(methods=("d2lora",)))
-def test_d2lora_paper_form_is_the_projection_plus_the_update_and_stays_close_to_the_norm(case):
-    # the paper's form: W = P(V) + dW, so each row is within norm(dW_i) of its pretrained norm
+def test_d2lora_paper_form_is_the_projection_plus_the_update(case):
+    # the paper's form: W = P(V) + dW
     case["options"].update(project=True, readd_delta=True)
     base, layer = make_layer(case)
     with torch.no_grad():
         W, P, dW = layer.merged_weight(), _projected(layer), layer.delta_weight()
     ratio = cancellation_ratio(layer)
     assert_close(W, P + dW, factor=2, ratio=ratio)  # the re-added update, exactly once
+    # |norm(W_i) - norm(W0_i)| <= norm(dW_i): a bound, not a property of D2-LoRA's own (LoRA's W0 + dW meets it too,
+    # by the triangle inequality); test_first_order_form_of_every_method says what tells the methods apart
     drift = (row_norm(W) - row_norm(base.weight)).abs()  # (out,)
     slack = 4 * max(RTOL[case["dtype"]], CANCEL_UNITS * torch.finfo(case["dtype"]).eps * ratio)
     assert (drift <= row_norm(dW) + slack * (row_norm(base.weight) + row_norm(dW) + 1)).all()
@@ -176,6 +179,66 @@ def test_d2lora_paper_form_is_the_projection_plus_the_update_and_stays_close_to_
         assert (drift > RTOL[case["dtype"]]).any() or (row_norm(dW) <= RTOL[case["dtype"]]).all()
     zero = (base.weight == 0).all(dim=1)  # a zero row of W0 (target norm 0) becomes the row of dW
     assert_close(W[zero], dW[zero], factor=2)
+
+
+def first_order_weight(layer):
+    """The weight a layer applies, to first order in its update (docs/DESIGN.md, "What each method does, to first
+    order"). Per row, u_i = W0_i / norm(W0_i), rad_i = (dW_i . u_i) u_i stretches the row, tan_i = dW_i - rad_i turns it:
+      LoRA, D2-LoRA without projection   W0 + tan + rad   (exactly: W0 + dW)
+      D2-LoRA, the paper's form          W0 + 2 tan + rad
+      D2-LoRA, the exact-norm form       W0 + tan
+      DoRA                               W0 + tan + (magnitude - norm(W0)) u
+    """
+    W0, dW = layer.base.weight, layer.delta_weight()  # (out, in) each
+    u = W0 / row_norm(W0)[:, None]  # (out, in): unit rows
+    rad = (dW * u).sum(1, keepdim=True) * u  # (out, in): the part of each row's update along the row
+    tan = dW - rad  # (out, in): the part across it
+    if isinstance(layer, DoRALinear):
+        return W0 + tan + (layer.magnitude - row_norm(W0))[:, None] * u
+    if isinstance(layer, D2LoRALinear) and layer.project:
+        return W0 + 2 * tan + rad if layer.readd_delta else W0 + tan
+    if isinstance(layer, (LoRALinear, D2LoRALinear)):
+        return W0 + tan + rad
+    raise NotImplementedError(f"state the first-order form of {type(layer).__name__} here")
+
+
+@torch.no_grad()
+def _scaled_update(layer, size):
+    """The layer with its update scaled so that the largest norm(dW_i) / norm(W0_i) is `size` (every B scaled; DoRA's
+    magnitude moved from norm(W0) by the same factor), as a copy."""
+    layer = copy.deepcopy(layer)
+    W0 = layer.base.weight
+    scale = size / (row_norm(layer.delta_weight()) / row_norm(W0)).max()
+    for name, p in layer.named_parameters():
+        if name.startswith("lora_B"):
+            p.mul_(scale)
+    if isinstance(layer, DoRALinear):
+        layer.magnitude.copy_(row_norm(W0) + scale * (layer.magnitude - row_norm(W0)))
+    return layer
+
+
+@given(layer_cases(dtypes=(torch.float64,), rows=("random",)))
+def test_first_order_form_of_every_method(case):
+    # What each method does to a row, to first order: the remainder W - first_order_weight falls about 4x when the
+    # update is halved (second order), where W0 + dW, LoRA's form, is off by a first-order term (it only halves).
+    _, layer = make_layer(case)
+    if (row_norm(layer.delta_weight()) == 0).all():
+        return  # (no update to scale)
+    remainder, naive = [], []
+    for size in (1e-2, 5e-3):
+        scaled = _scaled_update(layer, size)
+        with torch.no_grad():
+            W, first = scaled.merged_weight(), first_order_weight(scaled)
+            W0_dW = scaled.base.weight + scaled.delta_weight()
+        scale = row_norm(scaled.base.weight).max().item()
+        remainder.append((W - first).abs().max().item() / scale)
+        naive.append((W - W0_dW).abs().max().item() / scale)
+    # exact: W = W0 + dW (LoRA, no projection); with one input a row cannot turn, and every form is exact
+    if isinstance(layer, LoRALinear) or (isinstance(layer, D2LoRALinear) and not layer.project) or case["in_features"] == 1:
+        assert max(remainder) <= 1e-14, remainder
+        return
+    assert remainder[0] <= 4e-3 and 3.5 <= remainder[0] / remainder[1] <= 4.5, remainder  # second order
+    assert naive[0] / naive[1] < 2.5, naive  # while W0 + dW is off at first order
 
 
 @given(layer_cases(methods=("dora",)))
@@ -191,10 +254,10 @@ def test_dora_row_norms_equal_the_magnitude_and_rows_point_along_V(case):
         assert (W - base.weight).abs().max() > RTOL[case["dtype"]]
 
 
-@FAST
+@FUSED
 @given(layer_cases(methods=("dora", "d2lora"), rows=("zero",)), st.booleans())
-def test_zero_rows_stay_finite_and_d2lora_keeps_them_zero(fast, case, perturb):
-    base, layer = _build(case, fast, perturb=perturb)
+def test_zero_rows_stay_finite_and_d2lora_keeps_them_zero(fused, case, perturb):
+    base, layer = _build(case, fused, perturb=perturb)
     x = random_input(case)
     y = layer(x)
     y.float().sum().backward()
@@ -254,14 +317,14 @@ def test_d2lora_without_projection_is_a_rank_2r_lora(case):
     assert_close(d2.delta_weight(), lora.delta_weight())
 
 
-@FAST
+@FUSED
 @given(layer_cases(methods=("d2lora",), dtypes=HIGH, rows=("random",)))
-def test_d2lora_with_tau_zero_and_detached_norm_is_dora_with_frozen_magnitude(fast, case):
+def test_d2lora_with_tau_zero_and_detached_norm_is_dora_with_frozen_magnitude(fused, case):
     # the exact-norm form (P(V) alone); the paper's form adds dW = s * B_pos @ A_pos on top of this DoRA
     case["options"].update(tau_init=0.0, learn_tau=False, project=True, readd_delta=False, detach_norm=True)
-    base, d2 = _build(case, fast)
+    base, d2 = _build(case, fused)
     dora = DoRALinear(base, r=case["r"], alpha=case["alpha"], detach_norm=True)
-    dora.fast = fast
+    dora.use_fused = fused
     with torch.no_grad():
         dora.lora_A.copy_(d2.lora_A_pos)
         dora.lora_B.copy_(d2.lora_B_pos)
@@ -284,13 +347,13 @@ def _first_lora_B(layer):
     return next(p for name, p in layer.named_parameters() if name.startswith("lora_B"))
 
 
-@FAST
+@FUSED
 @given(layer_cases(methods=("d2lora", "dora"), dtypes=HIGH, rows=("random",)))
-def test_detach_norm_changes_gradients_not_outputs(fast, case):
+def test_detach_norm_changes_gradients_not_outputs(fused, case):
     if case["method"] == "d2lora":
         case["options"]["project"] = True
-    _, attached = _build({**case, "options": {**case["options"], "detach_norm": False}}, fast)
-    _, detached = _build({**case, "options": {**case["options"], "detach_norm": True}}, fast)
+    _, attached = _build({**case, "options": {**case["options"], "detach_norm": False}}, fused)
+    _, detached = _build({**case, "options": {**case["options"], "detach_norm": True}}, fused)
     x = random_input(case)
     y_a, y_d = attached(x), detached(x)
     assert_close(y_a, y_d)
@@ -311,13 +374,13 @@ def test_d2lora_tau_scales_only_the_negative_branch(case):
 # Dropout acts on the low-rank branch's input only ----------------------------------------------------------
 
 
-@FAST
+@FUSED
 @given(layer_cases(dtypes=HIGH, rows=("random",)), st.sampled_from([0.1, 0.5]))
-def test_dropout_touches_only_the_low_rank_branch(fast, case, p):
+def test_dropout_touches_only_the_low_rank_branch(fused, case, p):
     torch.manual_seed(case["seed"])
     base = nn.Linear(case["in_features"], case["out_features"], bias=case["bias"]).to(case["dtype"])
     layer = METHODS[case["method"]](base, r=case["r"], alpha=case["alpha"], dropout=p, **case["options"])
-    layer.fast = fast
+    layer.use_fused = fused
     perturb_adapters(layer, case["seed"])
     x = random_input(case)
     layer.eval()  # eval mode: dropout is off, the layer equals its merged weight
@@ -349,10 +412,10 @@ def test_dropout_touches_only_the_low_rank_branch(fast, case, p):
 # 7. Gradients reach only the adapter ---------------------------------------------------------------------
 
 
-@FAST
+@FUSED
 @given(layer_cases())
-def test_only_adapter_tensors_get_gradients(fast, case):
-    base, layer = _build(case, fast)
+def test_only_adapter_tensors_get_gradients(fused, case):
+    base, layer = _build(case, fused)
     layer(random_input(case)).float().square().sum().backward()
     assert base.weight.grad is None and (base.bias is None or base.bias.grad is None)
     trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
@@ -369,6 +432,7 @@ def test_only_adapter_tensors_get_gradients(fast, case):
 def test_an_inplace_change_of_a_fused_output_is_a_loud_error(method, options):
     torch.manual_seed(0)
     layer = METHODS[method](nn.Linear(4, 3), r=1, alpha=1.0, **options)
+    layer.use_fused = True
     y = layer(torch.randn(2, 4))
     y.relu_()  # documented: the output is kept for backward, so it must not be changed in place
     with pytest.raises(RuntimeError, match="inplace"):
@@ -378,6 +442,7 @@ def test_an_inplace_change_of_a_fused_output_is_a_loud_error(method, options):
 def test_the_paper_form_keeps_h_so_its_output_may_change_in_place():
     torch.manual_seed(0)
     layer = D2LoRALinear(nn.Linear(4, 3), r=1, alpha=1.0)  # the paper's form: h is kept, not y
+    layer.use_fused = True
     perturb_adapters(layer, 0)
     x = torch.randn(2, 4)
     expected = torch.autograd.grad(layer(x).relu().sum(), layer.lora_B_pos)[0]
@@ -389,13 +454,13 @@ def test_the_paper_form_keeps_h_so_its_output_may_change_in_place():
 # Mixed precision: every adapter returns what nn.Linear would --------------------------------------------------
 
 
-@FAST
+@FUSED
 @pytest.mark.parametrize("method", list(METHODS))
-def test_bf16_autocast_output_dtype_finiteness_and_closeness(method, fast):
+def test_bf16_autocast_output_dtype_finiteness_and_closeness(method, fused):
     torch.manual_seed(0)
     plain_linear = nn.Linear(16, 8)
     layer = METHODS[method](plain_linear, r=2, alpha=4.0)
-    layer.fast = fast
+    layer.use_fused = fused
     perturb_adapters(layer, 0)
     x = torch.randn(4, 16)
     params = [p for p in layer.parameters() if p.requires_grad]
@@ -413,8 +478,8 @@ def test_bf16_autocast_output_dtype_finiteness_and_closeness(method, fast):
         assert (a - e).norm() <= 0.05 * e.norm() + 1e-3
 
 
-@FAST
-def test_a_float16_factor_beyond_its_range_keeps_a_zero_row_zero(fast):
+@FUSED
+def test_a_float16_factor_beyond_its_range_keeps_a_zero_row_zero(fused):
     # DoRA with a row of V exactly zero and a non-zero magnitude: c = m / eps does not fit float16; inf * 0 would
     # be NaN. (Training never reaches this state from initialisation, where that magnitude is 0; a loaded one can.)
     torch.manual_seed(0)
@@ -422,7 +487,7 @@ def test_a_float16_factor_beyond_its_range_keeps_a_zero_row_zero(fast):
     with torch.no_grad():
         base.weight[1] = 0
     layer = DoRALinear(base, r=2, alpha=2.0)
-    layer.fast = fast
+    layer.use_fused = fused
     with torch.no_grad():
         layer.magnitude[1] = 0.5  # B is still 0, so V's row 1 is 0
     y = layer(torch.randn(5, 4, dtype=torch.float16))

@@ -93,10 +93,10 @@ def test_bad_api_input_is_a_clear_error_and_leaves_the_model_as_it_was(method, k
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
-def test_an_empty_batch_gives_an_empty_output_and_a_wrong_width_names_the_features(method, fast):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_an_empty_batch_gives_an_empty_output_and_a_wrong_width_names_the_features(method, fused):
     layer = METHODS[method](nn.Linear(4, 3), r=2, alpha=4.0)
-    layer.fast = fast
+    layer.use_fused = fused
     for lead in [(0,), (2, 0), (0, 5)]:
         x = torch.zeros(*lead, 4, requires_grad=True)
         y = layer(x)
@@ -135,7 +135,7 @@ def test_a_config_whose_rank_disagrees_with_its_tensors_changes_nothing_and_a_re
     state, config = adapter_state_dict(model), adapter_config(model)
     target = small_gpt()
     before = snapshot(target)
-    with pytest.raises(ValueError, match=r"tensor .*lora_A: stored \(\(2, 8\).*needs \(\(3, 8\)"):
+    with pytest.raises(ValueError, match=r"tensor .*lora_A: stored with shape \(2, 8\), the model needs \(3, 8\)"):
         load_adapter_state_dict(target, state, {**config, "r": 3})
     assert_untouched(target, before)
     load_adapter_state_dict(target, state, config)  # the right config still loads onto the same model
@@ -145,7 +145,7 @@ def test_a_config_whose_rank_disagrees_with_its_tensors_changes_nothing_and_a_re
 @pytest.mark.parametrize(
     "corrupt, match",
     [
-        (lambda s: {**s, next(iter(s)): s[next(iter(s))].double()}, r"stored .*float64.*needs .*float32"),
+        (lambda s: {**s, next(iter(s)): s[next(iter(s))].double()}, r"stored as torch.float64, the model's weights are torch.float32; load it onto the model in torch.float64"),
         (lambda s: {**s, next(iter(s)): torch.full_like(s[next(iter(s))], float("nan"))}, "holds NaN or Inf"),
         (lambda s: {k: v for i, (k, v) in enumerate(s.items()) if i}, "missing"),
         (lambda s: {**s, "blocks.0.attn.q_proj.extra": torch.zeros(1)}, "unexpected"),
@@ -566,14 +566,15 @@ def test_a_kill_at_any_write_leaves_a_consistent_state_that_resumes_to_the_same_
         assert resumed["losses"] == clean["losses"] and resumed["scores"] == clean["scores"], k
 
 
-def test_set_fast_path_takes_a_bool_not_the_string_false():
-    from d2lora_min.nn import set_fast_path
+def test_set_fused_takes_a_bool_not_the_string_false():
+    from d2lora_min.nn import set_fused
 
     model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
     with pytest.raises(TypeError, match="enabled must be a bool"):
-        set_fast_path(model, "false")
-    assert all(layer.fast for _, layer in adapter_layers(model))
-    assert not any(layer.fast for _, layer in adapter_layers(set_fast_path(model, False)))
+        set_fused(model, "false")
+    assert not any(layer.use_fused for _, layer in adapter_layers(model))  # the plain path is the default
+    assert all(layer.use_fused for _, layer in adapter_layers(set_fused(model, True)))
+    assert not any(layer.use_fused for _, layer in adapter_layers(set_fused(model, False)))
 
 
 def test_a_batch_without_target_tokens_is_a_clear_error_not_a_divergence():

@@ -38,8 +38,8 @@ def test_porting_checksum_is_the_one_adapter_files_carry(tmp_path, dtype):
     path = save_adapters(model, tmp_path)
     with safe_open(path, framework="np") as f:
         metadata = f.metadata()
-    assert json.loads(metadata[CONFIG_KEY])["format"] == 3
-    assert names["tensors_sha256"](metadata[CONFIG_KEY], load_file(path)) == metadata[CHECKSUM_KEY]
+    assert json.loads(metadata[CONFIG_KEY])["format"] == 4
+    assert names["adapter_sha256"](metadata[CONFIG_KEY], load_file(path)) == metadata[CHECKSUM_KEY]
 
 
 def test_readme_gives_each_constructor_signature_as_the_code_has_it():

@@ -155,7 +155,7 @@ def test_the_special_rows_are_what_they_claim():
 # --- the torch layers and the reference reproduce them -------------------------------------------------------
 
 
-def layer_from_case(meta, stored, fast):
+def layer_from_case(meta, stored, fused):
     out_f, in_f = stored["W0"].shape
     base = nn.Linear(in_f, out_f, bias=meta["bias"]).to(stored["W0"].dtype)
     with torch.no_grad():
@@ -163,7 +163,7 @@ def layer_from_case(meta, stored, fast):
         if meta["bias"]:
             base.bias.copy_(stored["bias"])
     layer = METHODS[meta["method"]](base, r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"], **meta["options"])
-    layer.fast = fast
+    layer.use_fused = fused
     with torch.no_grad():
         for n, t in layer.state_dict().items():
             if n in stored:
@@ -171,11 +171,11 @@ def layer_from_case(meta, stored, fast):
     return layer
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "plain"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_torch_layers_reproduce_the_golden_vectors(name, fast):
+def test_torch_layers_reproduce_the_golden_vectors(name, fused):
     meta, stored = load_case(name)
-    layer = layer_from_case(meta, stored, fast)
+    layer = layer_from_case(meta, stored, fused)
     got, trainable = outputs(layer, stored["x"], stored["grad_output"], meta["mode"])
     assert trainable == meta["trainable"]
     assert set(got) == set(stored)

@@ -1,6 +1,8 @@
 """The tiny GPT itself, and adapters injected into whole models: identity at init, merge, frozen base,
 adapter checkpoints, and clear errors for bad input."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -194,53 +196,53 @@ def test_adapter_checkpoint_round_trip(method, tmp_path):
 
 
 def _rewrite_config(path, change):
-    """Rewrite an adapter file's config in place, as the writer of its format would have: the tensors stay, the
-    checksum is recomputed (format 3 covers the config, format 2 the tensors only), or dropped with "format"."""
+    """Rewrite an adapter file's config in place with a valid checksum (as a writer of another version would): the
+    tensors stay, the checksum is recomputed over the changed config."""
     import json
 
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from d2lora_min.nn.checkpoint import CHECKSUM_KEY, CONFIG_KEY, tensors_sha256
+    from d2lora_min.nn.checkpoint import CHECKSUM_KEY, CONFIG_KEY, adapter_sha256
 
     with safe_open(str(path), framework="pt") as f:
         metadata, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
     config = json.loads(metadata[CONFIG_KEY])
     change(config)
     text = json.dumps(config, sort_keys=True)
-    metadata = {CONFIG_KEY: text}
-    if "format" in config:
-        metadata[CHECKSUM_KEY] = tensors_sha256(tensors, None if config["format"] == 2 else text)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata={CONFIG_KEY: text, CHECKSUM_KEY: adapter_sha256(text, tensors)})
 
 
-def test_a_format_2_file_loads_as_it_was_written(tmp_path):
-    # Format 2 stored every option and checksummed the tensors only; format 3 checksums the config too.
+@pytest.mark.parametrize("change", [lambda c: c.update(format=3), lambda c: c.pop("format"), lambda c: c.update(format="4")],
+                         ids=["format 3", "no format", "format as text"])
+def test_a_file_of_another_format_is_refused_and_says_so(tmp_path, change):
     model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
-    perturb_adapters(model, seed=4)
     save_adapters(model, tmp_path)
-    _rewrite_config(tmp_path / "adapter.safetensors", lambda config: config.update(format=2))
-    fresh = load_adapters(small_gpt(), tmp_path)
-    idx = tokens()
-    with torch.no_grad():
-        assert torch.equal(fresh(idx)[0], model(idx)[0])
+    _rewrite_config(tmp_path / "adapter.safetensors", change)
+    fresh = small_gpt()
+    with pytest.raises(ValueError, match="reads adapter files of format 4 only"):
+        load_adapters(fresh, tmp_path)
+    assert not adapter_layers(fresh)
 
 
-def test_a_format_1_d2lora_file_loads_as_the_exact_norm_form_it_was(tmp_path):
-    # Before the paper's form, D2-LoRA had one form, W = P(V); its files say nothing about readd_delta.
-    model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4, readd_delta=False, learn_tau=True)
-    perturb_adapters(model, seed=3)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_an_adapter_loads_only_onto_the_base_it_was_trained_on(tmp_path, method):
+    # another base of the same shapes, the model the adapter was merged into, a square weight transposed (GPT-2's
+    # Conv1D converted without the transpose): each refused before anything changes
+    model = inject_adapters(small_gpt(), method, r=2, alpha=4)
+    perturb_adapters(model, seed=5)
     save_adapters(model, tmp_path)
-
-    def as_format_1(config):
-        del config["format"], config["options"]["readd_delta"]
-
-    _rewrite_config(tmp_path / "adapter.safetensors", as_format_1)
-    fresh = load_adapters(small_gpt(), tmp_path)
-    assert all(not layer.readd_delta for _, layer in adapter_layers(fresh))
-    idx = tokens()
+    other = small_gpt(seed=1)
+    merged = merge_adapters(copy.deepcopy(model))
+    transposed = small_gpt()
     with torch.no_grad():
-        assert torch.equal(fresh(idx)[0], model(idx)[0])
+        transposed.blocks[0].attn.q_proj.weight.copy_(transposed.blocks[0].attn.q_proj.weight.T.clone())
+    for target in (other, merged, transposed):
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(ValueError, match="trained on another base weight"):
+            load_adapters(target, tmp_path)
+        assert not adapter_layers(target) and all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+    load_adapters(small_gpt(), tmp_path)  # the base it was trained on
 
 
 def test_a_file_that_does_not_say_its_form_is_refused(tmp_path):
@@ -260,7 +262,7 @@ def test_loading_an_adapter_for_other_targets_or_shapes_is_refused(tmp_path):
         load_adapter_state_dict(other_targets, state, config)
 
     wider = small_gpt(config=GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=32))
-    with pytest.raises(ValueError, match=r"blocks.0.attn.q_proj: checkpoint \[16, 16\], model \[32, 32\]"):
+    with pytest.raises(ValueError, match=r"blocks.0.attn.q_proj: adapter file \[16, 16\], model \[32, 32\]"):
         load_adapter_state_dict(wider, state, config)
     assert not adapter_layers(wider)  # refused before anything was changed
 

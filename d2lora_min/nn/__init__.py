@@ -3,7 +3,7 @@
     from d2lora_min.nn import LoRALinear, DoRALinear, D2LoRALinear, METHODS
     from d2lora_min.nn import inject_adapters, merge_adapters, adapter_state_dict, load_adapter_state_dict
 
-Read lora.py, dora.py, d2lora.py in that order (each leans on base.py for what they share); fast.py is an
+Read lora.py, dora.py, d2lora.py in that order (each leans on base.py for what they share); fused.py is an
 optimisation of the last two; inject.py puts adapters into models, checkpoint.py saves and loads them.
 """
 
@@ -11,7 +11,7 @@ from .base import NORM_EPS, AdapterLinear, norm_dtype, row_factor, row_norm
 from .checkpoint import adapter_config, adapter_state_dict, load_adapter_state_dict, load_adapters, save_adapters
 from .d2lora import D2LoRALinear
 from .dora import DoRALinear
-from .fast import set_fast_path
+from .fused import set_fused
 from .inject import DEFAULT_TARGETS, adapter_layers, check_options, inject_adapters, merge_adapters, trainable_parameters
 from .lora import LoRALinear
 from .registry import METHODS, display_name, get_method
@@ -39,5 +39,5 @@ __all__ = [
     "save_adapters",
     "load_adapters",
     "trainable_parameters",
-    "set_fast_path",
+    "set_fused",
 ]

@@ -79,13 +79,14 @@ class AdapterLinear(nn.Module):
     """Base class: holds the frozen `base` nn.Linear and the hyper-parameters common to all methods.
 
     Subclasses set OPTIONS (their extra constructor arguments with defaults) and implement
-    delta_weight(), merged_weight() and forward(). `fast` selects, in DoRA and D2-LoRA, the fused
-    implementation in fast.py (the same math, fewer operations and less memory) over the plain one
-    written out in each method's forward(); LoRA has one path.
+    delta_weight(), merged_weight() and forward(). forward() is the plain math, written out in each method's
+    file, and it is what runs. DoRA and D2-LoRA also have an opt-in fused implementation (fused.py: the same
+    math as one autograd function, less activation memory), switched on per layer by `use_fused = True` or for a
+    whole model by set_fused(model, True); LoRA has one path.
     """
 
     OPTIONS = {}
-    fast = True  # set False on a layer (or with fast.set_fast_path) to run the plain path
+    use_fused = False  # True: DoRA and D2-LoRA run fused.py's autograd function instead of forward()'s plain math
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()

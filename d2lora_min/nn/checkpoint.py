@@ -1,13 +1,15 @@
-"""Adapter checkpoints: only the adapter tensors and a small config, in one safetensors file.
+"""Adapter files: only the adapter tensors and a small config, in one safetensors file.
 
     save_adapters(model, "runs/my_adapter")   # runs/my_adapter/adapter.safetensors
     load_adapters(base_model, "runs/my_adapter")
 
-The config (format version, method, r, alpha, dropout, every option, and each target's [out, in]) and a SHA-256
-of the config and the tensors travel in the file's metadata, so the tensors and their description are written in one atomic
-rename: a kill leaves the old file or the new one, never a mix. Nothing is unpickled. Loading checks the checksum,
-names, shapes, dtypes and finiteness exactly, and that the tensors a layer derives from its base (D2-LoRA's target
-norms) agree with the base it is loaded onto; every check runs before the model is changed.
+The config (format, method, r, alpha, dropout, every option, each target's [out, in] and the SHA-256 of each target's
+base weight) and a SHA-256 of the config and the tensors travel in the file's metadata, so the tensors and their
+description are written in one atomic rename: a kill leaves the old file or the new one, never a mix. Nothing is
+unpickled. Loading checks the checksum, names, shapes, dtypes and finiteness exactly, that the model's base weights are
+the ones the adapter was trained on (not another base, and not a model the adapter was already merged into), and that
+the tensors a layer derives from its base (D2-LoRA's target norms) agree; every check runs before the model is changed.
+docs/PORTING.md, section 11, spells the file out.
 """
 
 import hashlib
@@ -22,20 +24,26 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from ..atomic import atomic_path
-from .inject import adapter_layers, check_options, inject_adapters_at
+from .inject import CONV1D_HINT, adapter_layers, check_options, inject_adapters_at
 from .registry import get_method, method_name
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_KEY = "d2lora_min.adapter_config"  # the metadata entry holding the config as JSON
-CHECKSUM_KEY = "d2lora_min.tensors_sha256"  # the metadata entry holding tensors_sha256() (the name is format 2's)
-FORMAT = 3  # 3: the checksum covers the config too; 2: every option stored, the tensors checksummed; no "format": 1
-READS = (2, 3)  # the formats read besides format 1 (see upgrade_config)
+CHECKSUM_KEY = "d2lora_min.sha256"  # the metadata entry holding adapter_sha256(config text, tensors)
+FORMAT = 4  # the one format this version writes and reads
 MAX_CONFIG_CHARS = 1_000_000  # a config longer than this is not ours (and is not parsed)
-CONFIG_KEYS = ("format", "method", "r", "alpha", "dropout", "options", "targets")
+CONFIG_KEYS = ("format", "method", "r", "alpha", "dropout", "options", "targets", "base_sha256")
+
+
+def weight_sha256(weight):
+    """SHA-256 of a weight's raw bytes (its dtype, row-major, little-endian): which base weight an adapter belongs to."""
+    flat = weight.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def adapter_config(model):
-    """What it takes to rebuild the adapters: method, r, alpha, dropout, options and each target's [out, in]."""
+    """What it takes to rebuild the adapters: method, r, alpha, dropout, options, each target's [out, in] and the
+    SHA-256 of each target's base weight."""
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model has no adapters")
@@ -45,7 +53,8 @@ def adapter_config(model):
     ]
     if any(c != configs[0] for c in configs):
         raise ValueError("adapter layers differ in method or hyper-parameters; one config cannot describe them")
-    return {"format": FORMAT, **configs[0], "targets": {name: [layer.out_features, layer.in_features] for name, layer in layers}}
+    return {"format": FORMAT, **configs[0], "targets": {name: [layer.out_features, layer.in_features] for name, layer in layers},
+            "base_sha256": {name: weight_sha256(layer.base.weight) for name, layer in layers}}  # fmt: skip
 
 
 def _own_tensors(layer):
@@ -58,30 +67,16 @@ def adapter_state_dict(model):
     return {f"{name}.{key}": t for name, layer in adapter_layers(model) for key, t in _own_tensors(layer).items()}
 
 
-def tensors_sha256(tensors, config_text=None):
-    """SHA-256 over the config's JSON text (format 3; format 2 hashed the tensors only) and {name: tensor}: for each
-    name in sorted order, the JSON text [name, dtype, [numel]] (the length of the flattened tensor, not its shape:
-    shapes are checked against the model on load) and then its raw bytes."""
-    h = hashlib.sha256()
-    if config_text is not None:
-        h.update(config_text.encode())
+def adapter_sha256(config_text, tensors):
+    """SHA-256 over the config's JSON text and {name: tensor}: for each name in sorted order, the JSON text
+    [name, dtype, [numel]] (the length of the flattened tensor, not its shape: shapes are checked against the model on
+    load) and then its raw bytes."""
+    h = hashlib.sha256(config_text.encode())
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-d tensor (tau) cannot be viewed as bytes
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def upgrade_config(config):
-    """A format-1 config (written before D2-LoRA had its paper form) as one of today's format: format 1 knew one
-    D2-LoRA form, the exact-norm one, so its files load as readd_delta=False. Any other config is returned as it is."""
-    if not isinstance(config, dict) or "format" in config:
-        return config
-    config = {**config, "format": FORMAT}
-    if (config.get("method") == "d2lora" and isinstance(config.get("options"), dict) and "readd_delta" not in config["options"]
-            and "readd_delta" in get_method("d2lora").OPTIONS):
-        config["options"] = {**config["options"], "readd_delta": False}
-    return config
 
 
 def _check_config(config):
@@ -92,13 +87,13 @@ def _check_config(config):
     unknown = sorted(str(k) for k in set(config) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"adapter config has unknown fields {unknown}; expected {', '.join(CONFIG_KEYS)}")
-    kinds = {"format": int, "method": str, "r": int, "alpha": (int, float), "dropout": (int, float), "options": dict, "targets": dict}
+    kinds = {"format": int, "method": str, "r": int, "alpha": (int, float), "dropout": (int, float), "options": dict, "targets": dict,
+             "base_sha256": dict}  # fmt: skip
     for key, kind in kinds.items():
         if key not in config or isinstance(config[key], bool) or not isinstance(config[key], kind):
             raise ValueError(f"adapter config: {key!r} is missing or has the wrong type ({type(config.get(key)).__name__})")
-    if config["format"] not in READS:
-        raise ValueError(f"adapter config has format {config['format']}; this version reads formats 1, "
-                         f"{', '.join(map(str, READS))}")  # fmt: skip
+    if config["format"] != FORMAT:
+        raise ValueError(f"adapter config has format {config['format']}; this version of d2lora_min reads format {FORMAT} only")
     if config["r"] < 1:
         raise ValueError(f"adapter config: r must be >= 1, got {config['r']}")
     defaults = get_method(config["method"]).OPTIONS
@@ -114,6 +109,9 @@ def _check_config(config):
     for name, shape in config["targets"].items():
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
             raise ValueError(f"adapter config: target {name!r} has shape {shape!r}, expected [out, in]")
+    digests = config["base_sha256"]
+    if set(digests) != set(config["targets"]) or not all(isinstance(d, str) and len(d) == 64 for d in digests.values()):
+        raise ValueError("adapter config: base_sha256 must give one SHA-256 (64 hex digits) for each target")
 
 
 def _expected_tensors(config, bases):
@@ -133,16 +131,15 @@ def _expected_tensors(config, bases):
     return want, derived
 
 
-def load_adapter_state_dict(model, state_dict, config, source="adapter checkpoint"):
+def load_adapter_state_dict(model, state_dict, config, source="adapter file"):
     """Load adapter tensors saved by adapter_state_dict with their adapter_config (in place; returns the model).
 
     A model without adapters gets them injected from `config` (each new layer in the mode of the layer it replaces).
-    Anything that does not match (other targets, shapes, method, rank, options, dtypes; missing, extra or non-finite
-    tensors; target norms of another base) is a ValueError naming the tensor, raised before the model is changed.
-    Tensors a layer derives from its base or options (D2-LoRA's target_norm, a fixed tau) keep the values computed
-    for this model.
+    Anything that does not match is a ValueError naming it, raised before the model is changed: other targets, shapes,
+    method, rank, options or dtypes; missing, extra or non-finite tensors; base weights other than those the adapter
+    was trained on (another base, or the model it was already merged into). Tensors a layer derives from its base or
+    options (D2-LoRA's target_norm, a fixed tau) must agree with what this model gives them, and keep those values.
     """
-    config = upgrade_config(config)
     _check_config(config)
     layers = dict(adapter_layers(model))
     _check_model_fits(model, layers, config, source)
@@ -156,7 +153,9 @@ def load_adapter_state_dict(model, state_dict, config, source="adapter checkpoin
     modules = dict(model.named_modules())
     bases = {name: layers[name].base if name in layers else modules[name] for name in config["targets"]}
     want, derived = _expected_tensors(config, bases)
-    _check_tensors(state_dict, want, derived, source)
+    _check_tensors(state_dict, want, source)
+    _check_base(config, bases, source)
+    _check_derived(state_dict, derived, source)
 
     if not layers:
         inject_adapters_at(model, config["method"], tuple(config["targets"]), r=config["r"], alpha=config["alpha"],
@@ -174,10 +173,17 @@ def _check_model_fits(model, layers, config, source):
     if layers:
         have_targets = {name: [m.out_features, m.in_features] for name, m in layers.items()}
     else:
-        linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-        have_targets = {name: [linears[name].out_features, linears[name].in_features] for name in want_targets if name in linears}
+        modules = dict(model.named_modules())
+        have_targets = {}
+        for name in want_targets:
+            m = modules.get(name)
+            if isinstance(m, nn.Linear):
+                have_targets[name] = [m.out_features, m.in_features]
+            elif m is not None:  # there, but not something an adapter wraps
+                hint = CONV1D_HINT if type(m).__name__ == "Conv1D" else ""
+                raise ValueError(f"{source}: the model's {name} is a {type(m).__name__}, not an nn.Linear{hint}")
     if have_targets != want_targets:
-        diffs = [f"{k}: checkpoint {want_targets.get(k, 'absent')}, model {have_targets.get(k, 'absent')}"
+        diffs = [f"{k}: adapter file {want_targets.get(k, 'absent')}, model {have_targets.get(k, 'absent')}"
                  for k in sorted(set(have_targets) | set(want_targets)) if have_targets.get(k) != want_targets.get(k)]  # fmt: skip
         raise ValueError(f"{source} is for other targets or shapes ([out, in]): " + "; ".join(diffs))
     if layers:
@@ -187,17 +193,34 @@ def _check_model_fits(model, layers, config, source):
                 raise ValueError(f"{source} has {key}={config[key]!r}, the model's adapters have {have[key]!r}")
 
 
-def _check_tensors(state_dict, want, derived, source):
-    """Exactly the expected tensors, with their shapes and dtypes, finite, and the derived ones as computed here."""
+def _check_tensors(state_dict, want, source):
+    """Exactly the expected tensors, with their shapes and dtypes, and finite."""
     missing, extra = sorted(set(want) - set(state_dict)), sorted(set(state_dict) - set(want))
     if missing or extra:
         raise ValueError(f"{source} does not fit the model: missing {missing}, unexpected {extra}")
     for key, (shape, dt) in want.items():
         t = state_dict[key]
-        if tuple(t.shape) != shape or t.dtype != dt:
-            raise ValueError(f"{source}, tensor {key}: stored {(tuple(t.shape), t.dtype)}, the model needs {(shape, dt)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{source}, tensor {key}: stored with shape {tuple(t.shape)}, the model needs {shape}")
+        if t.dtype != dt:
+            raise ValueError(f"{source}, tensor {key}: stored as {t.dtype}, the model's weights are {dt}; load it onto the "
+                             f"model in {t.dtype} and convert the model afterwards (model.to({dt}))")  # fmt: skip
         if not torch.isfinite(t).all():
             raise ValueError(f"{source}, tensor {key}: holds NaN or Inf")
+
+
+def _check_base(config, bases, source):
+    """Each target's base weight is, byte for byte, the one the adapter was trained on."""
+    for name, stored in config["base_sha256"].items():
+        if weight_sha256(bases[name].weight) != stored:
+            raise ValueError(f"{source} was trained on another base weight at {name} (SHA-256 {stored[:12]}..., this "
+                             f"model's {weight_sha256(bases[name].weight)[:12]}...): an adapter loads only onto the "
+                             f"base it was trained on, never onto a model it was already merged into")  # fmt: skip
+
+
+def _check_derived(state_dict, derived, source):
+    """The tensors a layer derives from its base or options agree with what this model gives them (relative 1e-5 of
+    their largest value; 1e-2 in 16-bit dtypes)."""
     for key, computed in derived.items():
         stored, tol = state_dict[key].double().cpu(), 1e-2 if computed.dtype in (torch.float16, torch.bfloat16) else 1e-5
         if not torch.allclose(stored, computed.double(), rtol=tol, atol=tol * float(computed.abs().max()) if computed.numel() else 0.0):
@@ -211,7 +234,7 @@ def save_adapters(model, folder):
     tensors = {k: v.detach().cpu().contiguous() for k, v in adapter_state_dict(model).items()}
     path = os.path.join(folder, ADAPTER_FILE)
     config_text = json.dumps(adapter_config(model), sort_keys=True)
-    metadata = {CONFIG_KEY: config_text, CHECKSUM_KEY: tensors_sha256(tensors, config_text)}
+    metadata = {CONFIG_KEY: config_text, CHECKSUM_KEY: adapter_sha256(config_text, tensors)}
     with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
     return path
@@ -219,6 +242,7 @@ def save_adapters(model, folder):
 
 def read_adapter_file(path):
     """(tensors on CPU, config) from an adapter file; a clear ValueError for a missing, truncated, edited or foreign file."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter file at {path}")
     if not os.path.isfile(path):
@@ -233,15 +257,13 @@ def read_adapter_file(path):
         tensors = load_file(path)
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"{path} is not a readable d2lora_min adapter file ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(config, dict) or "format" not in config:  # format 1 files, and only they, carry no checksum
-        if CHECKSUM_KEY in metadata:
-            raise ValueError(f"{path}: it carries a checksum but its config has no format (an edited or damaged file)")
-        return tensors, config
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        said = f"format {config['format']!r}" if isinstance(config, dict) and "format" in config else "no format"
+        raise ValueError(f"{path}: its config has {said}; this version of d2lora_min reads adapter files of format {FORMAT} only")
     if CHECKSUM_KEY not in metadata:
-        raise ValueError(f"{path}: its config says format {config['format']}, but no checksum is stored with the "
-                         f"tensors ({CHECKSUM_KEY!r} is missing from the metadata: an edited file)")  # fmt: skip
-    covered = text if config["format"] != 2 else None  # format 2's checksum covers the tensors only
-    if metadata[CHECKSUM_KEY] != tensors_sha256(tensors, covered):
+        raise ValueError(f"{path}: no checksum is stored with the tensors ({CHECKSUM_KEY!r} is missing from the metadata: "
+                         f"an edited file)")  # fmt: skip
+    if metadata[CHECKSUM_KEY] != adapter_sha256(text, tensors):
         raise ValueError(f"{path}: the config or the tensors do not match the checksum stored with them (a damaged or "
                          f"edited file)")  # fmt: skip
     return tensors, config
@@ -251,5 +273,7 @@ def load_adapters(model, folder):
     """Load what save_adapters wrote onto `model` (injecting the adapters if it has none); returns the model."""
     path = os.path.join(folder, ADAPTER_FILE)
     tensors, config = read_adapter_file(path)
-    device = next(model.parameters()).device
-    return load_adapter_state_dict(model, {k: v.to(device) for k, v in tensors.items()}, config, source=path)
+    weight = next(iter(model.parameters()), None)
+    if weight is None:
+        raise ValueError(f"{path}: the model has no parameters, so none of the adapter's targets")
+    return load_adapter_state_dict(model, {k: v.to(weight.device) for k, v in tensors.items()}, config, source=path)

@@ -2,17 +2,30 @@
 (Fujisawa & Kondo, 2026, arXiv 2602.14728).
 
 Two rank-r branches, one added and one subtracted, form the update dW. During training the adapted weight
-W0 + dW is projected onto the norms of the pretrained weight's rows, and dW is added to the projection once more,
-so that every row stays *close to* its pretrained norm (within norm(dW_i)). After training the whole layer collapses
-into one plain matrix (merge), so inference costs nothing extra. Where each of these points comes from (the paper's
-public record, or this project's own choice) is tabled in docs/DESIGN.md, "D2-LoRA: the paper's form".
+W0 + dW is projected onto the norms of the pretrained weight's rows, and dW is added to the projection once more.
+After training the whole layer collapses into one plain matrix (merge), so inference costs nothing extra. Where
+each of these points comes from (the paper's public record, or this project's own choice) is tabled in
+docs/DESIGN.md, "D2-LoRA: the paper's form".
+
+What it does, to first order. Per row i, with u_i = W0_i / norm(W0_i), split the update into the part that
+stretches the row, rad_i = (dW_i . u_i) u_i, and the part that turns it, tan_i = dW_i - rad_i. Up to terms of order
+norm(dW_i)^2 / norm(W0_i):
+    LoRA                        W = W0 + tan + rad         (exactly)
+    D2-LoRA, the paper's form   W = W0 + 2 tan + rad       (the projection keeps tan, the re-added dW adds tan + rad)
+    D2-LoRA, exact-norm form    W = W0 + tan               (it only turns)
+    DoRA                        W = W0 + tan + (m - norm(W0)) u
+So the paper's form is a LoRA of rank 2r that turns each row twice as far as it stretches it. Under Adam, whose
+steps do not grow with the gradient's scale, doubling part of an update acts much like a larger learning rate:
+expect D2-LoRA's best learning rate to sit below LoRA(2r)'s (tests/test_adapters.py checks these forms; `make tune`
+measures the learning rates). The bound |norm(W_i) - norm(W0_i)| <= norm(dW_i) holds here, but LoRA meets it too
+(triangle inequality): it does not tell the methods apart.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fast
+from . import fused
 from .base import AdapterLinear, check_bool, check_real, row_factor, row_norm, scale_outputs
 
 
@@ -28,10 +41,10 @@ class D2LoRALinear(AdapterLinear):
     s            = self.scaling = alpha / r
     Trainable parameters: 2r * (in + out) = LoRA(2r)'s (+ 1 with a learned tau).
 
-    What it is, geometrically: P(V) puts row i of W0 + dW on the sphere of radius norm(W0_i); adding dW once more
-    moves it off the sphere by at most norm(dW_i), so |norm(W_i) - norm(W0_i)| <= norm(dW_i): "close to" the
-    pretrained norm, not on it. The forward pass goes through the factors (z = dropout(x) @ A.T, stacked factors):
-        y = c * (x @ W0.T + s * z @ B.T) + s * z @ B.T + b,    c = t / norm(V)
+    P(V) puts row i of W0 + dW on the sphere of radius norm(W0_i) (exactly, for rows with norm(V_i) >= eps); the
+    re-added dW then moves it off the sphere again. The forward pass goes through the factors (z = dropout(x) @ A.T,
+    stacked factors):
+        y = c * (x @ W0.T + s * z @ B.T) + b + s * z @ B.T,    c = t / norm(V)
 
     What tau does: tau * B_neg can be rescaled into B_neg, so tau adds no expressiveness; fixed, it sets the size
     of the negative branch's contribution relative to its weights (and, under Adam, its effective step size).
@@ -101,8 +114,8 @@ class D2LoRALinear(AdapterLinear):
         return P + dW if self.readd_delta else P  # (out, in)
 
     def forward(self, x):  # x: (..., in)
-        if self.project and fast.applies(self):  # the same math, fused: fewer operations (fast.py)
-            return fast.d2lora_forward(self, x)
+        if self.project and fused.applies(self):  # opt-in (set_fused): the math below as one autograd function, in fused.py
+            return fused.d2lora_forward(self, x)
         W0, b = self.base.weight, self.base.bias
         A, B = self.stacked_factors()  # (2r, in), (out, 2r)
         low = self._low_rank(x, A, B)  # s * (dropout(x) @ A.T) @ B.T, the update through its factors: (..., out)

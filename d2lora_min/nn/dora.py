@@ -6,7 +6,7 @@ LoRA updates the *direction* of each output row; a learned vector sets each row'
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fast
+from . import fused
 from .base import AdapterLinear, check_bool, row_factor, row_norm, scale_outputs
 
 
@@ -21,9 +21,13 @@ class DoRALinear(AdapterLinear):
     s  = self.scaling = alpha / r
     Trainable parameters: r * (in + out) + out.
 
-    detach_norm=True (default) treats norm(V) as a constant in backward, as the DoRA paper does to save
-    memory (sec. 4.3) and as PEFT does: then the magnitude alone sets each row's length and the factors
-    only turn it. The forward value is the same either way.
+    Row i of W has length |m[i]| whatever B and A are: the magnitude alone sets each row's length, and the
+    low-rank update only turns the row. To first order in dW = s * B @ A (per row, u_i = W0_i / norm(W0_i), and
+    tan_i = dW_i - (dW_i . u_i) u_i the part of the update that turns the row):
+        W_i = W0_i + tan_i + (m_i - norm(W0_i)) u_i        (the factors turn, the magnitude stretches)
+
+    detach_norm=True (default) treats norm(V) as a constant in backward, as the DoRA paper does to save memory
+    (sec. 4.3) and as PEFT does; it changes the gradients, not the output.
     """
 
     OPTIONS = {"detach_norm": True}
@@ -44,8 +48,8 @@ class DoRALinear(AdapterLinear):
         return (c[:, None] * V).to(V.dtype)  # (out, in): row i has norm |m[i]|
 
     def forward(self, x):  # x: (..., in)
-        if fast.applies(self):  # the same math, fused: fewer operations, less memory (fast.py)
-            return fast.dora_forward(self, x)
+        if fused.applies(self):  # opt-in (set_fused): the math below as one autograd function, in fused.py
+            return fused.dora_forward(self, x)
         W0, b = self.base.weight, self.base.bias
         V = W0 + self.delta_weight()  # (out, in): only its row norms are used
         c = row_factor(self.magnitude, row_norm(V), self.detach_norm)  # m / norm(V): (out,)

@@ -16,8 +16,8 @@ measurements taken in the same repetition, which cancels most of the machine's d
                trainable tensors' gradients and Adam moments (where a step peaks, at the start of backward);
                on CUDA also torch.cuda.max_memory_allocated during the step
   PEFT         our LoRA and DoRA training step against PEFT's on the same model (when peft is installed)
-  plain path   DoRA and D2-LoRA through the plain forward() of their method files instead of the fused
-               autograd function of nn/fast.py, to show what fusing saves
+  fused        DoRA and D2-LoRA through the opt-in fused autograd function of nn/fused.py instead of the plain
+               forward() of their method files (the default), to show what fusing saves
   aten calls   operator calls per training step (torch.profiler), the cost at a dispatch-bound shape
 
 Every model adapts q, k, v, o, as make compare does. Shapes: the compare shape (d_model 128, 2 blocks, a packed step
@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import check_writable, write_json, write_text
-from ..nn import METHODS, display_name, inject_adapters, merge_adapters, set_fast_path
+from ..nn import METHODS, display_name, inject_adapters, merge_adapters, set_fused
 from .data import VOCAB_SIZE
 from .bench_report import markdown, paired_ratio, ratios
 from .cli import UsageError, run_cli
@@ -50,8 +50,8 @@ from .trainer import TrainConfig, make_optimizer, pick_device
 from tiny_gpt import GPT, GPTConfig
 
 
-# (label, method, options); "plain path" rows run the plain forward() written out in the method file instead of
-# the fused one in nn/fast.py (the same math; tests/test_fast.py checks they agree), to show what fusing saves.
+# (label, method, options); every row runs the plain forward() of its method file (the default) but the "fused" rows,
+# which run the opt-in autograd function of nn/fused.py (the same math; tests/test_fused.py checks they agree).
 METHODS_BENCH = [
     ("LoRA(r)", "lora", {"r": 4}),
     ("LoRA(2r)", "lora", {"r": 8}),
@@ -60,8 +60,8 @@ METHODS_BENCH = [
     ("D2-LoRA(r) exact-norm", "d2lora", {"r": 4, "readd_delta": False}),
     ("D2-LoRA(r) detach_norm", "d2lora", {"r": 4, "detach_norm": True}),
     ("D2-LoRA(r) project=false", "d2lora", {"r": 4, "project": False}),
-    ("DoRA(r) plain path", "dora", {"r": 4}),
-    ("D2-LoRA(r) plain path", "d2lora", {"r": 4}),
+    ("DoRA(r) fused", "dora", {"r": 4}),
+    ("D2-LoRA(r) fused", "d2lora", {"r": 4}),
 ]
 
 
@@ -97,8 +97,8 @@ def make_models(config, device, peft_ok):
         opts = dict(opts)
         r = opts.pop("r")
         models[label] = inject_adapters(copy.deepcopy(base), method, r=r, alpha=2 * r, targets=TARGETS, **opts)
-        if label.endswith("plain path"):
-            set_fast_path(models[label], False)
+        if label.endswith(" fused"):
+            set_fused(models[label], True)
     if peft_ok:
         from peft import LoraConfig, inject_adapter_in_model
 

@@ -122,7 +122,7 @@ def run_key(spec, seed, cfg, base_meta, full_merge, by_settings=False):
         "spec": what, "seed": seed, "device": pick_device(cfg.train.device), "processes": rank_and_world()[1], "r": cfg.r, "alpha_over_r": cfg.alpha_over_r, "targets": list(spec.targets),
         "lr": spec.lr, "split": cfg.split, "n_test": cfg.n_test, "n_validation": cfg.n_validation,
         "tasks": list(cfg.tasks), "n_train": cfg.n_train, "epochs": cfg.epochs, "scoring": cfg.scoring,
-        "warmup_frac": cfg.warmup_frac, "full_lr": cfg.full_lr, "full_merge": full_merge, "packed": cfg.packed,
+        "warmup_frac": cfg.warmup_frac, "full_lr": cfg.full_lr, "full_merge": full_merge, "packed": cfg.packed, "fused": cfg.fused,
         "train": {k: v for k, v in asdict(budget_train_config(cfg)).items() if k not in ("progress", "desc")},
         "base": base_meta["sha256"], "world": corpus_fingerprint(cfg.pretrain.corpus), "version": 3,
     }  # fmt: skip

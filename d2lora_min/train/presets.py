@@ -79,6 +79,7 @@ class CompareConfig:
     checkpoints: int = 4  # checkpoints per run (what a killed run resumes from)
     full_lr: float = 1e-3  # learning rate of `full` fine-tuning unless its spec sets lr
     packed: bool = True  # pack a step's items into rows (no compute on padding); False: one item per padded row
+    fused: bool = False  # DoRA and D2-LoRA through the opt-in fused path (nn/fused.py) instead of their plain forward()
     train: TrainConfig = field(default_factory=default_train_config)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # which base (the shipped one by default)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..nn import METHODS, adapter_layers, inject_adapters, merge_adapters, save_adapters, trainable_parameters
+from ..nn import METHODS, adapter_layers, inject_adapters, merge_adapters, save_adapters, set_fused, trainable_parameters
 from ..nn.checkpoint import ADAPTER_FILE
 from .cache import slug
 from .evaluate import greedy_generate, mc_accuracy, pad_rows, rouge_l_f1, score_choices, validation_loss
@@ -120,6 +120,7 @@ def run_one(spec, seed, setup, cfg, out_dir, train_dir, key, full_merge):
         model.requires_grad_(True)
     elif spec.name in METHODS:
         inject_adapters(model, spec.name, r=spec.r, alpha=spec.alpha, targets=spec.targets, dropout=spec.dropout, **spec.options)
+        set_fused(model, cfg.fused)  # the plain path (each method's forward()) unless --fused=true
     result = {"method": spec.text, "label": spec.label, "seed": seed, "trainable_params": 0, "processes": n_procs, "status": "ok"}
     if spec.name != "base":
         result.update(fine_tune(model, spec, seed, setup, cfg, train_dir, key))

@@ -1,6 +1,6 @@
-"""The fast path (nn/fast.py) against the plain path written out in dora.py and d2lora.py.
+"""The opt-in fused path (nn/fused.py) against the plain path written out in dora.py and d2lora.py.
 
-The bar: against a float64 computation, the fast path's error stays within a small factor of the plain path's
+The bar: against a float64 computation, the fused path's error stays within a small factor of the plain path's
 error in the same dtype - for every shape and dtype, on rows that nearly cancel (norm(V_i) down to 1e-3 of
 norm(W0_i) + norm(dW_i)) and on zero rows: outputs and every gradient; and the hand-written backward against
 torch.autograd.gradcheck in float64.
@@ -15,7 +15,7 @@ from hypothesis import given
 
 from .helpers import CANCEL_UNITS, RTOL, cancellation_ratio, layer_cases, make_layer, random_input
 
-WORSE_BY_AT_MOST = 10  # the fast path may be this many times less accurate than the plain one, never more
+WORSE_BY_AT_MOST = 10  # the fused path may be this many times less accurate than the plain one, never more
 
 
 def _run(layer, x, grad_out):
@@ -32,7 +32,7 @@ def _err(a, ref):
 
 
 @given(layer_cases(methods=("dora", "d2lora")))
-def test_fast_path_is_as_accurate_as_the_plain_path(case):
+def test_fused_path_is_as_accurate_as_the_plain_path(case):
     _, layer = make_layer(case)
     x = random_input(case)
     g = torch.Generator().manual_seed(case["seed"] + 3)
@@ -40,16 +40,16 @@ def test_fast_path_is_as_accurate_as_the_plain_path(case):
 
     # the reference: the plain path in float64 on the same (rounded) tensors and inputs
     ref_layer = copy.deepcopy(layer).double()
-    ref_layer.fast = False
+    ref_layer.use_fused = False
     reference = _run(ref_layer, x.double(), grad_out)
 
-    layer.fast = True
-    fast = _run(layer, x, grad_out.to(x.dtype))
-    layer.fast = False
+    layer.use_fused = True
+    fused = _run(layer, x, grad_out.to(x.dtype))
+    layer.use_fused = False
     plain = _run(layer, x, grad_out.to(x.dtype))
     names = ["y", "x"] + [n for n, p in layer.named_parameters() if p.requires_grad]
     ratio = cancellation_ratio(layer)  # digits lost to a row that nearly cancels (1 for ordinary rows)
-    for name, f, p, r in zip(names, fast, plain, reference, strict=True):
+    for name, f, p, r in zip(names, fused, plain, reference, strict=True):
         assert f.dtype == p.dtype and f.shape == p.shape, name
         assert torch.isfinite(f).all(), name
         # rounding of the result itself (in float64 the reference is the plain path, whose error is then 0)
@@ -69,18 +69,19 @@ def test_a_bias_that_dominates_the_output_keeps_the_gradient_of_the_factor_exact
     with torch.no_grad():
         base.bias[1] = 10.0
     layer = DoRALinear(base, r=2, alpha=2.0)
+    layer.use_fused = True
     with torch.no_grad():
         layer.lora_B.normal_()
         layer.magnitude[1] = 1e-4
     x, g = torch.randn(5, 6), torch.randn(5, 3)
     reference = copy.deepcopy(layer).double()
-    reference.fast = False
+    reference.use_fused = False
     (want,) = torch.autograd.grad((reference(x.double()) * g.double()).sum(), reference.magnitude)
     (got,) = torch.autograd.grad((layer(x) * g).sum(), layer.magnitude)
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6)
 
 
-# The true gradient, so the norm attached (a detached norm's backward is not the derivative on purpose: test_fast's
+# The true gradient, so the norm attached (a detached norm's backward is not the derivative on purpose: test_fused's
 # comparison with the plain path covers it).
 @pytest.mark.parametrize("readd, branches, dropout", [
     (False, False, False), (False, False, True),  # DoRA's shape: one pair, with and without dropout
@@ -88,7 +89,7 @@ def test_a_bias_that_dominates_the_output_keeps_the_gradient_of_the_factor_exact
     (False, True, True),  # D2-LoRA's exact-norm form
 ])  # fmt: skip
 def test_the_hand_written_backward_passes_gradcheck_in_float64(readd, branches, dropout):
-    from d2lora_min.nn.fast import RowScaledLowRank, Settings
+    from d2lora_min.nn.fused import RowScaledLowRank, Settings
 
     g = torch.Generator().manual_seed(3)
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
@@ -107,14 +108,15 @@ def test_evaluation_keeps_nothing_for_backward(monkeypatch):
     # under torch.no_grad the fused path does no backward-only work (the bias check, V @ A.T), as a plain layer would
     import torch.nn as nn
 
-    from d2lora_min.nn import D2LoRALinear, DoRALinear, fast
+    from d2lora_min.nn import D2LoRALinear, DoRALinear, fused
 
     def forbidden(*args):
         raise AssertionError("backward-only work in evaluation")
 
-    monkeypatch.setattr(fast, "bias_dominates", forbidden)
+    monkeypatch.setattr(fused, "bias_dominates", forbidden)
     x = torch.randn(4, 6)
     for layer in (DoRALinear(nn.Linear(6, 3), r=2, alpha=2.0), D2LoRALinear(nn.Linear(6, 3), r=2, alpha=2.0, readd_delta=False)):
+        layer.use_fused = True
         with torch.no_grad():
             y = layer(x)
         assert not y.requires_grad and y.grad_fn is None

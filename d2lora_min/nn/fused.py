@@ -1,7 +1,9 @@
-"""The fast path of DoRA and D2-LoRA: the same math as the plain forward() in dora.py and d2lora.py, as one
-autograd function per layer whose backward is written out by hand. Read those files first; this one is
-only an optimisation of them, and tests/test_fast.py checks outputs and every gradient against them (and
-torch.autograd.gradcheck checks the hand-written backward in float64).
+"""The fused path of DoRA and D2-LoRA, opt-in: the same math as the plain forward() in dora.py and d2lora.py, as
+one autograd function per layer whose backward is written out by hand. Read those files first: the plain path is
+what runs unless a layer's `use_fused` flag is set (set_fused(model, True), or `--fused=true` for make compare).
+tests/test_fused.py checks outputs and every gradient against the plain path (and torch.autograd.gradcheck checks
+the hand-written backward in float64). What it buys is activation memory, for DoRA most of all: it keeps for
+backward only what its backward needs (`make bench` measures both paths side by side).
 
 Both methods compute, for x (..., in) and xd = dropout(x) (x itself without dropout):
 
@@ -13,13 +15,14 @@ Both methods compute, for x (..., in) and xd = dropout(x) (x itself without drop
 
 D2-LoRA passes its two branches, stacked inside: A = [A_pos; A_neg] (2r, in), B = [B_pos, -tau * B_neg] (out, 2r).
 
-What the fused function saves, and why it stays exact:
-- Operations. Plain autograd records a dozen small operations per layer and as many backward nodes; at the
-  small default shape a training step is dispatch-bound, so that count is the cost (make bench counts them).
-- New activation-sized tensors. Each new (N, out) tensor is a pass over memory that is not in cache, which on a
-  CPU costs about as much as one of the small low-rank matmuls. Forward turns x @ W0.T into h in place and, in the
-  paper's form, low into y in place: two new (N, out) tensors, where forming each intermediate on its own takes five
-  (x @ W0.T, low, h, low + b, y). The additions are the same and in the same order, so the rounding is too.
+What the fused function saves, and why it stays exact (the same values up to rounding):
+- Operations. Plain autograd records a dozen small operations per layer and as many backward nodes; at a small
+  shape a training step is dispatch-bound, so that count is part of the cost.
+- New activation-sized tensors. Each new (N, out) tensor is a pass over memory that is not in cache. Forward turns
+  x @ W0.T into h in place and, in the paper's form, low into y in place: two new (N, out) tensors, where forming
+  each intermediate on its own takes five (x @ W0.T, low, h, low + b, y). The order of the additions differs from
+  the plain path's (the plain path adds (c * h + b) + low, this one (low + b) + c * h), so the two round differently,
+  within the tolerances the tests hold both to.
 - A weight-sized tensor. The norm needs V (out, in). The plain path keeps it for backward; here it is formed
   without gradient tracking in forward, used for its row norms and for V @ A.T (out, k), which is kept, and
   dropped. V is formed as in the plain path (in float32 for float16/bfloat16 weights, where the plain path forms it in
@@ -237,9 +240,9 @@ def row_scaled_low_rank(layer, x, A, B, target, detach_norm, keep_h=False, readd
 
 
 def applies(layer):
-    """Whether `layer` runs the fast path: its `fast` flag is on and its base is frozen (the hand-written
+    """Whether `layer` runs the fused path: its `use_fused` flag is on and its base is frozen (the hand-written
     backward has no gradient for W0 or the bias; someone who unfreezes them gets the plain path)."""
-    return layer.fast and not any(p.requires_grad for p in layer.base.parameters())
+    return layer.use_fused and not any(p.requires_grad for p in layer.base.parameters())
 
 
 def dora_forward(layer, x):
@@ -255,12 +258,13 @@ def d2lora_forward(layer, x):
                                readd=layer.readd_delta, negative=negative)  # fmt: skip
 
 
-def set_fast_path(model, enabled):
-    """Select the fused (True) or the plain (False) implementation in every adapter layer of `model`."""
+def set_fused(model, enabled=True):
+    """Run the fused (True) or the plain (False, the default) implementation in every adapter layer of `model`
+    (LoRA has only the plain one); returns the model."""
     from .base import AdapterLinear, check_bool
 
-    enabled = check_bool("enabled", enabled)  # the string "false" must not switch the fast path on
+    enabled = check_bool("enabled", enabled)  # the string "false" must not switch the fused path on
     for m in model.modules():
         if isinstance(m, AdapterLinear):
-            m.fast = bool(enabled)
+            m.use_fused = enabled
     return model
