@@ -288,10 +288,12 @@ def test_a_malformed_cached_run_is_recomputed_with_one_line(tmp_path, small_prob
     else:
         path.write_text(content)
     capsys.readouterr()
-    if content == "folder":  # a folder where the result belongs cannot be replaced: a one-line error, no traceback
-        assert compare_main(argv) == 1
+    if content == "folder":  # a folder where the result belongs: a usage error before any work, and nothing deleted
+        with pytest.raises(SystemExit) as exit_:
+            compare_main(argv)
         captured = capsys.readouterr()
-        assert "recomputing" in captured.out and "Traceback" not in captured.err
+        assert exit_.value.code == 2 and "is in the way of a run's output" in captured.err and "s training" not in captured.out
+        assert path.is_dir()
     else:
         assert compare_main(argv) == 0
         assert "recomputing" in capsys.readouterr().out
@@ -465,6 +467,11 @@ def test_a_finished_run_whose_adapter_file_is_gone_or_damaged_is_recomputed(tmp_
     else:
         adapter.write_bytes(adapter.read_bytes()[:100])
     capsys.readouterr()
+    if damage == "folder":  # in the way of the adapter file the rerun would write: refused before any work
+        with pytest.raises(SystemExit):
+            compare_main(argv)
+        assert "is in the way of a run's output" in capsys.readouterr().err and adapter.is_dir()
+        return
     assert compare_main(argv) == 0
     printed = capsys.readouterr().out
     assert "adapter file is missing or damaged" in printed and "s training" in printed

@@ -122,3 +122,82 @@ def test_volatility_is_the_spread_of_step_to_step_changes_not_of_the_loss():
     zigzag = [1.0 + (0.2 if k % 2 else 0.0) for k in range(40)]  # changes of +-0.2 over the second half
     assert volatility(zigzag) == pytest.approx(0.2, rel=0.01)
     assert volatility([1.0, 2.0]) != volatility([1.0, 2.0])  # nan below 4 steps
+
+
+# --- the interval and the "detectable" column, pinned on hand-worked examples -----------------------------------------
+# Student's t, 97.5 % quantiles (two-sided 95 %), as printed in standard tables (e.g. the NIST/SEMATECH e-Handbook of
+# Statistical Methods, section 1.3.6.7.2, "Critical values of the Student's t distribution"):
+T975 = {1: 12.706, 2: 4.303, 4: 2.776, 27: 2.052}
+
+
+def _equal_within_seeds(per_seed, n_items=40):
+    """Outcomes of methods a and b whose item differences are the same within each seed (per_seed[s] on every item of
+    seed s): the item part of the variance is then 0, and the interval is the seeds' alone, with S - 1 degrees of
+    freedom: diff +- t(S - 1) * sd(per_seed) / sqrt(S)."""
+    d = np.repeat(np.asarray(per_seed, float)[:, None], n_items, axis=1)  # (S, N)
+    a, b = {"t": 0.5 + d / 2}, {"t": 0.5 - d / 2}
+    return a, b, {"t": np.arange(n_items)}
+
+
+@pytest.mark.parametrize("per_seed, df", [
+    ([0.02, 0.04], 1),  # sd 0.014142, se 0.01: half-width 12.706 * 0.01 = 0.12706
+    ([0.01, 0.03, 0.02, 0.05, 0.04], 4),  # sd 0.015811, se 0.0070711: half-width 2.776 * 0.0070711 = 0.019630
+    ([0.02, 0.04] * 14, 27),  # sd 0.0101835, se 0.0019245: half-width 2.052 * 0.0019245 = 0.0039491
+])  # fmt: skip
+def test_the_interval_is_students_t_times_the_standard_error_at_2_5_and_28_seeds(per_seed, df):
+    from d2lora_min.train.stats import mean_ci
+
+    a, b, clusters = _equal_within_seeds(per_seed)
+    boot = paired_bootstrap(a, b, clusters)
+    se = np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))
+    assert boot["df"] == pytest.approx(df) and boot["se"] == pytest.approx(se, rel=1e-9)
+    assert boot["diff"] == pytest.approx(0.03)
+    assert boot["hi"] - boot["diff"] == pytest.approx(T975[df] * se, rel=1e-3)  # z = 1.96 would be 30-85 % too narrow
+    assert boot["diff"] - boot["lo"] == pytest.approx(T975[df] * se, rel=1e-3)
+    # one method's mean accuracy is the same interval against a zero baseline (here a's accuracies, 0.5 + d / 2)
+    runs = [{"method": "a", "seed": s, "items": {"t": {"correct_sum": list(a["t"][s])}}} for s in range(len(per_seed))]
+    task = type("Task", (), {"kind": "mc", "normalise": False})()
+    mean, lo, hi = mean_ci(runs, {"t": task}, clusters, "sum")
+    assert mean == pytest.approx(0.515) and hi - mean == pytest.approx(T975[df] * se / 2, rel=1e-3)
+
+
+def _fake_runs(per_seed, n_items=40):
+    """Runs of methods "a" and "ref" as method_rows reads them, a ahead of ref by per_seed[s] on every item of seed s."""
+    a, b, _ = _equal_within_seeds(per_seed, n_items)
+    make = lambda m, x, s: {"method": m, "label": m, "seed": s, "trainable_params": 1, "items": {"t": {"correct_sum": list(x["t"][s])}}}  # noqa: E731
+    return [make(m, x, s) for m, x in (("ref", b), ("a", a)) for s in range(len(per_seed))]
+
+
+def test_the_detectable_column_is_t_plus_0_84_standard_errors():
+    # three seeds, a ahead by 1, 3 and 5 pp: se = 0.02 / sqrt(3) = 0.011547, df = 2, t = 4.303; the smallest true
+    # difference found 80 % of the time at the 5 % level is (t + z_0.8) * se = (4.303 + 0.84) * 0.011547 = 0.059386
+    # (from the full CI width instead it would be 2 * 4.303 * 0.011547 = 0.099375)
+    from d2lora_min.train.report import method_rows
+
+    task = type("Task", (), {"kind": "mc", "normalise": False})()
+    rows = {r["method"]: r for r in method_rows(_fake_runs([0.01, 0.03, 0.05]), {"t": task}, {"t": np.arange(40)}, "sum", "ref")}
+    v = rows["a"]["vs_reference"]
+    assert v["diff"] == pytest.approx(0.03) and v["se"] == pytest.approx(0.02 / np.sqrt(3))
+    assert v["detectable"] == pytest.approx(0.059386, rel=1e-3)
+    assert v["hi"] - v["diff"] == pytest.approx(4.303 * 0.02 / np.sqrt(3), rel=1e-3)
+
+
+@pytest.mark.parametrize("lo, hi, expected", [
+    (-0.02, -0.01, "worse"), (-0.01, 0.01, "no detectable difference"), (0.01, 0.02, "better"),
+    (0.0, 0.01, "no detectable difference"), (-0.01, 0.0, "no detectable difference"),  # 0 on the edge is inside
+])  # fmt: skip
+def test_the_verdict_rule_on_hand_made_intervals_either_way_round(lo, hi, expected):
+    swapped = {"better": "worse", "worse": "better"}.get(expected, expected)
+    assert verdict(lo, hi) == expected
+    assert verdict(-hi, -lo) == swapped  # the same difference taken the other way round
+
+
+def test_the_verdict_in_the_table_follows_which_method_is_ahead():
+    from d2lora_min.train.report import method_rows
+
+    task = type("Task", (), {"kind": "mc", "normalise": False})()
+    ahead = _fake_runs([0.05, 0.06, 0.07])
+    behind = [{**r, "method": {"a": "ref", "ref": "a"}[r["method"]], "label": {"a": "ref", "ref": "a"}[r["label"]]} for r in ahead]
+    for runs, expected in ((ahead, "better"), (behind, "worse")):
+        rows = {r["method"]: r for r in method_rows(runs, {"t": task}, {"t": np.arange(40)}, "sum", "ref")}
+        assert rows["a"]["vs_reference"]["verdict"] == expected

@@ -347,7 +347,9 @@ def test_config_overrides_and_their_errors():
     cfg = apply_overrides(CompareConfig(), ["--train.lr=0.5", "--pretrain.model.n_layer=3", "--seeds=1,2"])
     assert cfg.train.lr == 0.5 and cfg.pretrain.model.n_layer == 3 and cfg.seeds == (1, 2)
     with pytest.raises(ValueError, match="unknown setting 'train.stepz'"):
-        apply_overrides(CompareConfig(), ["train.stepz=3"])
+        apply_overrides(CompareConfig(), ["--train.stepz=3"])
+    with pytest.raises(ValueError, match="two dashes"):  # one dash, or none, is not a setting
+        apply_overrides(CompareConfig(), ["-n_test=3"])
 
 
 def test_compare_refuses_a_train_seed_it_would_ignore(capsys):

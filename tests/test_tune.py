@@ -82,7 +82,7 @@ def test_a_tuned_file_that_is_not_one_is_a_usage_error(tmp_path, capsys):
     bad.write_text(json.dumps({"lrs": {"lora": -1}}))
     with pytest.raises(SystemExit):
         compare_mod.main(["--tuned_file", str(bad), "--out", str(tmp_path / "o")])
-    assert "regenerate it with `make tune`" in capsys.readouterr().err
+    assert "regenerate it with `make tune ARGS=--publish`" in capsys.readouterr().err
 
 
 def test_the_shipped_tuned_lrs_cover_the_compared_methods():

@@ -8,19 +8,25 @@ content, and the adapter file it names present and intact - and computes only wh
 import hashlib
 import json
 from dataclasses import asdict
+from pathlib import Path
 
+from ..atomic import read_json
 from ..nn import METHODS
 from ..nn.checkpoint import ADAPTER_FILE, read_adapter_file
+from .cli import UsageError
 from .presets import budget_train_config
-from .pretrain import corpus_fingerprint
+from .pretrain import corpus_fingerprint, sha256_file
 from .tasks import TASKS
 from .trainer import pick_device, rank_and_world
+
+
+SLUG_CHARS = 48  # of a spec's readable part in file names (a long spec would overflow the 255 bytes a name may have)
 
 
 def slug(text):
     """A file-name-safe form of a method spec, made injective by a short hash of the exact text
     ('tau_init=-0.5' and 'tau_init=+0.5' read alike once the signs are replaced, their hashes do not)."""
-    readable = "".join(c if c.isalnum() else "_" for c in text)
+    readable = "".join(c if c.isascii() and c.isalnum() else "_" for c in text)[:SLUG_CHARS]
     return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
@@ -41,16 +47,31 @@ def sealed(result):
     return {**result, "sha256": checksum(result)}
 
 
+def adapter_path(out_dir, spec, seed, key):
+    """Where a run saves its adapter file: a folder named like its result (relative to out_dir), and the file in it."""
+    folder = Path("adapters") / f"{slug(spec.text)}_seed{seed}_{key}"
+    return folder, out_dir / folder / ADAPTER_FILE
+
+
+def check_paths(paths):
+    """Before any work: nothing but a regular file (or nothing) where a run will write its result or adapter file.
+    A folder there would make the write fail after the training, and this project never deletes what it did not write."""
+    for path in paths:
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            raise UsageError(f"{path} is in the way of a run's output (a folder, a link to one, or a special file): remove "
+                             f"it, or choose another --out")  # fmt: skip
+
+
 def read_cached(path, spec=None, seed=None, key=None, cfg=None):
     """A finished run's JSON, or None when there is none or it is not a valid result of this spec, seed, key and
     config (then the run is recomputed, with one line saying why)."""
     if not path.exists():
         return None
     try:
-        result = json.loads(path.read_text())
+        result = read_json(path)
         problem = None if spec is None else invalid(result, spec, seed, key, cfg) or adapter_problem(result, path.parent.parent)
-    except (OSError, ValueError) as e:  # unreadable, a folder, not UTF-8, not JSON
-        problem = f"unreadable ({type(e).__name__})"
+    except (OSError, ValueError) as e:  # unreadable, a folder, a FIFO, not UTF-8, not JSON
+        problem = f"unreadable ({type(e).__name__}: {str(e)[:120]})"
     if problem:
         print(f"{path}: {problem}: recomputing that run", flush=True)
         return None
@@ -103,12 +124,15 @@ def adapter_problem(result, out_dir):
     run names none: base, full, the validation split)."""
     if "adapter" not in result:
         return None
-    if not isinstance(result["adapter"], str):
-        return "its adapter path is not a string"
+    if not isinstance(result["adapter"], str) or not isinstance(result.get("adapter_sha256"), str):
+        return "its adapter path or the adapter's SHA-256 is missing"
+    path = out_dir / result["adapter"] / ADAPTER_FILE
     try:
-        read_adapter_file(str(out_dir / result["adapter"] / ADAPTER_FILE))
+        read_adapter_file(path)
     except (OSError, ValueError) as e:
         return f"its adapter file is missing or damaged ({str(e)[:160]})"
+    if sha256_file(path) != result["adapter_sha256"]:
+        return "its adapter file is not the one this run saved (another run's, or replaced)"
     return None
 
 

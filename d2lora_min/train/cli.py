@@ -10,11 +10,16 @@ names the setting; `run_cli` turns them into usage errors (exit status 2, no tra
 import dataclasses
 import errno
 import math
+import re
 import sys
 
 
 class UsageError(ValueError):
     """Bad command-line input or settings, found before any work."""
+
+
+INT = re.compile(r"[+-]?[0-9]+")
+FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 def parse_value(text, like, name="value"):
@@ -30,12 +35,14 @@ def parse_value(text, like, name="value"):
         if not text.strip() or not all(parts):
             raise UsageError(f"{name}: expected a comma-separated list without empty items, got {text!r}")
         return type(like)(parse_value(t, like[0], name) if like else t for t in parts)
-    try:
+    try:  # ASCII digits only: Python's int() and float() also take '1_6', '８' and 'infinity'
         if isinstance(like, int):
+            if not INT.fullmatch(text.strip()):
+                raise ValueError
             return int(text)
         if isinstance(like, float):
-            value = float(text)
-            if not math.isfinite(value):
+            value = float(text) if FLOAT.fullmatch(text.strip()) else math.nan
+            if not math.isfinite(value):  # 1e400 overflows to inf
                 raise ValueError
             return value
     except ValueError:
@@ -59,12 +66,12 @@ def pair_up(args):
 
 
 def apply_overrides(config, overrides):
-    """Set fields of the dataclass tree `config` from ["section.field=value", ...]; clear error on unknown names."""
+    """Set fields of the dataclass tree `config` from ["--section.field=value", ...]; clear error on unknown names."""
     for item in pair_up(list(overrides)):
-        if "=" not in item:
-            raise UsageError(f"{item!r} is not of the form --section.field=value")
-        path, text = item.split("=", 1)
-        *parents, name = path.lstrip("-").split(".")
+        if "=" not in item or not item.startswith("--"):
+            raise UsageError(f"{item!r} is not of the form --section.field=value (two dashes)")
+        path, text = item[2:].split("=", 1)  # "section.field", "value"
+        *parents, name = path.split(".")
         target = config
         for p in parents:
             if not dataclasses.is_dataclass(target) or not hasattr(target, p):
@@ -75,7 +82,7 @@ def apply_overrides(config, overrides):
             raise UsageError(f"unknown setting {path!r}; valid here: {', '.join(sorted(fields))}")
         if dataclasses.is_dataclass(getattr(target, name)):
             raise UsageError(f"{path!r} is a section; set one of its fields, e.g. --{path}.<field>=...")
-        setattr(target, name, parse_value(text, getattr(target, name), path.lstrip("-")))
+        setattr(target, name, parse_value(text, getattr(target, name), path))
     return config
 
 

@@ -31,13 +31,14 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import check_writable, write_json
-from .cache import read_cached, result_path, run_key, sealed, slug
+from .cache import adapter_path, check_paths, read_cached, result_path, run_key, sealed, slug
 from .cli import UsageError, apply_overrides, config_help, overridden, parse_value, run_cli
 from .data import heldout_text
 from .presets import PRESETS, CompareConfig, apply_preset, budget_train_config, check_compare_config, load_tuned, protocol
 from .pretrain import resolve_base
 from .report import learning_rates_line, write_report
 from .run import run_one
+from .specs import split_methods
 from .tasks import TASKS, build_splits, retention_probe, updated_facts
 from .trainer import TrainConfig, init_distributed, pick_device, rank_and_world
 from .world import World
@@ -71,48 +72,49 @@ def run_all(cfg: CompareConfig, specs, setup: Setup, out_dir, fresh=False):
     """Every (method, seed) run of the comparison -> (runs, how many were reused). A finished run whose result
     validates is reused; a killed one resumes from its checkpoint; --fresh recomputes everything."""
     rank, n_procs = rank_and_world()
+    planned = [(spec, seed, run_key(spec, seed, cfg, setup.base_meta, seed == cfg.seeds[0]))
+               for spec in specs for seed in (cfg.seeds if spec.name != "base" else cfg.seeds[:1])]  # fmt: skip
+    check_paths([p for spec, seed, key in planned for p in (result_path(out_dir, spec, seed, key), adapter_path(out_dir, spec, seed, key)[1])])  # fmt: skip
     runs, reused, done = [], 0, {}  # done: the runs of this comparison by what they run (run_key by_settings)
-    for spec in specs:
-        for seed in cfg.seeds if spec.name != "base" else cfg.seeds[:1]:
-            full_merge = seed == cfg.seeds[0]
-            key = run_key(spec, seed, cfg, setup.base_meta, full_merge)
-            twin = run_key(spec, seed, cfg, setup.base_meta, full_merge, by_settings=True)
-            path = result_path(out_dir, spec, seed, key)
-            cached = None if fresh else read_cached(path, spec, seed, key, cfg)
-            if cached is None and twin in done:  # the same run under another spec: computed once, written under both
-                original = {k: v for k, v in done[twin].items() if k != "sha256"}
-                cached = sealed({**original, "method": spec.text, "label": spec.label, "key": key, "lr_from": spec.lr_from,
-                                 "same_run_as": original["method"]})  # fmt: skip
-                if rank == 0:
-                    write_json(path, cached)
-            if cached:  # every process reads the same file (and holds the same `done`): the same decision
-                if rank == 0:
-                    source = f"the same run as {cached['same_run_as']}" if "same_run_as" in cached else str(path)
-                    print(f"{spec.label} seed {seed}: reused {source}", flush=True)
-                runs.append(cached)
-                done.setdefault(twin, cached)
-                reused += 1
-                continue
-            train_dir = out_dir / "work" / f"{slug(spec.text)}_seed{seed}_{key}"  # keyed: other settings never resume it
-            if fresh and rank == 0:
-                shutil.rmtree(train_dir, ignore_errors=True)
-            if n_procs > 1:
-                dist.barrier()
-            result = run_one(spec, seed, setup, cfg, out_dir, train_dir, key, full_merge)
+    for spec, seed, key in planned:
+        full_merge = seed == cfg.seeds[0]
+        twin = run_key(spec, seed, cfg, setup.base_meta, full_merge, by_settings=True)
+        path = result_path(out_dir, spec, seed, key)
+        cached = None if fresh else read_cached(path, spec, seed, key, cfg)
+        if cached is None and twin in done:  # the same run under another spec: computed once, written under both
+            original = {k: v for k, v in done[twin].items() if k != "sha256"}
+            cached = sealed({**original, "method": spec.text, "label": spec.label, "key": key, "lr_from": spec.lr_from,
+                             "same_run_as": original["method"]})  # fmt: skip
             if rank == 0:
-                result["key"] = key
-                write_json(path, sealed(result))  # written last: its presence (with this key) marks the run as finished
-                shutil.rmtree(train_dir, ignore_errors=True)  # the result is safe: the checkpoint is not needed
-                mc = [t for t in cfg.tasks if TASKS[t].kind == "mc"]
-                mean = statistics.mean(result["scores"][t] for t in mc) if mc else float("nan")
-                status = "" if result["status"] == "ok" else f" ({result['status']})"
-                print(f"{spec.label} seed {seed}{status}: mean {cfg.split} accuracy {100 * mean:.1f}"
-                      + (f", {result['train_seconds']:.0f} s training" if "train_seconds" in result else "")
-                      + f", {result['eval_seconds']:.0f} s evaluation", flush=True)  # fmt: skip
-                runs.append(result)
-            done[twin] = result if rank == 0 else {"method": spec.text}  # every process knows which runs are done
-            if n_procs > 1:
-                dist.barrier()  # the others wait while rank 0 evaluates
+                write_json(path, cached)
+        if cached:  # every process reads the same file (and holds the same `done`): the same decision
+            if rank == 0:
+                source = f"the same run as {cached['same_run_as']}" if "same_run_as" in cached else str(path)
+                print(f"{spec.label} seed {seed}: reused {source}", flush=True)
+            runs.append(cached)
+            done.setdefault(twin, cached)
+            reused += 1
+            continue
+        train_dir = out_dir / "work" / f"{slug(spec.text)}_seed{seed}_{key}"  # keyed: other settings never resume it
+        if fresh and rank == 0:
+            shutil.rmtree(train_dir, ignore_errors=True)
+        if n_procs > 1:
+            dist.barrier()
+        result = run_one(spec, seed, setup, cfg, out_dir, train_dir, key, full_merge)
+        if rank == 0:
+            result["key"] = key
+            write_json(path, sealed(result))  # written last: its presence (with this key) marks the run as finished
+            shutil.rmtree(train_dir, ignore_errors=True)  # the result is safe: the checkpoint is not needed
+            mc = [t for t in cfg.tasks if TASKS[t].kind == "mc"]
+            mean = statistics.mean(result["scores"][t] for t in mc) if mc else float("nan")
+            status = "" if result["status"] == "ok" else f" ({result['status']})"
+            print(f"{spec.label} seed {seed}{status}: mean {cfg.split} accuracy {100 * mean:.1f}"
+                  + (f", {result['train_seconds']:.0f} s training" if "train_seconds" in result else "")
+                  + f", {result['eval_seconds']:.0f} s evaluation", flush=True)  # fmt: skip
+            runs.append(result)
+        done[twin] = result if rank == 0 else {"method": spec.text}  # every process knows which runs are done
+        if n_procs > 1:
+            dist.barrier()  # the others wait while rank 0 evaluates
     return runs, reused
 
 
@@ -126,8 +128,8 @@ def announce(cfg, specs, setup):
           f" | {torch.get_num_threads()} threads | {n_procs} process(es) | {len(cfg.tasks)} tasks x {cfg.n_train} items x "
           f"{cfg.epochs} epochs = {tcfg.steps} steps of {tcfg.batch_size} | scored on {cfg.split} items", flush=True)  # fmt: skip
     print(learning_rates_line(specs), flush=True)
-    tuned = load_tuned(cfg.tuned_file)
-    if any(s.lr_from == "tuned" for s in specs) and tuned.get("protocol") != protocol(cfg):
+    tuned = load_tuned(cfg.tuned_file) if any(s.lr_from == "tuned" for s in specs) else {}
+    if tuned and tuned.get("protocol") != protocol(cfg):
         differ = [k for k in protocol(cfg) if tuned.get("protocol", {}).get(k) != protocol(cfg)[k]]
         print(f"note: the tuned learning rates were chosen under other settings ({', '.join(differ)}); they are used as they are", flush=True)
 
@@ -152,7 +154,7 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="def
         return None
     wall = f"{time.time() - t_start:.0f} s ({reused} of {len(runs)} runs reused)"
     text, summary = write_report(cfg, specs, runs, setup.splits, setup.base_meta, setup.device, wall, out_dir, preset, publish)
-    print(f"\n{text}\nwritten: {out_dir}/results.md, results.json, loss_curves.png")
+    print(f"\n{text}\nwritten: {out_dir}/results.md, results.json, loss_curves.png, forest.png")
     return summary
 
 
@@ -162,7 +164,7 @@ def main(argv=None):
         epilog=__doc__ + "\nsettings (override with --section.field=value):\n" + "\n".join(config_help(CompareConfig())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--methods", help="method specs separated by spaces or ';' (default: the preset's)")
+    parser.add_argument("--methods", help="method specs separated by spaces, ';' or commas (default: the preset's)")
     parser.add_argument("--preset", choices=list(PRESETS), default="default")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<preset>, runs/compare for default)")
@@ -176,7 +178,7 @@ def main(argv=None):
         if cfg.train.seed != TrainConfig().seed:
             raise UsageError("--train.seed is not used by compare: each run's seed comes from --seeds")
         if args.methods is not None:
-            cfg.methods = tuple(m for m in args.methods.replace(";", " ").split() if m)
+            cfg.methods = tuple(split_methods(args.methods))
             if cfg.reference not in cfg.methods and "reference" not in overridden(overrides):  # said, never silent
                 preset_reference, cfg.reference = cfg.reference, next((m for m in cfg.methods if m != "base"), cfg.reference)
                 print(f"reference: {cfg.reference} ({preset_reference} is not among --methods; --reference=... chooses)", flush=True)

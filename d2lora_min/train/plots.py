@@ -71,3 +71,59 @@ def plot_lr_sweep(points, path, chosen=None):
     save_figure(fig, path)
 
 
+
+
+def plot_forest(groups, path, reference_label, paper=None):
+    """The answer as a forest plot: each method's difference from the reference (pp of mean accuracy) with its 95 % CI.
+
+    groups: [(title, [row])], one panel each, row = {"label", "diff", "lo", "hi", "params", "step"} (fractions of 1 for
+    the difference; step time as a multiple of LoRA(r)'s or None). paper: {label: the paper's figure in pp}, drawn as
+    an open diamond on that row."""
+    plt = pyplot()
+    n_rows = sum(len(rows) for _, rows in groups)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7.5, 0.9 + 0.45 * n_rows + 0.5 * len(groups)), squeeze=False,
+                             gridspec_kw={"height_ratios": [max(1, len(rows)) for _, rows in groups]}, sharex=True)  # fmt: skip
+    for ax, (title, rows) in zip(axes[:, 0], groups):
+        ys = np.arange(len(rows))[::-1]
+        for y, row in zip(ys, rows):
+            color = "tab:blue" if row["lo"] > 0 else "tab:red" if row["hi"] < 0 else "tab:grey"
+            ax.errorbar(100 * row["diff"], y, xerr=[[100 * (row["diff"] - row["lo"])], [100 * (row["hi"] - row["diff"])]],
+                        fmt="o", color=color, capsize=3)  # fmt: skip
+            if paper and row["label"] in paper:
+                ax.plot([paper[row["label"]]], [y], marker="D", markerfacecolor="none", color="black", markersize=7,
+                        label="the paper's figure")  # fmt: skip
+            step = "" if row.get("step") is None else f", step {row['step']:.2f}x LoRA(r)"
+            ax.annotate(f"{row['params']:,} params{step}", xy=(1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=7)
+        ax.axvline(0, color="black", linewidth=0.8)
+        ax.set_yticks(ys, [row["label"] for row in rows], fontsize=8)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.grid(axis="x", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
+    axes[-1, 0].set_xlabel(f"difference in mean accuracy from {reference_label} (pp), 95 % CI; right: trainable parameters "
+                           f"and training step time", fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_lr_match(d2, lora, k, path, d2_label, lora_label):
+    """d2, lora: [(lr, mean, lo, hi)] -> LoRA(2r)'s validation accuracy against lr, and D2-LoRA's twice: at its own lr
+    (faint) and moved to k times it (the first-order picture says: near 2)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for pts, scale, label, style in ((lora, 1.0, lora_label, dict(color="tab:blue")),
+                                     (d2, 1.0, f"{d2_label} at its lr", dict(color="tab:orange", alpha=0.35, linestyle=":")),
+                                     (d2, k, f"{d2_label} at {k:.2f} x its lr", dict(color="tab:orange"))):  # fmt: skip
+        pts = sorted(pts)
+        lr = [scale * p[0] for p in pts]
+        ax.plot(lr, [100 * p[1] for p in pts], marker="o", label=label, **style)
+        if style.get("alpha") is None:
+            ax.fill_between(lr, [100 * p[2] for p in pts], [100 * p[3] for p in pts], alpha=0.15, color=style["color"])
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (D2-LoRA's multiplied by k where said)")
+    ax.set_ylabel("mean validation accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)

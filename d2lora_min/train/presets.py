@@ -7,13 +7,13 @@ learning rate, a budget, a task's difficulty) is chosen, always on validation it
 """
 
 import copy
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tiny_gpt import GPT, GPTConfig
 
+from ..atomic import read_json
 from ..nn import METHODS
 from ..nn.inject import find_targets
 from .cli import UsageError, check_range
@@ -164,21 +164,30 @@ def check_lists(cfg: CompareConfig):
         raise UsageError(f"a task is listed twice: {list(cfg.tasks)}")
 
 
-def load_tuned(path):
-    """The tuned learning rates file ({"lrs": {"lora": ..., ...}, and how they were chosen}), or {"lrs": {}} when
-    there is none; a UsageError for a file that is not one."""
+def load_tuned(path, required=True):
+    """The tuned learning rates file ({"lrs": {"lora": ..., ...}, and how they were chosen}). A UsageError for a file
+    that is not one, and for a missing one when `required` (else {"lrs": {}})."""
     path = Path(path)
-    if not path.exists():
-        return {"lrs": {}}
     try:
-        tuned = json.loads(path.read_text())
+        tuned = read_json(path)
+    except FileNotFoundError:
+        if not required:
+            return {"lrs": {}}
+        raise UsageError(f"no tuned learning rates at {path}: give the file that `make tune ARGS=--publish` wrote "
+                         f"(--tuned_file=...), or run every method at the shared lr (--lr_source=shared)") from None  # fmt: skip
+    except ValueError as e:  # a folder, a FIFO, a device, not JSON
+        raise UsageError(f"tuned learning rates {path}: not readable ({e})") from None
+    try:
+        if not isinstance(tuned, dict) or not isinstance(tuned.get("lrs"), dict):
+            raise ValueError('it must hold {"lrs": {method: learning rate}}')
         lrs = tuned["lrs"]
-        if not isinstance(lrs, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in lrs.values()):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in lrs.values()):
             raise ValueError("lrs must map method names to learning rates in (0, 1)")
         if not isinstance(tuned.get("protocol", {}), dict):
             raise ValueError("protocol must be a mapping of settings")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"tuned learning rates {path}: not readable ({type(e).__name__}: {e}); regenerate it with `make tune`") from None
+    except ValueError as e:
+        raise UsageError(f"tuned learning rates {path}: not readable ({e}); restore it with `git checkout -- {path}` if "
+                         f"it is the committed one, or regenerate it with `make tune ARGS=--publish`") from None  # fmt: skip
     return tuned
 
 

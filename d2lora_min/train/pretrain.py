@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from tiny_gpt import GPT, GPTConfig
 
-from ..atomic import atomic_path, check_writable, write_json
+from ..atomic import atomic_path, check_writable, read_json, write_json
 from .cli import UsageError, apply_overrides, check_range, config_help, run_cli
 from .data import VOCAB_SIZE, CorpusConfig, build_corpus, window_batches
 from .evaluate import MCItem, mc_accuracy, validation_loss
@@ -151,11 +151,11 @@ def load_base(folder=SHIPPED_BASE, device="cpu", check_hash=True):
     if not (folder / "base.json").is_file():
         raise FileNotFoundError(f"no base model in {folder} (base.json missing); {REBUILD_HINT}")
     try:
-        meta = json.loads((folder / "base.json").read_text())
+        meta = read_json(folder / "base.json")
         model_config = GPTConfig(**meta["config"]["model"])
         if not isinstance(meta.get("files"), dict) or not isinstance(meta.get("sha256"), str):
             raise TypeError('"files" must map file names to SHA-256 digests and "sha256" must be a string')
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # read_json's errors are ValueErrors
         raise ValueError(f"{folder}/base.json is unreadable ({type(e).__name__}: {e}); {REBUILD_HINT}") from None
     if check_hash:
         files, sha = base_fingerprint(folder, meta)
@@ -165,7 +165,11 @@ def load_base(folder=SHIPPED_BASE, device="cpu", check_hash=True):
         if sha != meta.get("sha256"):
             raise ValueError(f"{folder}/base.json: the model config does not match the recorded SHA-256; {REBUILD_HINT}")
     model = GPT(model_config)
-    load_model(model, folder / "model.safetensors", device=str(device))
+    try:
+        load_model(model, folder / "model.safetensors", device=str(device))
+    except RuntimeError as e:  # torch lists every mismatch over many lines: one line of it, with the file's name
+        raise ValueError(f"{folder}/model.safetensors does not fit the model config in base.json: "
+                         f"{' '.join(str(e).split())[:400]}; {REBUILD_HINT}") from None  # fmt: skip
     model.to(device).eval()
     tokenizer = load_tokenizer(folder / "tokenizer.json")
     if tokenizer.get_vocab_size() != model_config.vocab_size:

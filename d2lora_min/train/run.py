@@ -4,19 +4,17 @@ throughput of the base, unmerged and merged models).
 """
 
 import copy
-import shutil
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..nn import METHODS, adapter_layers, inject_adapters, merge_adapters, save_adapters, set_fused, trainable_parameters
-from ..nn.checkpoint import ADAPTER_FILE
-from .cache import slug
+from .cache import adapter_path
 from .evaluate import greedy_generate, mc_accuracy, pad_rows, rouge_l_f1, score_choices, validation_loss
 from .presets import budget_train_config
+from .pretrain import sha256_file
 from .stats import primary_field
 from .batches import finetune_batches
 from .tasks import TASKS
@@ -135,11 +133,9 @@ def run_one(spec, seed, setup, cfg, out_dir, train_dir, key, full_merge):
     if cfg.split == "test":
         result.update(retention(model, setup.tokenizer, setup.probe))
     if spec.name in METHODS and cfg.split == "test":
-        result["adapter"] = str(Path("adapters") / f"{slug(spec.text)}_seed{seed}_{key}")  # keyed like the result
-        blocker = out_dir / result["adapter"] / ADAPTER_FILE
-        if blocker.is_dir():  # a folder where this run's adapter file goes (compare owns this path): out of the way
-            shutil.rmtree(blocker)
-        save_adapters(model, out_dir / result["adapter"])
+        folder, path = adapter_path(out_dir, spec, seed, key)  # keyed like the result
+        save_adapters(model, out_dir / folder)
+        result["adapter"], result["adapter_sha256"] = str(folder), sha256_file(path)  # a reuse checks it is this file
         result.update(merge_check(model, setup, cfg, result["scores"], full_merge))
     result["eval_seconds"] = time.perf_counter() - t0  # scoring, retention, the adapter file and the merge check
     return result
@@ -157,10 +153,12 @@ def fine_tune(model, spec, seed, setup, cfg, train_dir, key):
     get_batch = finetune_batches(tokenizer, {k: parts.train for k, parts in setup.splits.items()}, tcfg.batch_size, seed, pad,
                                  capacity=capacity, n_shards=n_procs)  # fmt: skip
     out["train_positions"] = positions_in(get_batch, tcfg.steps, pad)
+    start = [p.detach().clone() for p in model.parameters() if p.requires_grad]  # to tell whether training moved anything
     t0 = time.perf_counter()
     try:
         trained = train(model, get_batch, tcfg, out_dir=train_dir, key=key)
-        out["status"] = "never moved" if trained.skipped_updates == tcfg.steps else "ok"
+        moved = any(not torch.equal(p, q) for p, q in zip((p for p in model.parameters() if p.requires_grad), start))
+        out["status"] = "ok" if moved else "never moved"  # every update skipped, or too small to change a weight
     except TrainingDiverged as e:  # kept as a result (an lr sweep expects some), flagged in every table
         print(f"{spec.label} seed {seed}: the loss became {e.loss} at step {e.step}: scored as it stands, marked "
               f"diverged (try a lower lr)", flush=True)  # fmt: skip

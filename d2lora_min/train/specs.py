@@ -65,6 +65,22 @@ class MethodSpec:
         return f"{display_name(self.name)}(r={self.r}{opts})"
 
 
+def split_methods(text):
+    """--methods as a list of specs, separated by spaces, ';' or commas: "lora dora", "lora,dora". A comma also
+    separates a spec's own keys ("d2lora:r=8,project=false"), so a piece that starts with key=value continues the spec
+    before it."""
+    specs = []
+    for word in text.replace(";", " ").split():
+        for piece in word.split(","):
+            if not piece:
+                raise UsageError(f"--methods {text!r} has an empty item (two commas in a row, or a comma at an end)")
+            if "=" in piece.partition(":")[0] and specs:  # key=value, no method name before it
+                specs[-1] += "," + piece
+            else:
+                specs.append(piece)
+    return specs
+
+
 COMMON_KEYS = {"r": 1, "alpha": 1.0, "dropout": 0.0, "lr": 1.0, "targets": ""}  # key -> a value of its type
 
 

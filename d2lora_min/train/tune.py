@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 from ..atomic import check_writable, write_json, write_text
-from . import plots, stats
+from . import lr_match, plots, stats
 from .cli import UsageError, apply_overrides, config_help, parse_value, run_cli
 from .compare import announce, prepare, run_all
 from .presets import COMPARED, DEV_SEEDS, TUNED_FILE, CompareConfig, check_compare_config, load_tuned, protocol
-from .specs import parse_method_spec
+from .specs import parse_method_spec, split_methods
 from .report import PUBLISHED, cost_line
 from .tasks import TASKS
 from .trainer import rank_and_world
@@ -43,7 +43,8 @@ WITHIN = 0.01  # robustness: the learning rates within 1 pp of the best
 
 def tune_config(methods=COMPARED, seeds=DEV_SEEDS, grid=GRID):
     """The comparison's settings with every method at every grid lr, on development seeds and validation items."""
-    cfg = CompareConfig(methods=tuple(with_lr(m, lr) for m in methods for lr in grid), seeds=tuple(seeds), split="validation")
+    cfg = CompareConfig(methods=tuple(with_lr(m, lr) for m in methods for lr in grid), seeds=tuple(seeds), split="validation",
+                        lr_source="shared")  # every spec sets its lr: the tuned file is never read  # fmt: skip
     cfg.reference = cfg.methods[0]
     return cfg
 
@@ -93,7 +94,8 @@ def summarise(cfg, runs, splits, methods, grid):
             points[method].append((lr, *stats.mean_ci(rs, tasks, clusters, cfg.scoring)))
             flagged[method][lr] = bool(stats.flagged(rs))
     chosen = choose(points, flagged)
-    return points, flagged, chosen, robustness(points, chosen, flagged)
+    curves = {m: lr_match.per_seed_curve({lr: by[with_lr(m, lr)] for lr in grid}, tasks, cfg.scoring) for m in methods}
+    return points, flagged, chosen, robustness(points, chosen, flagged), curves
 
 
 def table(points, flagged, chosen, spans):
@@ -134,7 +136,7 @@ def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
     runs, reused = run_all(cfg, specs, setup, out_dir, fresh)
     if rank != 0:
         return None
-    points, flagged, chosen, spans = summarise(cfg, runs, setup.splits, methods, grid)
+    points, flagged, chosen, spans, curves = summarise(cfg, runs, setup.splits, methods, grid)
     wall = f"{time.time() - t_start:.0f} s ({reused} of {len(runs)} runs reused)"
     text = "\n".join([
         f"make tune: {len(methods)} methods x {len(grid)} learning rates x development seeds {list(cfg.seeds)}, "
@@ -145,21 +147,48 @@ def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
     result = {"lrs": {keys[m]: lr for m, lr in chosen.items()}, "rule": RULE, "grid": list(grid), "dev_seeds": list(cfg.seeds),
               "protocol": protocol(cfg), "points": points, "within_1pp": spans, "n_validation": cfg.n_validation,
               "command": "make tune ARGS=--publish"}  # fmt: skip
+    d2, parity = "d2lora", f"lora:r={2 * cfg.r}"  # D2-LoRA(r) and LoRA(2r), the first-order picture's pair
+    pictures = ["tune_lr.png"]
+    if d2 in methods and parity in methods and len(cfg.seeds) > 1:
+        result["lr_match"] = lr_match.match(curves[d2], curves[parity])
+        labels = {m: parse_method_spec(m, cfg).method_label for m in (d2, parity)}
+        text += "\n".join(["", "Does D2-LoRA(r) behave like LoRA(2r) at a larger learning rate (lr_match.py)?", "",
+                           lr_match.describe(result["lr_match"], labels[d2], labels[parity], len(cfg.seeds)) + ".", ""])  # fmt: skip
+        pictures.append("tune_lr_match.png")
     write_text(out_dir / "results.md", text)
     write_json(out_dir / "tune.json", result)
-    plots.plot_lr_sweep(points, out_dir / "tune_lr.png", chosen)
+    for folder in [out_dir] + ([PUBLISHED] if publish else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        plots.plot_lr_sweep(points, folder / "tune_lr.png", chosen)
+        if "lr_match" in result:
+            plots.plot_lr_match(points[d2], points[parity], result["lr_match"]["k"], folder / "tune_lr_match.png", labels[d2], labels[parity])
     if publish:
-        PUBLISHED.mkdir(parents=True, exist_ok=True)
         write_text(PUBLISHED / "tune.md", text)
-        plots.plot_lr_sweep(points, PUBLISHED / "tune_lr.png", chosen)
         published = {k: result[k] for k in ("lrs", "rule", "grid", "dev_seeds", "protocol", "n_validation", "command")}
-        earlier = load_tuned(TUNED_FILE)
-        if earlier.get("protocol") == published["protocol"]:  # the other methods' choices, tuned under the same settings, stay
-            published["lrs"] = {**earlier["lrs"], **published["lrs"]}
+        published["lrs"] = {**kept_lrs(methods, cfg), **published["lrs"]}
         write_json(TUNED_FILE, published)
-    print(f"\n{text}\nchosen: {chosen}\nwritten: {out_dir}/results.md, tune.json, tune_lr.png"
+    print(f"\n{text}\nchosen: {chosen}\nwritten: {out_dir}/results.md, tune.json, {', '.join(pictures)}"
           + (f"; published to {PUBLISHED} and {TUNED_FILE}" if publish else "; add --publish to make them the defaults"))
     return result
+
+
+def kept_lrs(methods, cfg):
+    """The tuned lrs that publishing `methods` keeps from the committed file: those of the other methods, which must have
+    been tuned under the same settings (protocol). A UsageError, before any work, when publishing would drop any: the
+    file holds one protocol, so a method tuned under other settings cannot stay beside these."""
+    mine = set(tuned_keys(methods, cfg).values())
+    try:
+        earlier = load_tuned(TUNED_FILE, required=False)
+    except UsageError as e:  # unreadable: a tune of every compared method replaces it, a partial one cannot merge with it
+        if mine >= set(tuned_keys(COMPARED, cfg).values()):
+            return {}
+        raise UsageError(f"{e}; --publish of a partial tune cannot merge into it: tune every compared method (leave out "
+                         f"--methods) or restore the file") from None  # fmt: skip
+    others = sorted(set(earlier["lrs"]) - mine)
+    if others and earlier.get("protocol") != protocol(cfg):
+        raise UsageError(f"--publish would drop the tuned learning rates of {', '.join(others)} from {TUNED_FILE}: they were "
+                         f"tuned under other settings. Tune them too (--methods ...), or leave out --publish")  # fmt: skip
+    return {k: earlier["lrs"][k] for k in others}
 
 
 def tuned_keys(methods, cfg):
@@ -176,7 +205,7 @@ def main(argv=None):
         epilog=__doc__ + "\nsettings (override with --section.field=value):\n" + "\n".join(config_help(CompareConfig())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--methods", help=f"method specs without lr, separated by spaces (default: {' '.join(COMPARED)})")
+    parser.add_argument("--methods", help=f"method specs without lr, separated by spaces or commas (default: {' '.join(COMPARED)})")
     parser.add_argument("--seeds", help=f"development seeds (default: {','.join(map(str, DEV_SEEDS))})")
     parser.add_argument("--grid", help="learning rates, comma-separated (default: 7 points from 1e-3 to 3.16e-2)")
     parser.add_argument("--out", default="runs/tune", help="output folder")
@@ -188,7 +217,7 @@ def main(argv=None):
         for flag in ("methods", "seeds", "grid"):  # given but empty: an error, not the defaults (as in compare)
             if getattr(args, flag) is not None and not getattr(args, flag).strip():
                 raise UsageError(f"--{flag} is empty; leave it out for the default")
-        methods = tuple(args.methods.split()) if args.methods else COMPARED
+        methods = tuple(split_methods(args.methods)) if args.methods else COMPARED
         if any("lr=" in m for m in methods):
             raise UsageError("--methods for tune take no lr= (the grid sets it)")
         seeds = parse_value(args.seeds, (0,), "--seeds") if args.seeds else DEV_SEEDS
@@ -197,6 +226,8 @@ def main(argv=None):
             raise UsageError(f"--grid must be distinct learning rates in (0, 1), got {list(grid)}")
         cfg = apply_overrides(tune_config(methods, seeds, grid), overrides)
         tuned_keys(methods, cfg)  # before any work
+        if args.publish:
+            kept_lrs(methods, cfg)
         tune(cfg, methods, grid, args.out, fresh=args.fresh, publish=args.publish)
         return 0
 
