@@ -122,7 +122,8 @@ def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, pre
     n_items = cfg.n_test if cfg.split == "test" else cfg.n_validation
     header = (f"base {base_meta['sha256'][:12]}; {len(cfg.tasks)} tasks x {cfg.n_train} training items x {cfg.epochs} epochs "
               f"= {steps} steps of {cfg.train.batch_size}; {n_items} {cfg.split} items per task; seeds {list(cfg.seeds)}; "
-              f"targets {'+'.join(cfg.targets)}; scoring {cfg.scoring}; device {device}, {torch.get_num_threads()} threads; wall {wall}")  # fmt: skip
+              f"targets {'+'.join(cfg.targets)}; scoring {cfg.scoring}; {'fused' if cfg.fused else 'plain'} path; device {device}, "
+              f"{torch.get_num_threads()} threads; wall {wall}")  # fmt: skip
     parts = [header, learning_rates_line(specs), cost_line(runs), "", "Accuracy (%, mean over seeds; span: ROUGE-L F1 and exact match):", "",
              tables.score_table(rows, tasks)]  # fmt: skip
     twins = tables.same_run_lines(runs)  # two specs that ran the same thing
