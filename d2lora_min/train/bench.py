@@ -31,7 +31,6 @@ import argparse
 import copy
 import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -43,8 +42,10 @@ import torch
 from ..atomic import check_writable, write_json, write_text
 from ..nn import METHODS, display_name, inject_adapters, merge_adapters, set_fused
 from .data import VOCAB_SIZE
+from .bench_measure import aten_calls, interleaved, memory_of
 from .bench_report import markdown, paired_ratio, ratios
 from .cli import UsageError, run_cli
+from .report import PUBLISHED
 from .specs import TARGET_GROUPS
 from .trainer import TrainConfig, make_optimizer, pick_device
 from tiny_gpt import GPT, GPTConfig
@@ -83,11 +84,6 @@ def shapes(quick):
     return grid
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def make_models(config, device, peft_ok):
     """{label: model} for the base and every method (each its own copy), plus PEFT's LoRA and DoRA."""
     torch.manual_seed(0)
@@ -121,74 +117,6 @@ def train_step_fn(model, x, y):
         opt.step()
 
     return step, opt
-
-
-def saved_bytes(model, x, y):
-    """Bytes of the tensors autograd saves for backward in one forward pass (each storage counted once)."""
-    seen = {}
-
-    def pack(t):
-        if t.device.type != "meta":
-            seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _, loss = model(x, y)
-    del loss
-    # parameters and buffers are not activation memory
-    params = {(p.untyped_storage().data_ptr(), p.device) for p in list(model.parameters()) + list(model.buffers())}
-    return sum(v for k, v in seen.items() if k not in params)
-
-
-def aten_calls(fn):
-    """Operator calls (aten::*, nested ones included) that one call of fn makes, counted by torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
-
-
-def timed(fn, device, inner=1):
-    """Seconds per call of fn, over `inner` consecutive calls."""
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / inner
-
-
-def interleaved(fns, device, reps, inner, seed=0):
-    """{name: [seconds per call, one per repetition]}. Each repetition times every fn once, in a fresh random
-    (seeded) order."""
-    rng = random.Random(seed)
-    order = list(fns)
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        rng.shuffle(order)
-        for k in order:
-            times[k].append(timed(fns[k], device, inner))
-    return times
-
-
-def memory_of(model, step, x, y, device):
-    """Saved activations, trainable state (parameters + gradients + 2 Adam moments), the step footprint, and on
-    CUDA the peak allocated during one step."""
-    n_trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    act = saved_bytes(model, x, y)
-    # the footprint at the start of backward, where a step peaks: every weight, the gradients and Adam's
-    # two moments of the trainable tensors, and every activation autograd kept
-    memory = {"saved_activation_bytes": act, "trainable_state_bytes": 3 * n_trainable, "weight_bytes": weights,
-              "step_footprint_bytes": weights + 3 * n_trainable + act}  # fmt: skip
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        sync(device)
-        memory["cuda_peak_step_bytes"] = torch.cuda.max_memory_allocated() - before
-    return memory
 
 
 @torch.no_grad()
@@ -260,10 +188,13 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/bench")
     parser.add_argument("--only", default=None, help="run only shapes whose name contains this text")
+    parser.add_argument("--publish", default=None, metavar="NAME", help="also write the report to docs/results/NAME/")
     args = parser.parse_args(argv)
 
     def body():
         check_writable(args.out)  # now, not after all the measurements
+        if args.publish is not None and (not args.publish or not all(c.isalnum() or c in "_-" for c in args.publish)):
+            raise UsageError(f"--publish takes a folder name of letters, digits, _ and -, got {args.publish!r}")
         if args.reps < 1:
             raise UsageError(f"--reps must be >= 1, got {args.reps}")
         if args.device not in ("auto", "cpu", "cuda"):
@@ -294,10 +225,12 @@ def main(argv=None):
             sweep = sequence_sweep(device, reps)
             print(f"fixed-batch sequence sweep: {time.time() - t0:.0f} s", flush=True)
         text = markdown(results, facts, sweep)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        write_json(Path(args.out) / "bench.json", {"machine": facts, "results": results, "ratios": [ratios(r) for r in results], "sequence_sweep": sweep})
-        write_text(Path(args.out) / "bench.md", text)
-        print("\n" + text + f"\nwritten: {args.out}/bench.json, bench.md")
+        folders = [Path(args.out)] + ([PUBLISHED / args.publish] if args.publish else [])
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(folder / "bench.json", {"machine": facts, "results": results, "ratios": [ratios(r) for r in results], "sequence_sweep": sweep})
+            write_text(folder / "bench.md", text)
+        print("\n" + text + f"\nwritten: {', '.join(f'{f}/bench.json, bench.md' for f in folders)}")
         return 0
 
     return run_cli(parser, body)

@@ -11,9 +11,12 @@ docs/PORTING.md, section 10). Tensors:
   merged_weight (out, in)                                                  what merge() produces (eval-mode W)
   grad.x, grad.<trainable name>                                            gradients of L = sum(y * grad_output)
 
-The values come from the torch layers (the default, fused path; float32 cases hold exactly what the float32 layer
-produces) and are checked against d2lora_min.reference (NumPy, written separately from the torch code) before
-anything is written; tests/test_peft.py checks the same layers against PEFT.
+The values come from the torch layers (the plain path, the default; float32 and bfloat16 cases hold exactly what the
+layer produces in that dtype) and are checked against d2lora_min.reference (NumPy, written separately from the torch
+code) before anything is written; tests/test_peft.py checks the same layers against PEFT.
+
+adapter_file/ holds a reference adapter file (what save_adapters writes: tensors, config, checksum) and the base
+weights it belongs to, so that a port can check its reading of the file, its checksum and its base_sha256.
 """
 
 import json
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from d2lora_min import reference as ref
-from d2lora_min.nn import METHODS
+from d2lora_min.nn import METHODS, inject_adapters, save_adapters
 
 FOLDER = Path(__file__).parent
 # The basic layer is SQUARE (out == in): a port that takes the norm over the wrong axis gets no shape error there,
@@ -56,6 +59,8 @@ CASES = {
     "dora_eps_magnitude": ("dora", {}, {}, "zero_v_row_magnitude",
                            "DoRA, a row of V exactly 0 with magnitude != 0: c = m / eps (-3e11 here) times a zero row, "
                            "finite; grad.lora_B's row is of that size (2e12)"),
+    "dora_attached_eps": ("dora", {"detach_norm": False}, {}, "zero_v_row_magnitude",
+                          "DoRA with the norm attached and a row of V exactly 0 (magnitude != 0): k_i = 0 below eps"),
     "dora_float32": ("dora", {}, dict(dtype="float32", out_features=6, in_features=4, r=3), None, "DoRA in float32"),
     "d2lora": ("d2lora", {}, {}, None, "D2-LoRA default: the paper's form W = P(V) + dW, fixed tau, attached norm (square)"),
     "d2lora_exact_norm": ("d2lora", EXACT, {}, None, "D2-LoRA exact-norm form W = P(V) (readd_delta=False), square"),
@@ -80,14 +85,16 @@ CASES = {
     "d2lora_rect_nobias_3d": ("d2lora", {}, RECT_3D, None, "D2-LoRA, out != in, r dividing neither, no bias, 3-D x"),
     "d2lora_float32": ("d2lora", {}, dict(dtype="float32", out_features=6, in_features=4, r=3), None,
                        "D2-LoRA (paper's form) in float32"),
+    "d2lora_bfloat16": ("d2lora", {}, dict(dtype="bfloat16", out_features=6, in_features=4, r=3), None,
+                        "D2-LoRA (paper's form) in bfloat16: norms and c in float32, c rounded to bfloat16 before c * h"),
 }  # fmt: skip
 
 # What a port should meet, per tensor: max |port - expected| <= tol * max(1, max |expected|). float64: a few
 # rounding units over short sums. float32: the stored values are the float32 torch layer's own; a float32 port
 # rounds differently (another summation order), and the float64 reference differs from them by float32 rounding.
-TOLERANCE = {"float64": 1e-11, "float32": 1e-5}
+TOLERANCE = {"float64": 1e-11, "float32": 1e-5, "bfloat16": 5e-2}
 TOLERANCE_RULE = "per tensor: max |port - expected| <= tol * max(1, max |expected|)"
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 PARAM_NAMES = ("lora_A", "lora_B", "magnitude", "lora_A_pos", "lora_B_pos", "lora_A_neg", "lora_B_neg", "tau")
 
 
@@ -211,6 +218,27 @@ def main():
         }  # fmt: skip
         (FOLDER / f"{name}.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         print(f"wrote {name}")
+    write_adapter_file(FOLDER / "adapter_file")
+
+
+def write_adapter_file(folder):
+    """A reference adapter file: D2-LoRA (r=2, alpha=4, the paper's form) on two layers of a small float32 model, with
+    non-zero tensors, and base.safetensors with the two base weights it belongs to."""
+    g = torch.Generator().manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    base = {f"{name}.weight": layer.weight.detach().clone() for name, layer in model.named_children()}
+    torch.manual_seed(7)
+    inject_adapters(model, "d2lora", r=2, alpha=4.0, targets=("0", "1"))
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g) + (0 if ".lora_B" in _ else p))
+    folder.mkdir(exist_ok=True)
+    save_file(base, folder / "base.safetensors")
+    print(f"wrote {save_adapters(model, folder)}")
 
 
 if __name__ == "__main__":
