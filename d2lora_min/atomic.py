@@ -63,15 +63,17 @@ MAX_JSON_BYTES = 256 * 2**20  # far above any JSON file this project writes
 
 
 def read_json(path, limit=MAX_JSON_BYTES):
-    """The JSON value in the regular file `path`. FileNotFoundError when there is none; a ValueError naming the file for
-    anything else that is not this project's JSON: a folder, a FIFO or a device, more than `limit` bytes, text that is
-    not UTF-8 JSON, nesting too deep to parse."""
+    """The JSON value in the regular file `path`. FileNotFoundError when there is none (other OSErrors as they come); a
+    ValueError naming the file for anything else that is not this project's JSON: a folder, a FIFO or a device, more
+    than `limit` bytes, text that is not UTF-8 JSON, nesting too deep to parse."""
     path = os.fspath(path)
-    mode = os.stat(path).st_mode  # follows a symlink to what it points at
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens without waiting for a writer
+    mode = os.fstat(fd).st_mode  # what was opened (a symlink followed), not what the name held a moment before
     if not stat.S_ISREG(mode):
+        os.close(fd)
         kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
         raise ValueError(f"{path} is {kind}, not a JSON file")
-    with open(path, "rb") as f:
+    with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"{path} holds more than {limit} bytes: not a JSON file of this project")

@@ -14,7 +14,18 @@ changing the logits, and every method then goes onto c_attn and attn.c_proj.
 
     .venv/bin/python examples/hf_recipe.py
 
-Needs transformers (pip install transformers); the rest of the project does not.
+Needs transformers (make test installs it; pip install transformers); the rest of the project does not.
+
+Notes for your own model:
+- Targets are module-name suffixes: pass the model's own, e.g. ("q_proj", "k_proj", "v_proj", "o_proj") for Llama,
+  Mistral or Qwen (DEFAULT_TARGETS are tiny_gpt's six linears). A dotted suffix picks one of two modules with the same
+  last name: GPT-2's "attn.c_proj" leaves mlp.c_proj alone.
+- A transformers causal LM takes labels equal to the input ids (it shifts them inside), ignores label -100 and
+  returns .loss and .logits, where this project's trainer expects model(x, y) -> (logits, loss) with y shifted and -1
+  ignored; hence the plain PyTorch loop below (AdamW on what requires grad: the adapters).
+- merge_adapters(model) leaves an ordinary transformers model with the same logits. A converted GPT-2 keeps
+  nn.Linear where it had Conv1D, so save_pretrained writes those weights (out, in): transpose them back into Conv1D
+  before saving for a stock GPT2LMHeadModel.from_pretrained.
 """
 
 import copy
@@ -35,7 +46,7 @@ BATCH = 16
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # suffixes: "q_proj" matches "model.layers.0.self_attn.q_proj"
 GPT2_TARGETS = ("c_attn", "attn.c_proj")  # "c_proj" alone would also match the MLP's mlp.c_proj
 MERGE_TOL = 1e-4  # max abs logit difference allowed between the merged and the unmerged model (float32)
-CONVERT_TOL = 1e-6  # the same, Conv1D against its nn.Linear (exactly 0 on this project's CPU; another BLAS may round)
+CONVERT_TOL = 1e-6  # the same, Conv1D against its nn.Linear (the same products; a BLAS may still round them apart)
 
 
 def tiny_llama(seed):

@@ -320,7 +320,7 @@ def nan_loss(state):
 )  # fmt: skip
 def test_a_checkpoint_whose_contents_do_not_fit_is_refused_before_anything_changes(tmp_path, edit, match):
     """Edits that pass the checksum (a writer's bug, or a hand edit): each is named, and nothing is loaded. A moment of
-    another shape used to reach Adam and crash the process."""
+    another shape would reach Adam and crash the process."""
     state = checkpoint_of(tmp_path, steps=3)
     edit(state)
     write_checkpoint_state(tmp_path / CHECKPOINT, state)

@@ -97,8 +97,8 @@ def test_case_names_are_true():
             assert out_f != in_f and in_f % meta["r"] and out_f % meta["r"], name
         if "nobias" in name:
             assert not meta["bias"], name
-        if "float32" in name:
-            assert meta["dtype"] == "float32", name
+        if "float32" in name or "bfloat16" in name:
+            assert meta["dtype"] in name, name
         if "dropout" in name:
             assert meta["dropout"] > 0 and meta["mode"] == ("eval" if name.endswith("_eval") else "train"), name
         if "exact" in name:
@@ -134,6 +134,8 @@ def test_the_golden_set_covers_what_a_port_gets_wrong():
     dora_rows = {m["special_row"] for m in METAS.values() if m["method"] == "dora"}
     assert {"zero_v_row", "zero_v_row_magnitude"} <= dora_rows  # DoRA's eps row with magnitude 0 and with m != 0
     assert any(m["special_row"] == "tiny_v_row" and not m["options"]["detach_norm"] for m in METAS.values())  # k_i = 0
+    assert any(m["method"] == "dora" and m["special_row"] and not m["options"]["detach_norm"] for m in METAS.values())
+    assert any(m["dtype"] == "bfloat16" for m in METAS.values())  # c rounded to the layer's dtype before c * h
     assert names_where(lambda m: m["mode"] == "eval" and m["dropout"] > 0)  # dropout > 0 in eval mode: no mask
 
 
@@ -207,14 +209,15 @@ def test_zero_w0_rows_merge_to_dW_in_the_paper_form_and_to_zero_in_the_exact_nor
             assert (row == 0).all(), name
 
 
-def test_dora_eps_magnitude_row_is_finite_and_large_where_it_should_be():
-    meta, t = load_case("dora_eps_magnitude")
+@pytest.mark.parametrize("name", ["dora_eps_magnitude", "dora_attached_eps"])
+def test_dora_eps_magnitude_row_is_finite_and_large_where_it_should_be(name):
+    meta, t = load_case(name)
     n, _ = reference_inputs(t)
     assert all(np.isfinite(v).all() for v in n.values())  # the torch layer (float64) gave finite values throughout
     assert (n["y"][:, 1] == n["bias"][1]).all()  # c = m / eps multiplies a zero row: the output is the bias
     assert (n["merged_weight"][1] == 0).all()
     # dL/dB_1 = s * c_1 * sum_t G_t1 z_t with c_1 = m_1 / eps: about 2e12 here; the other rows, at their own scale
-    grads = reference_run("dora_eps_magnitude")[4]
+    grads = reference_run(name)[4]
     assert np.abs(n["grad.lora_B"][1]).max() > 1e10
     for i in range(n["grad.lora_B"].shape[0]):
         assert not misses(grads["lora_B"][i], n["grad.lora_B"][i], meta["tolerance"]["tol"]), i

@@ -65,3 +65,19 @@ def test_a_new_layer_runs_the_plain_forward_of_its_method_file(monkeypatch):
     monkeypatch.setattr(d2lora, "row_factor", lambda target, v_norm, detach: 0.5 * target / v_norm)
     after = [layer(x) for layer in layers]
     assert all(not torch.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_the_fused_setting_runs_the_fused_path_as_runs_of_their_own(tmp_path, monkeypatch):
+    from d2lora_min.nn import fused
+
+    calls = []
+    original = fused.dora_forward
+    monkeypatch.setattr(fused, "dora_forward", lambda layer, x: calls.append(1) or original(layer, x))
+    plain = _tiny_runs(tmp_path / "out", "dora", monkeypatch)
+    assert not calls  # the default: DoRALinear.forward's plain math
+    assert compare_main(TINY + ["--methods", "lora dora", "--out", str(tmp_path / "out"), "--fused=true"]) == 0
+    assert calls
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("dora*.json")]
+    assert len(runs) == 2  # the fused run did not reuse the plain one: the setting is part of the run key
+    fused_run = next(r for r in runs if r["key"] != plain["dora"]["key"])
+    assert max(abs(a - b) for a, b in zip(fused_run["losses"], plain["dora"]["losses"])) < 1e-3  # same math, other rounding

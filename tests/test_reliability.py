@@ -1,8 +1,8 @@
-"""Reliability, round 3: nothing trusted that can lie, nothing finished overwritten, every error up front.
+"""Reliability: nothing trusted that can lie, nothing finished overwritten, every error up front.
 
-Each test is one case an independent tester found (bad inputs, corrupted files, kills, full disks, concurrent runs):
-the model's mode after loading, flagged runs, resume and cache validation, adapter files that lie, reruns that
-would overwrite, and settings that used to fail late or with a traceback.
+Each test is one case of bad inputs, corrupted files, kills, full disks or concurrent runs: the model's mode after
+loading, flagged runs, resume and cache validation, adapter files that lie, reruns that would overwrite, and settings
+that must fail early, in one line, never with a traceback.
 """
 
 import errno

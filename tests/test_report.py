@@ -201,3 +201,44 @@ def test_the_verdict_in_the_table_follows_which_method_is_ahead():
     for runs, expected in ((ahead, "better"), (behind, "worse")):
         rows = {r["method"]: r for r in method_rows(runs, {"t": task}, {"t": np.arange(40)}, "sum", "ref")}
         assert rows["a"]["vs_reference"]["verdict"] == expected
+
+
+# --- the forest plot's panels and the learning-rate match ---------------------------------------------------------
+
+
+def test_the_replicate_forest_compares_each_panel_with_lora_2r_run_the_same_way():
+    from d2lora_min.train import claims
+    from d2lora_min.train.report import forest_groups, method_rows
+
+    ahead = {"D2-LoRA(r)": 0.03, "DoRA(r)": 0.01, "LoRA(r)": -0.02, "LoRA(2r)": 0.0}  # over LoRA(2r), on every item
+    runs = []
+    for names, shift in ((claims.TUNED, 0.0), (claims.SHARED, -0.05)):  # at the shared lr everyone 5 pp lower
+        for role, spec in names.items():
+            for seed in range(3):
+                score = [0.5 + shift + ahead[role] + 0.002 * seed] * 40
+                runs.append({"method": spec, "label": spec, "seed": seed, "trainable_params": 1, "items": {"t": {"correct_sum": score}}})
+    task = type("Task", (), {"kind": "mc", "normalise": False})()
+    cfg = CompareConfig()
+    cfg.reference = claims.TUNED["DoRA(r)"]  # another reference for the tables: the plot still takes LoRA(2r)
+    rows = method_rows(runs, {"t": task}, {"t": np.arange(40)}, "sum", cfg.reference)
+    groups, reference_label, paper = forest_groups(rows, runs, {"t": task}, {"t": np.arange(40)}, cfg, "replicate")
+    assert reference_label == "LoRA(2r) = lora:r=8" and len(groups) == 2
+    for (title, points), names in zip(groups, (claims.TUNED, claims.SHARED)):
+        assert title.endswith(f"against {names['LoRA(2r)']}")
+        got = {p["label"]: p["diff"] for p in points}
+        assert got == pytest.approx({names[role]: ahead[role] for role in ("D2-LoRA(r)", "DoRA(r)", "LoRA(r)")})
+    assert paper == {claims.TUNED["D2-LoRA(r)"]: 1.6, claims.SHARED["D2-LoRA(r)"]: 1.6}
+
+
+def test_the_lr_match_recovers_a_known_factor_and_needs_enough_grid_points():
+    from d2lora_min.train.lr_match import match
+
+    grid = [round(10 ** (-3 + 0.25 * k), 7) for k in range(7)]
+    bump = lambda lr: 0.75 - 0.1 * (np.log10(lr) + 2.1) ** 2  # noqa: E731  (accuracy against lr, best near 8e-3)
+    seeds = np.array([0.0, 0.01, -0.01, 0.005])
+    lora = {lr: bump(lr) + seeds for lr in grid}
+    d2 = {lr: bump(1.6 * lr) + seeds for lr in grid}  # D2-LoRA as LoRA(2r) at 1.6 times the learning rate
+    m = match(d2, lora)
+    assert 1.5 <= m["k"] <= 1.7 and abs(m["gap"]) < 0.005 and m["lo"] <= m["gap"] <= m["hi"]
+    assert all(1.4 <= k <= 1.8 for k in m["k_per_seed"])
+    assert match({lr: d2[lr] for lr in grid[:2]}, {lr: lora[lr] for lr in grid[:2]}) is None  # two points: no fit

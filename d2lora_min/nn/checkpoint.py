@@ -35,8 +35,9 @@ MAX_CONFIG_CHARS = 1_000_000  # a config longer than this is not ours (and is no
 CONFIG_KEYS = ("format", "method", "r", "alpha", "dropout", "options", "targets", "base_sha256")
 
 
-def weight_sha256(weight):
-    """SHA-256 of a weight's raw bytes (its dtype, row-major, little-endian): which base weight an adapter belongs to."""
+def base_sha256(weight):
+    """SHA-256 of a base weight's raw bytes (its dtype, row-major, in the CPU's byte order: little-endian on x86 and
+    ARM): which base weight an adapter belongs to."""
     flat = weight.detach().cpu().contiguous().reshape(-1)
     return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -54,7 +55,7 @@ def adapter_config(model):
     if any(c != configs[0] for c in configs):
         raise ValueError("adapter layers differ in method or hyper-parameters; one config cannot describe them")
     return {"format": FORMAT, **configs[0], "targets": {name: [layer.out_features, layer.in_features] for name, layer in layers},
-            "base_sha256": {name: weight_sha256(layer.base.weight) for name, layer in layers}}  # fmt: skip
+            "base_sha256": {name: base_sha256(layer.base.weight) for name, layer in layers}}  # fmt: skip
 
 
 def _own_tensors(layer):
@@ -110,7 +111,8 @@ def _check_config(config):
         if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
             raise ValueError(f"adapter config: target {name!r} has shape {shape!r}, expected [out, in]")
     digests = config["base_sha256"]
-    if set(digests) != set(config["targets"]) or not all(isinstance(d, str) and len(d) == 64 for d in digests.values()):
+    hex_digest = lambda d: isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)  # noqa: E731
+    if set(digests) != set(config["targets"]) or not all(hex_digest(d) for d in digests.values()):
         raise ValueError("adapter config: base_sha256 must give one SHA-256 (64 hex digits) for each target")
 
 
@@ -212,9 +214,9 @@ def _check_tensors(state_dict, want, source):
 def _check_base(config, bases, source):
     """Each target's base weight is, byte for byte, the one the adapter was trained on."""
     for name, stored in config["base_sha256"].items():
-        if weight_sha256(bases[name].weight) != stored:
+        if base_sha256(bases[name].weight) != stored:
             raise ValueError(f"{source} was trained on another base weight at {name} (SHA-256 {stored[:12]}..., this "
-                             f"model's {weight_sha256(bases[name].weight)[:12]}...): an adapter loads only onto the "
+                             f"model's {base_sha256(bases[name].weight)[:12]}...): an adapter loads only onto the "
                              f"base it was trained on, never onto a model it was already merged into")  # fmt: skip
 
 

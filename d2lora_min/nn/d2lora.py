@@ -14,11 +14,11 @@ norm(dW_i)^2 / norm(W0_i):
     D2-LoRA, the paper's form   W = W0 + 2 tan + rad       (the projection keeps tan, the re-added dW adds tan + rad)
     D2-LoRA, exact-norm form    W = W0 + tan               (it only turns)
     DoRA                        W = W0 + tan + (m - norm(W0)) u
-So the paper's form is a LoRA of rank 2r that turns each row twice as far as it stretches it. Under Adam, whose
-steps do not grow with the gradient's scale, doubling part of an update acts much like a larger learning rate:
-expect D2-LoRA's best learning rate to sit below LoRA(2r)'s (tests/test_adapters.py checks these forms; `make tune`
-measures the learning rates). The bound |norm(W_i) - norm(W0_i)| <= norm(dW_i) holds here, but LoRA meets it too
-(triangle inequality): it does not tell the methods apart.
+So the paper's form is a LoRA of rank 2r that turns each row twice as far as its update alone would, and stretches
+it as far. Under Adam, whose steps do not grow with the gradient's scale, doubling the turning part of an update acts
+like a larger learning rate for it (tests/test_adapters.py checks these forms; `make tune` measures how far
+D2-LoRA's accuracy-vs-lr curve sits from LoRA(2r)'s, docs/RESULTS.md). The bound |norm(W_i) - norm(W0_i)| <= norm(dW_i) holds here, but LoRA meets it
+too (triangle inequality): it does not tell the methods apart.
 """
 
 import torch

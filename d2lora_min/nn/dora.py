@@ -21,8 +21,8 @@ class DoRALinear(AdapterLinear):
     s  = self.scaling = alpha / r
     Trainable parameters: r * (in + out) + out.
 
-    Row i of W has length |m[i]| whatever B and A are: the magnitude alone sets each row's length, and the
-    low-rank update only turns the row. To first order in dW = s * B @ A (per row, u_i = W0_i / norm(W0_i), and
+    Row i of W has length |m[i]| whatever B and A are (for rows with norm(V_i) >= eps; below, the guard scales it by
+    norm(V_i) / eps): the magnitude alone sets each row's length, and the low-rank update only turns the row. To first order in dW = s * B @ A (per row, u_i = W0_i / norm(W0_i), and
     tan_i = dW_i - (dW_i . u_i) u_i the part of the update that turns the row):
         W_i = W0_i + tan_i + (m_i - norm(W0_i)) u_i        (the factors turn, the magnitude stretches)
 

@@ -16,8 +16,9 @@ Both methods compute, for x (..., in) and xd = dropout(x) (x itself without drop
 D2-LoRA passes its two branches, stacked inside: A = [A_pos; A_neg] (2r, in), B = [B_pos, -tau * B_neg] (out, 2r).
 
 What the fused function saves, and why it stays exact (the same values up to rounding):
-- Operations. Plain autograd records a dozen small operations per layer and as many backward nodes; at a small
-  shape a training step is dispatch-bound, so that count is part of the cost.
+- Autograd nodes. Plain autograd records a dozen small operations per layer, each a backward node that keeps its
+  inputs; the fused function is one node that keeps only what its backward needs. (It makes about as many operator
+  calls: `make bench` counts them.)
 - New activation-sized tensors. Each new (N, out) tensor is a pass over memory that is not in cache. Forward turns
   x @ W0.T into h in place and, in the paper's form, low into y in place: two new (N, out) tensors, where forming
   each intermediate on its own takes five (x @ W0.T, low, h, low + b, y). The order of the additions differs from
@@ -25,8 +26,9 @@ What the fused function saves, and why it stays exact (the same values up to rou
   within the tolerances the tests hold both to.
 - A weight-sized tensor. The norm needs V (out, in). The plain path keeps it for backward; here it is formed
   without gradient tracking in forward, used for its row norms and for V @ A.T (out, k), which is kept, and
-  dropped. V is formed as in the plain path (in float32 for float16/bfloat16 weights, where the plain path forms it in
-  the weights' dtype), so the norms - also of rows that nearly cancel - carry the plain path's rounding, not more
+  dropped. V is formed explicitly, W0 + s * B @ A, as in the plain path (in float32 for float16/bfloat16 weights,
+  where the plain path adds in the weights' dtype), so the norms - also of rows that nearly cancel - carry the plain
+  path's rounding, not more
   (the expansion norm(V_i)^2 = norm(W0_i)^2 + 2s<B_i, (W0 A^T)_i> + s^2 B_i A A^T B_i^T, which needs no V, loses
   digits there: it subtracts numbers of size norm(W0_i)^2 to get a small one). Backward needs V only through that
   V @ A.T and through (k B).T @ V, which the factors give: (k B).T @ W0 + s ((k B).T @ B) @ A.

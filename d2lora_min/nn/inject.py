@@ -141,7 +141,8 @@ def check_wrappable(name, module, parent):
 
 @torch.no_grad()
 def merge_adapters(model):
-    """Replace every adapter layer by the plain nn.Linear it equals (in place); returns the model."""
+    """Replace every adapter layer by the plain nn.Linear it equals (in place); returns the model (given one adapter
+    layer itself, returns its merge())."""
     if isinstance(model, AdapterLinear):
         return model.merge()
     names = {}  # id(adapter) -> every name it is registered under (a shared layer has several)

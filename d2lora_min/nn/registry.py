@@ -1,9 +1,14 @@
 """The method registry: name -> adapter class, the one extension point of the project.
 
-Adding a method is one file in this folder plus one line in METHODS (a display name in DISPLAY is optional: the
-name itself is used otherwise); inject_adapters, adapter files, the compare run (`--methods yours`), make tune,
-make bench, make tour and the property tests (which iterate over METHODS) pick it up. The presets name the
-methods the paper compares; that is a choice of what to run, not a second registry.
+Adding a method:
+  1. one file in this folder with a subclass of AdapterLinear (base.py) that writes out delta_weight(),
+     merged_weight() and forward(), and sets OPTIONS = {option: default} if it has options (lora.py is the shortest
+     example, dora.py one with an option);
+  2. one line in METHODS below (and, if you like, its display name in DISPLAY; the name itself is used otherwise);
+  3. its first-order form in tests/test_adapters.py (first_order_weight), which the property tests ask for.
+inject_adapters, adapter files, `make compare ARGS='--methods yours'`, make tune, make bench, make tour and the property
+tests (which iterate over METHODS) pick it up; tests/test_registry.py registers a toy method and checks each. The
+presets name the methods the paper compares: a choice of what to run, not a second registry.
 """
 
 from .d2lora import D2LoRALinear

@@ -31,6 +31,7 @@ import argparse
 import copy
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -193,8 +194,10 @@ def main(argv=None):
 
     def body():
         check_writable(args.out)  # now, not after all the measurements
-        if args.publish is not None and (not args.publish or not all(c.isalnum() or c in "_-" for c in args.publish)):
-            raise UsageError(f"--publish takes a folder name of letters, digits, _ and -, got {args.publish!r}")
+        if args.publish is not None:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+", args.publish):
+                raise UsageError(f"--publish takes a folder name of ASCII letters, digits, _ and -, got {args.publish!r}")
+            check_writable(PUBLISHED / args.publish)
         if args.reps < 1:
             raise UsageError(f"--reps must be >= 1, got {args.reps}")
         if args.device not in ("auto", "cpu", "cuda"):

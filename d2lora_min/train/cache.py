@@ -53,13 +53,16 @@ def adapter_path(out_dir, spec, seed, key):
     return folder, out_dir / folder / ADAPTER_FILE
 
 
-def check_paths(paths):
-    """Before any work: nothing but a regular file (or nothing) where a run will write its result or adapter file.
-    A folder there would make the write fail after the training, and this project never deletes what it did not write."""
+def check_paths(out_dir, paths):
+    """Before any work: nothing but a regular file (or nothing) where a run or a report will write, and nothing but
+    folders (or nothing) on the way there from out_dir. Anything else would make the write fail after the training,
+    and this project never deletes what it did not write."""
     for path in paths:
-        if (path.exists() or path.is_symlink()) and not path.is_file():
-            raise UsageError(f"{path} is in the way of a run's output (a folder, a link to one, or a special file): remove "
-                             f"it, or choose another --out")  # fmt: skip
+        on_the_way = [p for p in path.parents if p == out_dir or out_dir in p.parents]  # out_dir .. path's folder
+        blocked = [p for p in on_the_way if p.exists() and not p.is_dir()] + [path] * ((path.exists() or path.is_symlink()) and not path.is_file())
+        if blocked:
+            raise UsageError(f"{blocked[0]} is in the way of a run's output (a file where a folder belongs, a folder, a "
+                             f"link to one, or a special file): remove it, or choose another --out")  # fmt: skip
 
 
 def read_cached(path, spec=None, seed=None, key=None, cfg=None):

@@ -74,7 +74,7 @@ def run_all(cfg: CompareConfig, specs, setup: Setup, out_dir, fresh=False):
     rank, n_procs = rank_and_world()
     planned = [(spec, seed, run_key(spec, seed, cfg, setup.base_meta, seed == cfg.seeds[0]))
                for spec in specs for seed in (cfg.seeds if spec.name != "base" else cfg.seeds[:1])]  # fmt: skip
-    check_paths([p for spec, seed, key in planned for p in (result_path(out_dir, spec, seed, key), adapter_path(out_dir, spec, seed, key)[1])])  # fmt: skip
+    check_paths(out_dir, [p for spec, seed, key in planned for p in (result_path(out_dir, spec, seed, key), adapter_path(out_dir, spec, seed, key)[1])])  # fmt: skip
     runs, reused, done = [], 0, {}  # done: the runs of this comparison by what they run (run_key by_settings)
     for spec, seed, key in planned:
         full_merge = seed == cfg.seeds[0]
@@ -141,6 +141,7 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="def
     out_dir = Path(out_dir)
     specs = check_compare_config(cfg)  # all errors before any work
     check_writable(out_dir)
+    check_paths(out_dir, [out_dir / name for name in ("results.md", "results.json", "loss_curves.png", "forest.png")])
     rank, n_procs = rank_and_world()
     last = (len(cfg.tasks) * cfg.n_train) % cfg.train.batch_size  # the items of an epoch's last, smaller step
     if n_procs > 1 and 0 < last < n_procs:

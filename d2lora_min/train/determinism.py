@@ -10,6 +10,8 @@ docs/results/determinism.md.
 """
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -34,7 +36,9 @@ def largest_gap(a, b):
     if isinstance(a, list) and isinstance(b, list):
         return max((largest_gap(x, y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else float("inf")
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return abs(a - b)
+        if a == b or (math.isnan(a) and math.isnan(b)):
+            return 0.0
+        return float("inf") if math.isnan(a) or math.isnan(b) else abs(a - b)
     return 0.0 if a == b else float("inf")
 
 
@@ -49,13 +53,14 @@ def compare_folders(first, second):
         x, y = a[name], b[name]
         row = rows.setdefault(x["label"], {"runs": 0, "identical": 0, "loss": 0.0, "logp": 0.0, "flags": 0})
         row["runs"] += 1
-        row["identical"] += x.get("losses") == y.get("losses") and x["items"] == y["items"]
+        same = lambda u, v: json.dumps(u) == json.dumps(v)  # noqa: E731  (NaN equals NaN here, as a repeat should)
+        row["identical"] += same(x.get("losses"), y.get("losses")) and same(x["items"], y["items"])
         row["loss"] = max(row["loss"], largest_gap(x.get("losses", []), y.get("losses", [])))
         for task, items in x["items"].items():
-            other = y["items"][task]
+            other = y["items"].get(task, {})
             row["logp"] = max(row["logp"], largest_gap(items.get("logp", []), other.get("logp", [])))
-            row["flags"] += sum(items[f] != other[f] for f in ("correct_sum", "correct_mean", "exact", "answer") if f in items)
-    lines = ["| method | runs | identical | largest loss difference | largest log-likelihood difference | tasks whose flags or answers differ |",
+            row["flags"] += any(not same(items[f], other.get(f)) for f in ("correct_sum", "correct_mean", "exact", "answer") if f in items)
+    lines = ["| method | runs | identical | largest loss difference | largest log-likelihood difference | (run, task) pairs whose flags or answers differ |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for label, r in rows.items():
         lines.append(f"| {label} | {r['runs']} | {r['identical']} | {r['loss']:.3g} | {r['logp']:.3g} | {r['flags']} |")

@@ -1,13 +1,14 @@
 """Does D2-LoRA(r) behave like LoRA(2r) at a larger learning rate? A check of the first-order picture on `make tune`'s
 runs (development seeds, validation items).
 
-To first order D2-LoRA's paper form is LoRA(2r) whose update turns each row twice as far as it stretches it
-(d2lora.py). Under Adam that acts much like a larger learning rate, so D2-LoRA's accuracy-vs-lr curve should look like
-LoRA(2r)'s shifted left, by a factor near 2. The fit: for each factor k on a fine log grid, LoRA(2r)'s curve is read at
-k * lr (linear in log lr between its grid points) for every D2-LoRA grid lr where that stays inside LoRA(2r)'s grid
-(at least MIN_POINTS of them), and k is the one with the smallest mean squared difference of the two mean curves. At
-that k, the gap is D2-LoRA minus LoRA(2r) averaged over those points, per development seed; its 95 % CI is Student's
-t over the seeds. Each seed's own best k shows how firmly the seeds agree on it.
+To first order D2-LoRA's paper form is LoRA(2r) with the turning part of its update doubled (d2lora.py). Under Adam
+that acts like a larger learning rate for that part, so the hypothesis is that D2-LoRA's accuracy-vs-lr curve looks
+like LoRA(2r)'s shifted left by a factor k somewhere between 1 and 2. The fit: for each k on a fine log grid,
+LoRA(2r)'s curve is read at k * lr (linear in log lr between its grid points) for every D2-LoRA grid lr where that
+stays inside LoRA(2r)'s grid (at least MIN_POINTS of them), and k is the one with the smallest mean squared
+difference of the two mean curves. At that k, the gap is D2-LoRA minus LoRA(2r) averaged over those points, per
+development seed, with a 95 % CI from Student's t over the seeds; the CI is conditional on the fitted k (it leaves
+out k's own uncertainty, which each seed's own best k shows).
 """
 
 import math
@@ -45,15 +46,20 @@ def _fit(d2, lora, log10_k):
 
 
 def best_factor(d2, lora):
-    """(k, the D2-LoRA lrs the fit used) minimising the mean squared difference of the mean curves."""
+    """(k, the D2-LoRA lrs the fit used) minimising the mean squared difference of the mean curves; None when no k
+    leaves MIN_POINTS grid points to compare (a grid too short)."""
     fits = [(f[0], lk, f[1]) for lk in LOG10_K if (f := _fit(d2, lora, lk)) is not None]
+    if not fits:
+        return None
     _, lk, used = min(fits)
     return float(10**lk), used
 
 
 def match(d2, lora):
     """d2, lora: per-seed curves {lr: (S,)} of D2-LoRA(r) and LoRA(2r) on the same seeds -> {"k", "gap", "lo", "hi",
-    "used", "k_per_seed"} (the gap in fractions of 1; lo, hi its 95 % CI over the seeds)."""
+    "used", "k_per_seed"} (the gap in fractions of 1; lo, hi its 95 % CI over the seeds), or None for a grid too short."""
+    if best_factor(d2, lora) is None:
+        return None
     k, used = best_factor(d2, lora)
     per_seed = (np.stack([d2[lr] for lr in used]) - _read_at(lora, [lr * k for lr in used])).mean(0)  # (S,)
     S = len(per_seed)

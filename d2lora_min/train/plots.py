@@ -101,15 +101,15 @@ def plot_forest(groups, path, reference_label, paper=None):
         ax.grid(axis="x", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right")
-    axes[-1, 0].set_xlabel(f"difference in mean accuracy from {reference_label} (pp), 95 % CI; right: trainable parameters "
-                           f"and training step time", fontsize=8)  # fmt: skip
+    beside = "trainable parameters" + (" and training step time" if any(row.get("step") for _, rows in groups for row in rows) else "")
+    axes[-1, 0].set_xlabel(f"difference in mean accuracy from {reference_label} (pp), 95 % CI; right: {beside}", fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 
 
 def plot_lr_match(d2, lora, k, path, d2_label, lora_label):
     """d2, lora: [(lr, mean, lo, hi)] -> LoRA(2r)'s validation accuracy against lr, and D2-LoRA's twice: at its own lr
-    (faint) and moved to k times it (the first-order picture says: near 2)."""
+    (faint) and moved to k times it, k fitted by lr_match.py."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for pts, scale, label, style in ((lora, 1.0, lora_label, dict(color="tab:blue")),

@@ -109,8 +109,10 @@ def check_compare_config(cfg: CompareConfig):
         raise UsageError(f"lr_source must be tuned or shared, got {cfg.lr_source!r}")
     if cfg.split not in ("test", "validation"):
         raise UsageError(f"split must be test or validation, got {cfg.split!r}")
-    tuned = load_tuned(cfg.tuned_file)["lrs"] if cfg.lr_source == "tuned" else {}
-    specs = [parse_method_spec(m, cfg, tuned) for m in cfg.methods]
+    specs = [parse_method_spec(m, cfg) for m in cfg.methods]
+    if cfg.lr_source == "tuned" and any(s.lr_from == "shared" and s.name in METHODS for s in specs):  # some spec reads it
+        tuned = load_tuned(cfg.tuned_file)["lrs"]
+        specs = [parse_method_spec(m, cfg, tuned) for m in cfg.methods]
     check_range("alpha_over_r", cfg.alpha_over_r, kind=float)
     if cfg.alpha_over_r <= 0:
         raise UsageError(f"alpha_over_r must be > 0, got {cfg.alpha_over_r}")
@@ -166,7 +168,7 @@ def check_lists(cfg: CompareConfig):
 
 def load_tuned(path, required=True):
     """The tuned learning rates file ({"lrs": {"lora": ..., ...}, and how they were chosen}). A UsageError for a file
-    that is not one, and for a missing one when `required` (else {"lrs": {}})."""
+    that cannot be read or is not one, and for a missing one when `required` (else {"lrs": {}})."""
     path = Path(path)
     try:
         tuned = read_json(path)
@@ -175,7 +177,7 @@ def load_tuned(path, required=True):
             return {"lrs": {}}
         raise UsageError(f"no tuned learning rates at {path}: give the file that `make tune ARGS=--publish` wrote "
                          f"(--tuned_file=...), or run every method at the shared lr (--lr_source=shared)") from None  # fmt: skip
-    except ValueError as e:  # a folder, a FIFO, a device, not JSON
+    except (ValueError, OSError) as e:  # a folder, a FIFO, a device, not JSON; a path through a file, no permission
         raise UsageError(f"tuned learning rates {path}: not readable ({e})") from None
     try:
         if not isinstance(tuned, dict) or not isinstance(tuned.get("lrs"), dict):

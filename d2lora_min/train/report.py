@@ -72,13 +72,12 @@ def forest_groups(rows, runs, tasks, clusters, cfg, preset):
     label = {r["method"]: r["label"] for r in rows}
     parity = f"lora:r={2 * cfg.r}"  # LoRA(2r): the paper's +1.6 pp is D2-LoRA(r) against it
     if preset == "replicate" and all(m in label for m in (*claims_mod.TUNED.values(), *claims_mod.SHARED.values())):
-        shared_ref = claims_mod.SHARED["LoRA(2r)"]
-        shared_rows = {r["method"]: r for r in method_rows(runs, tasks, clusters, cfg.scoring, shared_ref)}
-        by = {r["method"]: r for r in rows}
         groups = []
-        for title, names, source in ((f"every method at its tuned learning rate, against {label[claims_mod.TUNED['LoRA(2r)']]}", claims_mod.TUNED, by),
-                                     (f"every method at the shared lr {SHARED_LR:g}, against {label[shared_ref]}", claims_mod.SHARED, shared_rows)):  # fmt: skip
-            groups.append((title, [point(source[names[role]]) for role in ("D2-LoRA(r)", "DoRA(r)", "LoRA(r)") if source[names[role]].get("vs_reference")]))
+        for names, what in ((claims_mod.TUNED, "at its tuned learning rate"), (claims_mod.SHARED, f"at the shared lr {SHARED_LR:g}")):
+            ref = names["LoRA(2r)"]  # each panel against LoRA(2r) run the same way, whatever --reference says
+            against = {r["method"]: r for r in method_rows(runs, tasks, clusters, cfg.scoring, ref)}
+            roles = [names[role] for role in ("D2-LoRA(r)", "DoRA(r)", "LoRA(r)") if against[names[role]].get("vs_reference")]
+            groups.append((f"every method {what}, against {label[ref]}", [point(against[m]) for m in roles]))
         paper = {label[claims_mod.TUNED["D2-LoRA(r)"]]: claims_mod.PAPER["vs LoRA(2r)"], label[claims_mod.SHARED["D2-LoRA(r)"]]: claims_mod.PAPER["vs LoRA(2r)"]}
         return groups, f"LoRA(2r) = {label[claims_mod.TUNED['LoRA(2r)']]}", paper
     points = [point(r) for r in rows if r.get("vs_reference")]

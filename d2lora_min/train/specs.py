@@ -10,6 +10,7 @@ method's own options (d2lora: tau_init, learn_tau, project, readd_delta, detach_
 it is parsed.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -66,18 +67,23 @@ class MethodSpec:
 
 
 def split_methods(text):
-    """--methods as a list of specs, separated by spaces, ';' or commas: "lora dora", "lora,dora". A comma also
-    separates a spec's own keys ("d2lora:r=8,project=false"), so a piece that starts with key=value continues the spec
-    before it."""
+    """--methods as a list of specs, separated by spaces, ';' or commas: "lora dora", "lora,dora", "lora, dora". A
+    comma also separates a spec's own keys ("d2lora:r=8,project=false"), so a key=value piece after a comma continues
+    the spec before it, if that spec has keys of its own (a ':')."""
     specs = []
-    for word in text.replace(";", " ").split():
+    for word in re.sub(r",\s+", ",", text.strip()).replace(";", " ").split():
+        previous = None  # the spec this word's last piece started, for its keys
         for piece in word.split(","):
             if not piece:
                 raise UsageError(f"--methods {text!r} has an empty item (two commas in a row, or a comma at an end)")
-            if "=" in piece.partition(":")[0] and specs:  # key=value, no method name before it
-                specs[-1] += "," + piece
+            if "=" in piece.partition(":")[0]:  # key=value, no method name before it
+                if previous is None or ":" not in specs[previous]:
+                    raise UsageError(f"{piece!r} in --methods {text!r} is not a method; a method's keys follow it after a "
+                                     f"colon, e.g. lora:r=8,lr=1e-3")  # fmt: skip
+                specs[previous] += "," + piece
             else:
                 specs.append(piece)
+                previous = len(specs) - 1
     return specs
 
 

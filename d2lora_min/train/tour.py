@@ -1,14 +1,16 @@
 """`make tour`: the pictures a learner would rather look at than read, written to docs/ (docs/TOUR.md shows them).
 
-    python -m d2lora_min.train.tour            # about 10 s on 2 CPU cores
+    python -m d2lora_min.train.tour
 
   tour_toy.png      a 2x2 weight: the path of one row under every method (and D2-LoRA's exact-norm form) on the same
                     toy loss, against the circle of radius norm(W0_0)
   tour_drift.png    the tiny GPT fine-tuned with each of them: per layer, the mean row-norm ratio norm(W_i)/norm(W0_i)
-                    (the paper's form stays near 1, the exact-norm form on it)
+                    (the exact-norm form stays on 1)
   tour_tau.png      D2-LoRA's tau in each layer over that fine-tuning, with learn_tau=True (the default keeps it fixed)
   tour_radial.png   the gradient reaching each D2-LoRA layer's rows through V, split into its radial part (along the
                     row: it would stretch the row) and its tangential part, with the norm attached and detached
+  tour_turn.png     per row of every trained model, how far the applied weight turned and stretched against how far
+                    the update dW did: each method's first-order form, measured
 """
 
 import argparse
@@ -141,6 +143,49 @@ def plot_tau(trace, names, path):
     save_figure(fig, path)
 
 
+@torch.no_grad()
+def turn_and_stretch(model):
+    """Per row of every adapted layer, relative to norm(W0_i): how far the update dW turns and stretches the row, and how
+    far the weight the layer applies, W, does -> {"turn": (rows, 2), "stretch": (rows, 2)}, columns (dW's, W - W0's).
+    The turn is the length of the part across the row, tan; the stretch the signed length of the part along it, rad."""
+    turn, stretch = [], []
+    for _, layer in adapter_layers(model):
+        W0 = layer.base.weight
+        size = row_norm(W0)[:, None]  # (out, 1)
+        u = W0 / size  # (out, in): unit rows
+        for change in (layer.delta_weight(), layer.merged_weight() - W0):  # the update, and what the layer makes of it
+            rad = (change * u).sum(1, keepdim=True)  # (out, 1): signed length along the row
+            turn.append(((change - rad * u).norm(dim=1, keepdim=True) / size).numpy())
+            stretch.append((rad / size).numpy())
+    turn = [np.concatenate(turn[0::2]), np.concatenate(turn[1::2])]  # every layer's rows: dW's, then W - W0's
+    stretch = [np.concatenate(stretch[0::2]), np.concatenate(stretch[1::2])]
+    return {"turn": np.hstack(turn), "stretch": np.hstack(stretch)}
+
+
+def plot_turn_and_stretch(models, path):
+    """Two panels, a point per row of every trained model: how far W turned against how far dW turned, and how far W
+    stretched against how far dW stretched (first order: LoRA 1 and 1, the paper's form 2 and 1, exact-norm 1 and 0)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    data = {label: turn_and_stretch(model) for label, model in models.items()}
+    for ax, key, slopes in ((axes[0], "turn", (1, 2)), (axes[1], "stretch", (0, 1))):
+        top = max(float(np.abs(d[key][:, 0]).max()) for d in data.values())
+        for label, d in data.items():
+            ax.scatter(d[key][:, 0], d[key][:, 1], s=4, alpha=0.35, label=label)
+        for k in slopes:
+            xs = np.array([-top if key == "stretch" else 0.0, top])
+            ax.plot(xs, k * xs, color="grey", linestyle="--", linewidth=1)
+            ax.annotate(f"slope {k}", xy=(top, k * top), fontsize=8, color="grey", ha="right", va="bottom")
+        what = "turn (across the row)" if key == "turn" else "stretch (along the row)"
+        ax.set_xlabel(f"the update dW's {what} / norm(W0_i)", fontsize=9)
+        ax.set_ylabel(f"the applied W's {what} / norm(W0_i)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, markerscale=3)
+    fig.suptitle("each row of every adapted layer after fine-tuning: what the layer makes of its update", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    save_figure(fig, path)
+
+
 def radial_fractions(model, get_batch, detach):
     """Per layer: |radial part| / |dL/dV| for the trained D2-LoRA model on one more batch.
 
@@ -202,7 +247,8 @@ def draw(out, n_train):
     _, names, learned, _ = finetune_with_trace("d2lora", {"learn_tau": True}, base_model, tokenizer, splits, cfg)
     plot_tau(learned, names, out / "tour_tau.png")
     plot_radial(models[display_name("d2lora")], names, get_batch, out / "tour_radial.png")
-    print(f"wrote {out}/tour_drift.png, tour_tau.png, tour_radial.png")
+    plot_turn_and_stretch(models, out / "tour_turn.png")
+    print(f"wrote {out}/tour_drift.png, tour_tau.png, tour_radial.png, tour_turn.png")
 
 
 def main(argv=None):

@@ -28,6 +28,7 @@ from pathlib import Path
 from ..atomic import check_writable, write_json, write_text
 from . import lr_match, plots, stats
 from .cli import UsageError, apply_overrides, config_help, parse_value, run_cli
+from .cache import check_paths
 from .compare import announce, prepare, run_all
 from .presets import COMPARED, DEV_SEEDS, TUNED_FILE, CompareConfig, check_compare_config, load_tuned, protocol
 from .specs import parse_method_spec, split_methods
@@ -129,6 +130,7 @@ def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
         raise UsageError("tune scores validation items only (split=validation)")
     specs = check_compare_config(cfg)
     check_writable(out_dir)
+    check_paths(out_dir, [out_dir / name for name in ("results.md", "tune.json", "tune_lr.png", "tune_lr_match.png")])
     setup = prepare(cfg)
     rank, _ = rank_and_world()
     if rank == 0:
@@ -149,8 +151,9 @@ def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
               "command": "make tune ARGS=--publish"}  # fmt: skip
     d2, parity = "d2lora", f"lora:r={2 * cfg.r}"  # D2-LoRA(r) and LoRA(2r), the first-order picture's pair
     pictures = ["tune_lr.png"]
-    if d2 in methods and parity in methods and len(cfg.seeds) > 1:
-        result["lr_match"] = lr_match.match(curves[d2], curves[parity])
+    match = lr_match.match(curves[d2], curves[parity]) if d2 in methods and parity in methods and len(cfg.seeds) > 1 else None
+    if match:
+        result["lr_match"] = match
         labels = {m: parse_method_spec(m, cfg).method_label for m in (d2, parity)}
         text += "\n".join(["", "Does D2-LoRA(r) behave like LoRA(2r) at a larger learning rate (lr_match.py)?", "",
                            lr_match.describe(result["lr_match"], labels[d2], labels[parity], len(cfg.seeds)) + ".", ""])  # fmt: skip
@@ -165,17 +168,20 @@ def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
     if publish:
         write_text(PUBLISHED / "tune.md", text)
         published = {k: result[k] for k in ("lrs", "rule", "grid", "dev_seeds", "protocol", "n_validation", "command")}
-        published["lrs"] = {**kept_lrs(methods, cfg), **published["lrs"]}
+        published["lrs"] = {**kept_lrs(methods, cfg, chosen=set(published["lrs"])), **published["lrs"]}
+        for key in sorted(set(keys.values()) - set(published["lrs"])):
+            print(f"{key}: no eligible learning rate, so none is published for it (compare runs it at the shared lr)")
         write_json(TUNED_FILE, published)
     print(f"\n{text}\nchosen: {chosen}\nwritten: {out_dir}/results.md, tune.json, {', '.join(pictures)}"
           + (f"; published to {PUBLISHED} and {TUNED_FILE}" if publish else "; add --publish to make them the defaults"))
     return result
 
 
-def kept_lrs(methods, cfg):
+def kept_lrs(methods, cfg, chosen=None):
     """The tuned lrs that publishing `methods` keeps from the committed file: those of the other methods, which must have
-    been tuned under the same settings (protocol). A UsageError, before any work, when publishing would drop any: the
-    file holds one protocol, so a method tuned under other settings cannot stay beside these."""
+    been tuned under the same settings (protocol), and, given the keys this tune `chosen`, the earlier choice of a method
+    tuned here without an eligible learning rate. A UsageError, before any work, when publishing would drop any other
+    method's: the file holds one protocol, so a method tuned under other settings cannot stay beside these."""
     mine = set(tuned_keys(methods, cfg).values())
     try:
         earlier = load_tuned(TUNED_FILE, required=False)
@@ -184,11 +190,14 @@ def kept_lrs(methods, cfg):
             return {}
         raise UsageError(f"{e}; --publish of a partial tune cannot merge into it: tune every compared method (leave out "
                          f"--methods) or restore the file") from None  # fmt: skip
-    others = sorted(set(earlier["lrs"]) - mine)
-    if others and earlier.get("protocol") != protocol(cfg):
-        raise UsageError(f"--publish would drop the tuned learning rates of {', '.join(others)} from {TUNED_FILE}: they were "
-                         f"tuned under other settings. Tune them too (--methods ...), or leave out --publish")  # fmt: skip
-    return {k: earlier["lrs"][k] for k in others}
+    same = earlier.get("protocol") == protocol(cfg)
+    keep = set(earlier["lrs"]) - mine
+    if keep and not same:
+        raise UsageError(f"--publish would drop the tuned learning rates of {', '.join(sorted(keep))} from {TUNED_FILE}: they "
+                         f"were tuned under other settings. Tune them too (--methods ...), or leave out --publish")  # fmt: skip
+    if chosen is not None and same:  # tuned here, but no learning rate was eligible: the earlier choice stays
+        keep |= (mine - set(chosen)) & set(earlier["lrs"])
+    return {k: earlier["lrs"][k] for k in sorted(keep)}
 
 
 def tuned_keys(methods, cfg):

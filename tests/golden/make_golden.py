@@ -233,9 +233,9 @@ def write_adapter_file(folder):
     torch.manual_seed(7)
     inject_adapters(model, "d2lora", r=2, alpha=4.0, targets=("0", "1"))
     with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
+        for name, p in sorted(model.named_parameters()):
             if p.requires_grad:
-                p.copy_(0.5 * torch.randn(p.shape, generator=g) + (0 if ".lora_B" in _ else p))
+                p.copy_(0.5 * torch.randn(p.shape, generator=g) + (0 if ".lora_B" in name else p))
     folder.mkdir(exist_ok=True)
     save_file(base, folder / "base.safetensors")
     print(f"wrote {save_adapters(model, folder)}")

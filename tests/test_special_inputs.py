@@ -1,9 +1,11 @@
-"""Bad inputs, damaged files and special files an outside fuzzer tried: each must be a clear error before any work
-(or a recomputation that says why), never a silent wrong result, a late failure, a hang or a traceback."""
+"""Bad inputs, damaged files and special files (a FIFO, a device, a folder where a file belongs): each must be a clear
+error before any work (or a recomputation that says why), never a silent wrong result, a late failure, a hang or a
+traceback."""
 
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,7 +107,7 @@ def test_a_run_whose_adapter_file_was_swapped_for_another_runs_is_recomputed(tmp
     assert json.loads(next(p for p in (out / "runs").glob("lora-*")).read_text())["adapter_sha256"]
 
 
-@pytest.mark.parametrize("kind", ["symlink_to_folder", "fifo_result"])
+@pytest.mark.parametrize("kind", ["symlink_to_folder", "fifo_result", "dev_zero_result", "file_for_a_folder"])
 def test_a_special_file_in_the_way_of_a_runs_output_is_refused_before_any_work(tmp_path, small_probes, capsys, kind):
     out = tmp_path / "out"
     argv = TINY + ["--methods", "lora", "--out", str(out)]
@@ -116,9 +118,15 @@ def test_a_special_file_in_the_way_of_a_runs_output_is_refused_before_any_work(t
         adapter.unlink()
         (tmp_path / "elsewhere").mkdir()
         adapter.symlink_to(tmp_path / "elsewhere")
-    else:
+    elif kind == "fifo_result":
         result_file.unlink()
         os.mkfifo(result_file)
+    elif kind == "dev_zero_result":
+        result_file.unlink()
+        result_file.symlink_to("/dev/zero")
+    else:  # a file where the adapter's folder belongs
+        shutil.rmtree(adapter.parent)
+        adapter.parent.write_text("")
     capsys.readouterr()
     err = usage_error(argv, capsys)
     assert "is in the way of a run's output" in err
@@ -128,9 +136,9 @@ def test_a_long_method_spec_gets_a_file_name_that_fits_and_stays_distinct():
     cfg = CompareConfig()
     long_a, long_b = "lora:lr=0.0" + "0" * 200 + "1", "lora:lr=0.0" + "0" * 200 + "2"
     specs = [parse_method_spec(t, cfg) for t in (long_a, long_b)]
-    names = [result_path(cfg_path := __import__("pathlib").Path("o"), s, 0, "k" * 16).name for s in specs]
+    names = [result_path(Path("o"), s, 0, "k" * 16).name for s in specs]
     assert all(len(n.encode()) + len(".tmp.XXXXXXXX..") < 255 for n in names) and names[0] != names[1]
-    assert slug(long_a) != slug(long_b) and cfg_path.name == "o"
+    assert slug(long_a) != slug(long_b)
 
 
 def test_a_run_that_changes_no_weight_is_flagged_never_moved(tmp_path, small_probes):
@@ -157,8 +165,11 @@ def test_settings_are_ascii_numbers_written_with_two_dashes(tmp_path, capsys, ar
 
 def test_methods_take_commas_as_well_as_spaces(tmp_path):
     cfg = CompareConfig()
-    for text in ("lora,d2lora:r=8,project=false", "lora d2lora:r=8,project=false"):
+    for text in ("lora,d2lora:r=8,project=false", "lora d2lora:r=8,project=false", "lora, d2lora:r=8, project=false"):
         assert compare_mod.split_methods(text) == ["lora", "d2lora:r=8,project=false"]
+    for text in ("lora r=4", "lora,r=4", "d2lora:r=8 project=false"):  # keys after a colon, never on their own
+        with pytest.raises(ValueError, match="is not a method"):
+            compare_mod.split_methods(text)
     assert [s.text for s in (parse_method_spec(m, cfg) for m in compare_mod.split_methods("base,lora,dora"))] == ["base", "lora", "dora"]
 
 
@@ -211,3 +222,23 @@ def test_a_base_whose_weights_do_not_fit_its_config_is_one_clear_line(tmp_path):
         load_base(folder)
     message = str(error.value)
     assert "\n" not in message and "does not fit the model config" in message and "size mismatch for lm_head.weight" in message
+
+
+def test_a_partial_publish_does_not_merge_into_an_unreadable_file(tmp_path, monkeypatch):
+    damaged = tmp_path / "tuned_lrs.json"
+    damaged.write_text("{")
+    monkeypatch.setattr(tune_mod, "TUNED_FILE", damaged)
+    with pytest.raises(ValueError, match="cannot merge into it"):
+        tune_mod.kept_lrs(("lora",), tune_mod.tune_config(("lora",)))
+    assert tune_mod.kept_lrs(tune_mod.COMPARED, tune_mod.tune_config()) == {}  # a complete tune replaces it
+
+
+def test_bench_publish_writes_its_report_under_docs_results(tmp_path, monkeypatch):
+    from d2lora_min.train import bench
+
+    monkeypatch.setattr(bench, "PUBLISHED", tmp_path / "published")
+    assert bench.main(["--only", "sweep", "--quick", "--out", str(tmp_path / "out"), "--publish", "run_a"]) == 0
+    for folder in (tmp_path / "out", tmp_path / "published" / "run_a"):
+        assert "fixed batch of 8 sequences" in (folder / "bench.md").read_text() and (folder / "bench.json").is_file()
+    with pytest.raises(SystemExit):
+        bench.main(["--only", "sweep", "--quick", "--out", str(tmp_path / "out"), "--publish", "../elsewhere"])

@@ -1,0 +1,20 @@
+"""make determinism: two fresh runs of a seeded comparison, compared run by run and item by item."""
+
+import json
+
+from .test_plain_path import _tiny_runs
+
+
+def test_a_seeded_compare_repeats_to_the_last_bit_and_determinism_says_so(tmp_path, monkeypatch):
+    from d2lora_min.train.determinism import compare_folders
+
+    for name in ("first", "second"):
+        _tiny_runs(tmp_path / name, "d2lora", monkeypatch)
+    table, summary = compare_folders(tmp_path / "first", tmp_path / "second")
+    assert summary.startswith("2 of 2 runs identical")
+    run = next((tmp_path / "second" / "runs").glob("d2lora*.json"))
+    result = json.loads(run.read_text())
+    result["items"]["who"]["logp"][0][0] += 1e-3  # one choice's log-likelihood, a little off
+    run.write_text(json.dumps(result))
+    table, summary = compare_folders(tmp_path / "first", tmp_path / "second")
+    assert summary.startswith("1 of 2 runs identical") and "| 0.001 |" in table
