@@ -26,10 +26,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from d2lora_min import reference as ref
 from d2lora_min.nn import METHODS, inject_adapters, save_adapters
+from d2lora_min.nn.checkpoint import ADAPTER_FILE, CHECKSUM_KEY
 
 FOLDER = Path(__file__).parent
 # The basic layer is SQUARE (out == in): a port that takes the norm over the wrong axis gets no shape error there,
@@ -238,7 +240,20 @@ def write_adapter_file(folder):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g) + (0 if ".lora_B" in name else p))
     folder.mkdir(exist_ok=True)
     save_file(base, folder / "base.safetensors")
-    print(f"wrote {save_adapters(model, folder)}")
+    # safetensors writes the two metadata entries in no fixed order: keep the file when its content (checksum) is the same
+    fresh = Path(save_adapters(model, folder / "new"))
+    if (folder / ADAPTER_FILE).exists() and _checksum(folder / ADAPTER_FILE) == _checksum(fresh):
+        print(f"kept {folder / ADAPTER_FILE} (the same content)")
+    else:
+        fresh.replace(folder / ADAPTER_FILE)
+        print(f"wrote {folder / ADAPTER_FILE}")
+    fresh.unlink(missing_ok=True)
+    (folder / "new").rmdir()
+
+
+def _checksum(path):
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()[CHECKSUM_KEY]
 
 
 if __name__ == "__main__":
