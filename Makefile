@@ -27,6 +27,7 @@ help:
 	@echo "make tour         the pictures of docs/TOUR.md"
 	@echo "make pretrain     pretrain the default base model into runs/pretrain/ (about 20 minutes on 2 CPU cores)"
 	@echo "make golden       regenerate the golden vectors under tests/golden/"
+	@echo "make venv         build .venv/ with everything (make test's extras too); make clean removes it and runs/"
 	@echo "options: ARGS='...' passes arguments, e.g. ARGS='--seeds 0,1,2' or ARGS='--fresh'; NPROC=2 runs on 2 processes (torchrun)"
 
 $(BASE): pyproject.toml constraints.txt

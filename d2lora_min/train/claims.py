@@ -85,11 +85,10 @@ def claims_table(claims):
             inside = "–" if c["paper_in_ci"] is None else "yes" if c["paper_in_ci"] else "no"
         else:
             ours, inside = (f"{c['ours']:.3g}" if c["ours"] is not None else "–"), "–"
-        paper = "matches or exceeds" if c["paper"] is None else f"{c['paper']:+g}"
+        signed = "lo" in c  # a difference has a sign; a measured size or ratio (merge gap, throughput) has none
+        paper = "matches or exceeds" if c["paper"] is None else f"{c['paper']:+g}" if signed else f"{c['paper']:g}"
         lines.append(f"| {c['claim']} | {paper} | {ours} | {c['verdict']} | {inside} |")
     return "\n".join(lines)
-
-
 
 
 def sensitivity_table(shared, tuned):

@@ -170,7 +170,7 @@ def main(argv=None):
     parser.add_argument("--seeds", help="comma-separated seeds (default: the preset's)")
     parser.add_argument("--out", default=None, help="output folder (default: runs/<preset>, runs/compare for default)")
     parser.add_argument("--fresh", action="store_true", help="recompute every run instead of reusing matching results")
-    parser.add_argument("--publish", action="store_true", help="also write the report and plots to docs/results/ (what the README shows)")
+    parser.add_argument("--publish", action="store_true", help="also write the report and plots to docs/results/ (what docs/RESULTS.md shows)")
     args, overrides = parser.parse_known_args(argv)
 
     def body():

@@ -27,7 +27,7 @@ from .trainer import TrainConfig, check_train_config
 # The comparison's methods at their tuned learning rates, and the same methods at the shared default lr (replicate's
 # sensitivity table shows both).
 COMPARED = ("lora", "lora:r=8", "dora", "d2lora")
-SHARED_LR = 1e-2  # the learning rate every method ran at before `make tune` (the trainer default below)
+SHARED_LR = 1e-2  # the shared learning rate (the trainer default below): --lr_source=shared runs every method at it
 AT_SHARED_LR = tuple(f"{m}{',' if ':' in m else ':'}lr={SHARED_LR:g}" for m in COMPARED)
 
 PRESETS = {
