@@ -52,7 +52,8 @@ def sections():
          [("ablate_forest.png", "difference from D2-LoRA(r), 95 % CI"), ("ablate_loss_curves.png", "training loss")]),
         ("Speed and memory: `make bench`, run 1", "make bench ARGS=\"--publish bench_run1\"", "bench_run1/bench.md",
          "Every method side by side in one process, in a fresh random order per repetition; a ratio is the median of "
-         "per-repetition ratios of two times measured in the same repetition. Memory is counted exactly (the bytes "
+         "per-repetition ratios of two times measured in the same repetition (so it need not equal the ratio of the two "
+         "median times beside it). Memory is counted exactly (the bytes "
          "autograd saves for backward). The \"fused\" rows run the opt-in fused path; every other row the plain one.", []),
         ("Speed and memory: `make bench`, run 2", "make bench ARGS=\"--publish bench_run2\"", "bench_run2/bench.md",
          "The same, a second time (a speed claim holds only if both runs show it).", []),
@@ -65,8 +66,10 @@ def sections():
 def render():
     parts = ["# Results", "",
              "Every table on this page is a report under [docs/results/](results/), copied here by `make results`; the "
-             "command above each one wrote it (with `ARGS=--publish`, into docs/results/). Rerun a command to check a "
-             "figure; the tests fail when this page differs from what `make results` writes.", ""]  # fmt: skip
+             "command above each one wrote it (`--publish` writes into docs/results/; `--fresh` trains every run anew "
+             "instead of reusing finished ones, but a run that two method specs name alike, such as LoRA(4) at its tuned "
+             "lr 1e-2 and at the shared lr 1e-2, is trained once: the headers count it as reused). Rerun a command to "
+             "check a figure; the tests fail when this page differs from what `make results` writes.", ""]  # fmt: skip
     for title, command, report, about, figures in sections():
         parts += [f"## {title}", "", about, "", f"`{command}` -> `docs/results/{report}`:", "", _report(report), ""]
         parts += [f for f in (_figure(name, caption) for name, caption in figures) if f] + [""] * bool(figures)
