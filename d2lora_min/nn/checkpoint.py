@@ -214,9 +214,10 @@ def _check_tensors(state_dict, want, source):
 def _check_base(config, bases, source):
     """Each target's base weight is, byte for byte, the one the adapter was trained on."""
     for name, stored in config["base_sha256"].items():
-        if base_sha256(bases[name].weight) != stored:
+        have = base_sha256(bases[name].weight)
+        if have != stored:
             raise ValueError(f"{source} was trained on another base weight at {name} (SHA-256 {stored[:12]}..., this "
-                             f"model's {base_sha256(bases[name].weight)[:12]}...): an adapter loads only onto the "
+                             f"model's {have[:12]}...): an adapter loads only onto the "
                              f"base it was trained on, never onto a model it was already merged into")  # fmt: skip
 
 

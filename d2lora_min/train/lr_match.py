@@ -58,9 +58,10 @@ def best_factor(d2, lora):
 def match(d2, lora):
     """d2, lora: per-seed curves {lr: (S,)} of D2-LoRA(r) and LoRA(2r) on the same seeds -> {"k", "gap", "lo", "hi",
     "used", "k_per_seed"} (the gap in fractions of 1; lo, hi its 95 % CI over the seeds), or None for a grid too short."""
-    if best_factor(d2, lora) is None:
+    best = best_factor(d2, lora)
+    if best is None:
         return None
-    k, used = best_factor(d2, lora)
+    k, used = best
     per_seed = (np.stack([d2[lr] for lr in used]) - _read_at(lora, [lr * k for lr in used])).mean(0)  # (S,)
     S = len(per_seed)
     half = stats.t_quantile(S - 1) * per_seed.std(ddof=1) / math.sqrt(S) if S > 1 else float("nan")

@@ -75,7 +75,8 @@ def forest_groups(rows, runs, tasks, clusters, cfg, preset):
         groups = []
         for names, what in ((claims_mod.TUNED, "at its tuned learning rate"), (claims_mod.SHARED, f"at the shared lr {SHARED_LR:g}")):
             ref = names["LoRA(2r)"]  # each panel against LoRA(2r) run the same way, whatever --reference says
-            against = {r["method"]: r for r in method_rows(runs, tasks, clusters, cfg.scoring, ref)}
+            table = rows if ref == cfg.reference else method_rows(runs, tasks, clusters, cfg.scoring, ref)
+            against = {r["method"]: r for r in table}
             roles = [names[role] for role in ("D2-LoRA(r)", "DoRA(r)", "LoRA(r)") if against[names[role]].get("vs_reference")]
             groups.append((f"every method {what}, against {label[ref]}", [point(against[m]) for m in roles]))
         paper = {label[claims_mod.TUNED["D2-LoRA(r)"]]: claims_mod.PAPER["vs LoRA(2r)"], label[claims_mod.SHARED["D2-LoRA(r)"]]: claims_mod.PAPER["vs LoRA(2r)"]}
