@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+
+from d2lora_min.nn.fused import is_fused, set_fused
 from safetensors.torch import load_file, save_file
 
 import d2lora_min.train.compare as compare_mod
@@ -96,7 +98,7 @@ def test_bad_api_input_is_a_clear_error_and_leaves_the_model_as_it_was(method, k
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 def test_an_empty_batch_gives_an_empty_output_and_a_wrong_width_names_the_features(method, fused):
     layer = METHODS[method](nn.Linear(4, 3), r=2, alpha=4.0)
-    layer.use_fused = fused
+    set_fused(layer, fused)
     for lead in [(0,), (2, 0), (0, 5)]:
         x = torch.zeros(*lead, 4, requires_grad=True)
         y = layer(x)
@@ -567,14 +569,13 @@ def test_a_kill_at_any_write_leaves_a_consistent_state_that_resumes_to_the_same_
 
 
 def test_set_fused_takes_a_bool_not_the_string_false():
-    from d2lora_min.nn import set_fused
 
     model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
     with pytest.raises(TypeError, match="enabled must be a bool"):
         set_fused(model, "false")
-    assert not any(layer.use_fused for _, layer in adapter_layers(model))  # the plain path is the default
-    assert all(layer.use_fused for _, layer in adapter_layers(set_fused(model, True)))
-    assert not any(layer.use_fused for _, layer in adapter_layers(set_fused(model, False)))
+    assert not any(is_fused(layer) for _, layer in adapter_layers(model))  # the plain path is the default
+    assert all(is_fused(layer) for _, layer in adapter_layers(set_fused(model, True)))
+    assert not any(is_fused(layer) for _, layer in adapter_layers(set_fused(model, False)))
 
 
 def test_a_batch_without_target_tokens_is_a_clear_error_not_a_divergence():

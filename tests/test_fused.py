@@ -11,6 +11,8 @@ import copy
 import pytest
 
 import torch
+
+from d2lora_min.nn.fused import set_fused
 from hypothesis import given
 
 from .helpers import CANCEL_UNITS, RTOL, cancellation_ratio, layer_cases, make_layer, random_input
@@ -40,12 +42,12 @@ def test_fused_path_is_as_accurate_as_the_plain_path(case):
 
     # the reference: the plain path in float64 on the same (rounded) tensors and inputs
     ref_layer = copy.deepcopy(layer).double()
-    ref_layer.use_fused = False
+    set_fused(ref_layer, False)
     reference = _run(ref_layer, x.double(), grad_out)
 
-    layer.use_fused = True
+    set_fused(layer, True)
     fused = _run(layer, x, grad_out.to(x.dtype))
-    layer.use_fused = False
+    set_fused(layer, False)
     plain = _run(layer, x, grad_out.to(x.dtype))
     names = ["y", "x"] + [n for n, p in layer.named_parameters() if p.requires_grad]
     ratio = cancellation_ratio(layer)  # digits lost to a row that nearly cancels (1 for ordinary rows)
@@ -69,13 +71,13 @@ def test_a_bias_that_dominates_the_output_keeps_the_gradient_of_the_factor_exact
     with torch.no_grad():
         base.bias[1] = 10.0
     layer = DoRALinear(base, r=2, alpha=2.0)
-    layer.use_fused = True
+    set_fused(layer, True)
     with torch.no_grad():
         layer.lora_B.normal_()
         layer.magnitude[1] = 1e-4
     x, g = torch.randn(5, 6), torch.randn(5, 3)
     reference = copy.deepcopy(layer).double()
-    reference.use_fused = False
+    set_fused(reference, False)
     (want,) = torch.autograd.grad((reference(x.double()) * g.double()).sum(), reference.magnitude)
     (got,) = torch.autograd.grad((layer(x) * g).sum(), layer.magnitude)
     assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-6)
@@ -116,7 +118,36 @@ def test_evaluation_keeps_nothing_for_backward(monkeypatch):
     monkeypatch.setattr(fused, "bias_dominates", forbidden)
     x = torch.randn(4, 6)
     for layer in (DoRALinear(nn.Linear(6, 3), r=2, alpha=2.0), D2LoRALinear(nn.Linear(6, 3), r=2, alpha=2.0, readd_delta=False)):
-        layer.use_fused = True
+        set_fused(layer, True)
         with torch.no_grad():
             y = layer(x)
         assert not y.requires_grad and y.grad_fn is None
+
+
+@pytest.mark.parametrize("method", ["dora", "d2lora"])
+def test_a_second_derivative_is_right_on_the_plain_path_and_refused_by_the_fused_one(method):
+    # A gradient penalty differentiates the gradient: the plain path's autograd does it right (checked against the
+    # dense merged weight's), the fused backward is written for one derivative only and says so rather than answer.
+    import torch.nn as nn
+
+    from d2lora_min.nn import METHODS
+
+    from .helpers import perturb_adapters
+
+    torch.manual_seed(0)
+    layer = METHODS[method](nn.Linear(6, 4).double(), r=2, alpha=4.0)
+    perturb_adapters(layer, 0)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def penalty_gradient(forward):
+        (gx,) = torch.autograd.grad(forward(x.requires_grad_(True)).square().sum(), [x], create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), params)
+
+    plain = penalty_gradient(layer)
+    dense = penalty_gradient(lambda v: nn.functional.linear(v, layer.merged_weight(), layer.base.bias))
+    for a, b in zip(plain, dense, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    set_fused(layer, True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        penalty_gradient(layer)

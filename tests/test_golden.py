@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+
+from d2lora_min.nn.fused import set_fused
 from safetensors.torch import load_file
 
 from d2lora_min import reference as ref
@@ -165,7 +167,7 @@ def layer_from_case(meta, stored, fused):
         if meta["bias"]:
             base.bias.copy_(stored["bias"])
     layer = METHODS[meta["method"]](base, r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"], **meta["options"])
-    layer.use_fused = fused
+    set_fused(layer, fused)
     with torch.no_grad():
         for n, t in layer.state_dict().items():
             if n in stored:

@@ -34,8 +34,8 @@ def test_editing_a_methods_plain_math_changes_what_compare_trains_and_scores(tmp
 
     # a learner's edits: DoRA's per-row factor halved (a helper its forward() calls), D2-LoRA without its negative
     # branch (its stacked_factors())
-    def half_factor(target, v_norm, detach_norm):
-        return 0.5 * target.to(v_norm.dtype) / v_norm.clamp_min(1e-12)
+    def half_factor(target, V, detach_norm):
+        return 0.5 * target.to(V.dtype) / V.norm(dim=1).clamp_min(1e-12)
 
     def positive_branch_only(self):
         A = torch.cat([self.lora_A_pos, self.lora_A_neg], dim=0)  # (2r, in)
@@ -61,8 +61,8 @@ def test_a_new_layer_runs_the_plain_forward_of_its_method_file(monkeypatch):
     for layer in layers:
         perturb_adapters(layer, 0)
     before = [layer(x) for layer in layers]
-    monkeypatch.setattr(dora, "row_factor", lambda target, v_norm, detach: 0.5 * target / v_norm)
-    monkeypatch.setattr(d2lora, "row_factor", lambda target, v_norm, detach: 0.5 * target / v_norm)
+    monkeypatch.setattr(dora, "row_factor", lambda target, V, detach: 0.5 * target / V.norm(dim=1))
+    monkeypatch.setattr(d2lora, "row_factor", lambda target, V, detach: 0.5 * target / V.norm(dim=1))
     after = [layer(x) for layer in layers]
     assert all(not torch.allclose(a, b) for a, b in zip(before, after))
 
@@ -71,8 +71,8 @@ def test_the_fused_setting_runs_the_fused_path_as_runs_of_their_own(tmp_path, mo
     from d2lora_min.nn import fused
 
     calls = []
-    original = fused.dora_forward
-    monkeypatch.setattr(fused, "dora_forward", lambda layer, x: calls.append(1) or original(layer, x))
+    original = fused.FusedDoRALinear.forward
+    monkeypatch.setattr(fused.FusedDoRALinear, "forward", lambda layer, x: calls.append(1) or original(layer, x))
     plain = _tiny_runs(tmp_path / "out", "dora", monkeypatch)
     assert not calls  # the default: DoRALinear.forward's plain math
     assert compare_main(TINY + ["--methods", "lora dora", "--out", str(tmp_path / "out"), "--fused=true"]) == 0

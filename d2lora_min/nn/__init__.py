@@ -4,8 +4,8 @@
     from d2lora_min.nn import inject_adapters, merge_adapters, adapter_state_dict, load_adapter_state_dict
 
 Read lora.py, dora.py, d2lora.py in that order (each leans on base.py for what they share): their forward() is what
-runs. fused.py is an opt-in optimisation of the last two (set_fused); inject.py puts adapters into models,
-checkpoint.py saves and loads them.
+runs. fused.py is an opt-in optimisation of the last two (set_fused swaps its subclasses in; the method files never
+import it); inject.py puts adapters into models, checkpoint.py saves and loads them.
 """
 
 from .base import NORM_EPS, AdapterLinear, norm_dtype, row_factor, row_norm

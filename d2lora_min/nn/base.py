@@ -31,14 +31,15 @@ def row_norm(weight):
     return torch.linalg.vector_norm(weight.to(norm_dtype(weight.dtype)), dim=1)
 
 
-def row_factor(target, v_norm, detach_norm):
-    """c = target / norm(V): the factor that gives row i of c[:, None] * V the norm |target[i]| -> (out,).
+def row_factor(target, V, detach_norm):
+    """c = target / norm(V) -> (out,), in norm_dtype: the factor that gives row i of c[:, None] * V the norm |target[i]|.
 
-    detach_norm=True treats norm(V) as a constant in backward. The clamp keeps a zero row at zero instead of
+    detach_norm=True treats norm(V) as a constant in backward; it is then taken without recording it for autograd, so
+    nothing (out, in)-sized is kept for a backward that will not use it. The clamp keeps a zero row at zero instead of
     NaN (and its gradient is 0 below NORM_EPS).
     """
-    if detach_norm:
-        v_norm = v_norm.detach()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_norm):
+        v_norm = row_norm(V)  # L2 over in_features -> (out,)
     return target.to(v_norm.dtype) / v_norm.clamp_min(NORM_EPS)  # (out,)
 
 
@@ -52,11 +53,15 @@ def factor_as(c, dtype):
     return c.clamp(-big, big).to(dtype)
 
 
-def scale_outputs(h, c, bias):
-    """y = c * h + bias for h (..., out) and c, bias (out,), in h's dtype (what nn.Linear returns, also
-    under autocast, where h is bfloat16 and c, bias are float32)."""
-    y = h * factor_as(c, h.dtype)  # (..., out)
-    return y if bias is None else y + bias.to(h.dtype)
+def rescale_add(h, c, low):
+    """c * h + low for h, low (..., out) and the per-row factor c (out,), in one pass (torch.addcmul), returned in h's
+    dtype (what nn.Linear returns, also under autocast, where h is bfloat16 and c is float32).
+
+    For float16 and bfloat16 activations c stays in float32 (norm_dtype), so the sum is formed in float32 and rounded
+    once. During fine-tuning c sits close to 1 (1 - c about 1e-3), and bfloat16 spaces its numbers near 1 by 2^-8:
+    rounding c, or c * h, to bfloat16 first would drop the rescale from every output of the row alike.
+    """
+    return torch.addcmul(low, h, c).to(h.dtype)  # (..., out)
 
 
 def check_bool(name, value):
@@ -80,13 +85,11 @@ class AdapterLinear(nn.Module):
 
     Subclasses set OPTIONS (their extra constructor arguments with defaults) and implement
     delta_weight(), merged_weight() and forward(). forward() is the plain math, written out in each method's
-    file, and it is what runs. DoRA and D2-LoRA also have an opt-in fused implementation (fused.py: the same
-    math as one autograd function, less activation memory), switched on per layer by `use_fused = True` or for a
-    whole model by set_fused(model, True); LoRA has one path.
+    file, and it is what runs. DoRA and D2-LoRA also have an opt-in fused implementation: fused.py's subclasses,
+    which set_fused(model, True) swaps in (the same math as one autograd function, less activation memory).
     """
 
     OPTIONS = {}
-    use_fused = False  # True: DoRA and D2-LoRA run fused.py's autograd function instead of forward()'s plain math
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -127,12 +130,13 @@ class AdapterLinear(nn.Module):
         return nn.Parameter(torch.zeros(self.out_features, self.r, device=w.device, dtype=w.dtype))
 
     def _low_rank(self, x, lora_A, lora_B):
-        """The low-rank branch through its factors: s * (dropout(x) @ A.T) @ B.T, never an (out, in) matrix.
+        """The low-rank branch through its factors: (dropout(x) @ A.T) @ (s * B).T, never an (out, in) matrix.
 
-        x: (..., in), lora_A: (k, in), lora_B: (out, k) -> (..., out)
+        x: (..., in), lora_A: (k, in), lora_B: (out, k) -> (..., out). The scaling s goes on the (out, k) factor,
+        not on the (..., out) activations, which would cost a pass over them.
         """
         z = F.linear(self.lora_dropout(x), lora_A)  # (..., k)
-        return self.scaling * F.linear(z, lora_B)  # (..., out)
+        return F.linear(z, self.scaling * lora_B)  # (..., out)
 
     # --- what every method provides ----------------------------------------------------------------
 

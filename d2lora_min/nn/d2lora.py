@@ -25,8 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fused
-from .base import AdapterLinear, check_bool, check_real, row_factor, row_norm, scale_outputs
+from .base import AdapterLinear, check_bool, check_real, rescale_add, row_factor, row_norm
 
 
 class D2LoRALinear(AdapterLinear):
@@ -42,9 +41,11 @@ class D2LoRALinear(AdapterLinear):
     Trainable parameters: 2r * (in + out) = LoRA(2r)'s (+ 1 with a learned tau).
 
     P(V) puts row i of W0 + dW on the sphere of radius norm(W0_i) (exactly, for rows with norm(V_i) >= eps); the
-    re-added dW then moves it off the sphere again. The forward pass goes through the factors (z = dropout(x) @ A.T,
-    stacked factors):
-        y = c * (x @ W0.T + s * z @ B.T) + b + s * z @ B.T,    c = t / norm(V)
+    re-added dW then moves it off the sphere again. Written with c = t / norm(V), the weight is
+        W = P(V) + dW = c W0 + (c + 1) dW
+    (W0 only rescaled; the update enters with weight c + 1, about 2), and forward() applies it through the factors
+    (z = dropout(x) @ A.T, stacked factors), with c + 1 folded into the rows of the (out, 2r) factor B:
+        y = c * (x @ W0.T) + z @ (s (c + 1) B).T + b
 
     What tau does: tau * B_neg can be rescaled into B_neg, so tau adds no expressiveness; fixed, it sets the size
     of the negative branch's contribution relative to its weights (and, under Adam, its effective step size).
@@ -105,24 +106,22 @@ class D2LoRALinear(AdapterLinear):
         return self.scaling * B @ A  # s * (B_pos @ A_pos - tau * B_neg @ A_neg): (out, in)
 
     def merged_weight(self):
-        dW = self.delta_weight()  # (out, in)
-        V = self.base.weight + dW  # (out, in)
+        W0, dW = self.base.weight, self.delta_weight()  # (out, in) each
         if not self.project:
-            return V
-        c = row_factor(self.target_norm, row_norm(V), self.detach_norm)  # t / norm(V): (out,)
-        P = (c[:, None] * V).to(V.dtype)  # (out, in): row i has norm t[i]
-        return P + dW if self.readd_delta else P  # (out, in)
+            return W0 + dW  # W = V: (out, in)
+        c = row_factor(self.target_norm, W0 + dW, self.detach_norm)  # t / norm(V): (out,)
+        c_dW = c + 1 if self.readd_delta else c  # the update's weight: P(V) + dW = c W0 + (c + 1) dW, P(V) = c W0 + c dW
+        return (c[:, None] * W0 + c_dW[:, None] * dW).to(W0.dtype)  # (out, in)
 
     def forward(self, x):  # x: (..., in)
-        if self.project and fused.applies(self):  # opt-in (set_fused): the math below as one autograd function, in fused.py
-            return fused.d2lora_forward(self, x)
         W0, b = self.base.weight, self.base.bias
         A, B = self.stacked_factors()  # (2r, in), (out, 2r)
-        low = self._low_rank(x, A, B)  # s * (dropout(x) @ A.T) @ B.T, the update through its factors: (..., out)
-        h = F.linear(x, W0) + low  # x @ V.T = x @ W0.T + x @ dW.T: (..., out)
         if not self.project:
-            return h if b is None else h + b.to(h.dtype)  # (..., out)
+            return F.linear(x, W0, b) + self._low_rank(x, A, B)  # x @ (W0 + dW).T + b: (..., out)
         V = W0 + self.scaling * B @ A  # (out, in): only its row norms are used
-        c = row_factor(self.target_norm, row_norm(V), self.detach_norm)  # t / norm(V): (out,)
-        y = scale_outputs(h, c, b)  # x @ P(V).T + b = c * h + b: (..., out)
-        return y + low if self.readd_delta else y  # + x @ dW.T: (..., out)
+        c = row_factor(self.target_norm, V, self.detach_norm)  # t / norm(V): (out,)
+        c_dW = c + 1 if self.readd_delta else c  # as in merged_weight: W = c W0 + (c + 1) dW, or c W0 + c dW
+        # x @ W.T + b: c rescales x @ W0.T, and c_dW goes into B's rows on the update's side
+        z = F.linear(self.lora_dropout(x), A)  # (..., 2r)
+        low = F.linear(z, (self.scaling * c_dW[:, None] * B).to(B.dtype), b)  # x @ (c_dW dW).T + b: (..., out)
+        return rescale_add(F.linear(x, W0), c, low)  # c * (x @ W0.T) + low: (..., out)

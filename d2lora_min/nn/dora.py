@@ -6,12 +6,11 @@ LoRA updates the *direction* of each output row; a learned vector sets each row'
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import fused
-from .base import AdapterLinear, check_bool, row_factor, row_norm, scale_outputs
+from .base import AdapterLinear, check_bool, rescale_add, row_factor, row_norm
 
 
 class DoRALinear(AdapterLinear):
-    """V = W0 + s * B @ A;   W = (m / norm(V))[:, None] * V
+    """V = W0 + s * B @ A;   W = (m / norm(V))[:, None] * V = c W0 + c dW,   c = m / norm(V),   dW = s * B @ A
 
     W0 = self.base.weight (out, in), frozen; bias b = self.base.bias, frozen
     A  = self.lora_A (r, in),  Kaiming-uniform like nn.Linear
@@ -25,6 +24,9 @@ class DoRALinear(AdapterLinear):
     norm(V_i) / eps): the magnitude alone sets each row's length, and the low-rank update only turns the row. To first order in dW = s * B @ A (per row, u_i = W0_i / norm(W0_i), and
     tan_i = dW_i - (dW_i . u_i) u_i the part of the update that turns the row):
         W_i = W0_i + tan_i + (m_i - norm(W0_i)) u_i        (the factors turn, the magnitude stretches)
+
+    forward() applies W = c W0 + c dW through the factors (z = dropout(x) @ A.T), with c folded into the rows of B:
+        y = c * (x @ W0.T) + z @ (s c B).T + b
 
     detach_norm=True (default) treats norm(V) as a constant in backward, as the DoRA paper does to save memory
     (sec. 4.3) and as PEFT does; it changes the gradients, not the output.
@@ -43,16 +45,15 @@ class DoRALinear(AdapterLinear):
         return self.scaling * self.lora_B @ self.lora_A  # (out, in)
 
     def merged_weight(self):
-        V = self.base.weight + self.delta_weight()  # (out, in)
-        c = row_factor(self.magnitude, row_norm(V), self.detach_norm)  # m / norm(V): (out,)
-        return (c[:, None] * V).to(V.dtype)  # (out, in): row i has norm |m[i]|
+        W0, dW = self.base.weight, self.delta_weight()  # (out, in) each
+        c = row_factor(self.magnitude, W0 + dW, self.detach_norm)  # m / norm(V): (out,)
+        return (c[:, None] * W0 + c[:, None] * dW).to(W0.dtype)  # W = c W0 + c dW: (out, in), row i has norm |m[i]|
 
     def forward(self, x):  # x: (..., in)
-        if fused.applies(self):  # opt-in (set_fused): the math below as one autograd function, in fused.py
-            return fused.dora_forward(self, x)
-        W0, b = self.base.weight, self.base.bias
+        W0, b, B = self.base.weight, self.base.bias, self.lora_B
         V = W0 + self.delta_weight()  # (out, in): only its row norms are used
-        c = row_factor(self.magnitude, row_norm(V), self.detach_norm)  # m / norm(V): (out,)
-        # x @ W.T = c * (x @ V.T) = c * (x @ W0.T + s * (x @ A.T) @ B.T): c scales outputs
-        h = F.linear(x, W0) + self._low_rank(x, self.lora_A, self.lora_B)  # (..., out)
-        return scale_outputs(h, c, b)  # c * h + b: (..., out)
+        c = row_factor(self.magnitude, V, self.detach_norm)  # m / norm(V): (out,)
+        # x @ W.T + b with W = c W0 + c dW: c rescales x @ W0.T, and goes into B's rows on the update's side
+        z = F.linear(self.lora_dropout(x), self.lora_A)  # (..., r)
+        low = F.linear(z, (self.scaling * c[:, None] * B).to(B.dtype), b)  # x @ (c dW).T + b: (..., out)
+        return rescale_add(F.linear(x, W0), c, low)  # c * (x @ W0.T) + low: (..., out)

@@ -1,9 +1,10 @@
 """The fused path of DoRA and D2-LoRA, opt-in: the same math as the plain forward() in dora.py and d2lora.py, as
 one autograd function per layer whose backward is written out by hand. Read those files first: the plain path is
-what runs unless a layer's `use_fused` flag is set (set_fused(model, True), or `--fused=true` for make compare).
-tests/test_fused.py checks outputs and every gradient against the plain path (and torch.autograd.gradcheck checks
-the hand-written backward in float64). What it buys is activation memory, for DoRA most of all: it keeps for
-backward only what its backward needs (`make bench` measures both paths side by side).
+what runs; set_fused(model, True) (or `--fused=true` for make compare) swaps in the subclasses at the end of this
+file, and the method files never import it. tests/test_fused.py checks outputs and every gradient against the plain
+path (and torch.autograd.gradcheck checks the hand-written backward in float64). What it buys is activation memory,
+for DoRA most of all: it keeps for backward only what its backward needs (`make bench` measures both paths side by
+side). It computes first derivatives only: a second one (create_graph=True) is refused with a clear error.
 
 Both methods compute, for x (..., in) and xd = dropout(x) (x itself without dropout):
 
@@ -13,22 +14,25 @@ Both methods compute, for x (..., in) and xd = dropout(x) (x itself without drop
     c   = target / max(norm(V), eps)     (out,)       target = DoRA's magnitude or D2-LoRA's t = norm(W0)
     y   = c * h + b            (+ low with D2-LoRA's readd_delta: the paper's form, y = x @ (P(V) + dW).T + b)
 
+(the plain forward() writes the same y as c * (x @ W0.T) + z @ (s c' B).T + b, c' = c + 1 or c: one form of the
+merged weight c W0 + c' dW).
+
 D2-LoRA passes its two branches, stacked inside: A = [A_pos; A_neg] (2r, in), B = [B_pos, -tau * B_neg] (out, 2r).
 
 What the fused function saves, and why it stays exact (the same values up to rounding):
 - Autograd nodes. Plain autograd records a dozen small operations per layer, each a backward node that keeps its
   inputs; the fused function is one node that keeps only what its backward needs. (It makes about as many operator
   calls: `make bench` counts them.)
-- New activation-sized tensors. Each new (N, out) tensor is a pass over memory that is not in cache. Forward turns
-  x @ W0.T into h in place and, in the paper's form, low into y in place: two new (N, out) tensors, where forming
-  each intermediate on its own takes five (x @ W0.T, low, h, low + b, y). The order of the additions differs from
-  the plain path's (the plain path adds (c * h + b) + low, this one (low + b) + c * h), so the two round differently,
-  within the tolerances the tests hold both to.
-- A weight-sized tensor. The norm needs V (out, in). The plain path keeps it for backward; here it is formed
-  without gradient tracking in forward, used for its row norms and for V @ A.T (out, k), which is kept, and
-  dropped. V is formed explicitly, W0 + s * B @ A, as in the plain path (in float32 for float16/bfloat16 weights,
-  where the plain path adds in the weights' dtype), so the norms - also of rows that nearly cancel - carry the plain
-  path's rounding, not more
+- New activation-sized tensors. Each new (N, out) tensor is a pass over memory that is not in cache. In the paper's
+  form forward turns x @ W0.T into h in place and low into y in place: two new (N, out) tensors. The order of the
+  additions differs from the plain path's, so the two round differently, within the tolerances the tests hold both
+  to. In 16-bit, c stays float32 and y's last step adds c * h (or c * x @ W0.T) to a sum that varies from token to
+  token, so that a factor near 1 is not rounded away (as in the plain path).
+- A weight-sized tensor. The norm needs V (out, in). The plain path keeps it for backward (with an attached norm);
+  here it is formed without gradient tracking in forward, used for its row norms and for V @ A.T (out, k), which is
+  kept, and dropped. V is formed explicitly, W0 + s * B @ A, as in the plain path (in float32 for float16/bfloat16
+  weights, where the plain path adds in the weights' dtype), so the norms - also of rows that nearly cancel - carry
+  the plain path's rounding, not more
   (the expansion norm(V_i)^2 = norm(W0_i)^2 + 2s<B_i, (W0 A^T)_i> + s^2 B_i A A^T B_i^T, which needs no V, loses
   digits there: it subtracts numbers of size norm(W0_i)^2 to get a small one). Backward needs V only through that
   V @ A.T and through (k B).T @ V, which the factors give: (k B).T @ W0 + s ((k B).T @ B) @ A.
@@ -73,7 +77,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import NORM_EPS, factor_as, norm_dtype
+from .base import NORM_EPS, check_bool, factor_as, norm_dtype
+from .d2lora import D2LoRALinear
+from .dora import DoRALinear
 
 
 def _to(t, dtype):
@@ -118,21 +124,24 @@ class RowScaledLowRank(torch.autograd.Function):
         x2 = x.reshape(-1, n_in)  # (N, in)
         xd2 = x2 if xd is None else xd.reshape(-1, n_in)  # (N, in)
         s_z = F.linear(xd2, _to(A, dt)).mul_(s)  # s * z = s * xd @ A.T: (N, k), the scaling on the small side
-        # Every new (..., out) tensor costs a pass over fresh memory, so few are formed: x @ W0.T becomes h in place,
-        # and in the paper's form low becomes y in place (y has a tensor of its own only without the re-added low).
-        # low is formed with the leading dimensions (linear folds them), so that y is not a view of something else.
-        h = F.linear(x2, _to(W0, dt)).view(*lead, n_out)  # x @ W0.T: (..., out)
+        # Every new (..., out) tensor costs a pass over fresh memory, so few are formed: in the paper's form x @ W0.T
+        # becomes h in place and low becomes y in place. low is formed with the leading dimensions (linear folds them),
+        # so that y is not a view of something else.
+        h0 = F.linear(x2, _to(W0, dt)).view(*lead, n_out)  # x @ W0.T: (..., out)
         low = F.linear(s_z.view(*lead, s_z.shape[-1]), _to(B, dt))  # s * z @ B.T = x @ dW.T: (..., out)
-        h = h.add_(low)  # x @ W0.T + low = x @ V.T: (..., out)
         V = torch.addmm(_to(W0, ndt), _to(B, ndt), _to(A, ndt), alpha=s)  # (out, in), dropped after its norms
         norm = torch.linalg.vector_norm(V, dim=1)  # L2 over in_features -> (out,)
         c = _to(target, ndt) / norm.clamp_min(NORM_EPS)  # (out,)
-        cd = factor_as(c, dt)  # (out,)
+        # c stays in float32 for 16-bit activations, and the last step adds c * x @ W0.T to a sum that varies from token
+        # to token: y is rounded off h's grid, so a c near 1 is not lost (as in base.rescale_add)
         b = None if bias is None else _to(bias, dt)  # (out,)
         if settings.readd:  # the paper's form: y = (low + b) + c * h, formed in low's memory (low is not needed again)
-            y = (low if b is None else low.add_(b)).addcmul_(h, cd)  # (..., out)
-        else:  # y = b + c * h, a new tensor (it may be kept for backward)
-            y = h * cd if b is None else torch.addcmul(b, h, cd)  # (..., out)
+            h = h0.add_(low)  # x @ W0.T + low = x @ V.T: (..., out)
+            y = (low if b is None else low.add_(b)).addcmul_(h, c)  # (..., out)
+        else:  # y = (c * low + b) + c * x @ W0.T, in low's memory; h = x @ V.T a tensor of its own (it may be kept)
+            h = h0 + low  # (..., out)
+            y = (low.mul_(c) if b is None else low.mul_(c).add_(b)).addcmul_(h0, c)  # (..., out)
+        del h0
 
         needs = dict(zip(INPUTS, ctx.needs_input_grad))
         need_factors = settings.grad and any(needs[k] for k in ("A", "B", "A_neg", "B_neg", "tau"))  # a factor's gradient?
@@ -146,6 +155,9 @@ class RowScaledLowRank(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, G):
+        if torch.is_grad_enabled():  # create_graph=True: the backward below is not itself differentiable
+            raise RuntimeError("the fused path (nn/fused.py) computes first derivatives only; a second one (create_graph="
+                               "True, e.g. a gradient penalty) needs the plain path: set_fused(model, False)")  # fmt: skip
         x2, xd2, s_z, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau = ctx.saved_tensors
         st, needs = ctx.settings, dict(zip(INPUTS, ctx.needs_input_grad))
         s, dt, ndt = st.s, x2.dtype, c.dtype
@@ -241,32 +253,50 @@ def row_scaled_low_rank(layer, x, A, B, target, detach_norm, keep_h=False, readd
         return RowScaledLowRank.apply(*args)
 
 
-def applies(layer):
-    """Whether `layer` runs the fused path: its `use_fused` flag is on and its base is frozen (the hand-written
-    backward has no gradient for W0 or the bias; someone who unfreezes them gets the plain path)."""
-    return layer.use_fused and not any(p.requires_grad for p in layer.base.parameters())
+def base_is_frozen(layer):
+    """The hand-written backward has no gradient for W0 or the bias: a layer whose base was unfrozen runs the plain
+    forward() instead."""
+    return not any(p.requires_grad for p in layer.base.parameters())
 
 
-def dora_forward(layer, x):
-    """DoRALinear.forward, fused. A magnitude of exactly 0 keeps h for its gradient (see the module docstring)."""
-    keep_h = layer.magnitude.requires_grad and torch.is_grad_enabled() and bool((layer.magnitude == 0).any())
-    return row_scaled_low_rank(layer, x, layer.lora_A, layer.lora_B, layer.magnitude, layer.detach_norm, keep_h)
+class FusedDoRALinear(DoRALinear):
+    """DoRALinear whose forward() is RowScaledLowRank (set_fused swaps it in): the same math and parameters."""
+
+    def forward(self, x):
+        if not base_is_frozen(self):
+            return super().forward(x)
+        # a magnitude of exactly 0 keeps h for its gradient (see the module docstring)
+        keep_h = self.magnitude.requires_grad and torch.is_grad_enabled() and bool((self.magnitude == 0).any())
+        return row_scaled_low_rank(self, x, self.lora_A, self.lora_B, self.magnitude, self.detach_norm, keep_h)
 
 
-def d2lora_forward(layer, x):
-    """D2LoRALinear.forward (with the projection), fused; the paper's form when layer.readd_delta."""
-    negative = (layer.lora_A_neg, layer.lora_B_neg, layer.tau)  # stacked inside: B = [B_pos, -tau * B_neg]
-    return row_scaled_low_rank(layer, x, layer.lora_A_pos, layer.lora_B_pos, layer.target_norm, layer.detach_norm,
-                               readd=layer.readd_delta, negative=negative)  # fmt: skip
+class FusedD2LoRALinear(D2LoRALinear):
+    """D2LoRALinear whose forward() (with the projection) is RowScaledLowRank; the paper's form when readd_delta."""
+
+    def forward(self, x):
+        if not self.project or not base_is_frozen(self):
+            return super().forward(x)
+        negative = (self.lora_A_neg, self.lora_B_neg, self.tau)  # stacked inside: B = [B_pos, -tau * B_neg]
+        return row_scaled_low_rank(self, x, self.lora_A_pos, self.lora_B_pos, self.target_norm, self.detach_norm,
+                                   readd=self.readd_delta, negative=negative)  # fmt: skip
+
+
+FUSED = {DoRALinear: FusedDoRALinear, D2LoRALinear: FusedD2LoRALinear}  # plain class -> its fused subclass
 
 
 def set_fused(model, enabled=True):
-    """Run the fused (True) or the plain (False, the default) implementation in every adapter layer of `model`
-    (LoRA has only the plain one); returns the model."""
-    from .base import AdapterLinear, check_bool
-
+    """Run the fused (True) or the plain (False, the default) implementation in every DoRA and D2-LoRA layer of `model`
+    (a model or one layer; LoRA has only the plain one): each such layer's class becomes its fused subclass, or its
+    plain class again. Parameters, buffers and options stay as they are. Returns the model."""
     enabled = check_bool("enabled", enabled)  # the string "false" must not switch the fused path on
+    plain_of = {fused: plain for plain, fused in FUSED.items()}
     for m in model.modules():
-        if isinstance(m, AdapterLinear):
-            m.use_fused = enabled
+        plain = plain_of.get(type(m), type(m))
+        if plain in FUSED:
+            m.__class__ = FUSED[plain] if enabled else plain
     return model
+
+
+def is_fused(layer):
+    """Whether `layer` runs the fused path (set_fused)."""
+    return type(layer) in FUSED.values()

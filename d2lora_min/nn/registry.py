@@ -36,8 +36,10 @@ def display_name(name):
 
 
 def method_name(layer):
-    """The registry name of an adapter layer's class."""
-    for name, cls in METHODS.items():
-        if type(layer) is cls:
-            return name
+    """The registry name of an adapter layer's class (or of the registered class it derives from: a fused layer is
+    the method it fuses)."""
+    names = {cls: name for name, cls in METHODS.items()}
+    for cls in type(layer).__mro__:
+        if cls in names:
+            return names[cls]
     raise ValueError(f"{type(layer).__name__} is not registered in METHODS")

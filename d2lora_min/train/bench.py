@@ -76,16 +76,16 @@ COMPARE_ROWS = 10  # rows of 128 positions in a packed step of make compare (32 
 
 
 def shapes(quick):
+    """[(name, config, batch, seq, steps timed together per repetition, targets)]: short steps are timed in groups."""
     default = dict(vocab_size=VOCAB_SIZE, n_layer=2, n_head=4, d_model=128, block_size=128)
-    # (name, config, batch, seq, steps timed together per repetition: short steps are timed in groups)
-    grid = [("compare d128, packed 10 x 128", GPTConfig(**default), COMPARE_ROWS, 128, 3),
-            ("d128, 32 x 128", GPTConfig(**default), 32, 128, 3)]  # fmt: skip
+    mid = GPTConfig(vocab_size=VOCAB_SIZE, block_size=128, n_layer=4, n_head=4, d_model=256)
     big = GPTConfig(vocab_size=VOCAB_SIZE, block_size=512, n_layer=2, n_head=12, d_model=768)
-    grid.append(("compute-bound d768 seq512", big, 1 if quick else 2, 512, 1))
-    return grid
+    return [("compare d128, packed 10 x 128", GPTConfig(**default), COMPARE_ROWS, 128, 3, TARGETS),
+            ("mid d256 4 blocks, 16 x 128, every linear", mid, 16, 128, 1, TARGET_GROUPS["all"]),
+            ("compute-bound d768 seq512", big, 1 if quick else 2, 512, 1, TARGETS)]  # fmt: skip
 
 
-def make_models(config, device, peft_ok):
+def make_models(config, device, peft_ok, targets=TARGETS):
     """{label: model} for the base and every method (each its own copy), plus PEFT's LoRA and DoRA."""
     torch.manual_seed(0)
     base = GPT(config).to(device)
@@ -93,7 +93,7 @@ def make_models(config, device, peft_ok):
     for label, method, opts in bench_methods():
         opts = dict(opts)
         r = opts.pop("r")
-        models[label] = inject_adapters(copy.deepcopy(base), method, r=r, alpha=2 * r, targets=TARGETS, **opts)
+        models[label] = inject_adapters(copy.deepcopy(base), method, r=r, alpha=2 * r, targets=targets, **opts)
         if label.endswith(" fused"):
             set_fused(models[label], True)
     if peft_ok:
@@ -103,7 +103,7 @@ def make_models(config, device, peft_ok):
             m = copy.deepcopy(base)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS), lora_dropout=0.0, use_dora=dora)
+                cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0, use_dora=dora)
                 models[label] = inject_adapter_in_model(cfg, m)
     return models
 
@@ -134,9 +134,9 @@ def eval_times(models, x, device, reps, inner):
     return interleaved({k: (lambda m=m: m(x)) for k, m in evals.items()}, device, reps, 3 * inner)
 
 
-def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok):
+def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok, targets=TARGETS):
     """Every measurement of one shape: training steps (interleaved), operator calls, memory, evaluation."""
-    models = make_models(config, device, peft_ok)
+    models = make_models(config, device, peft_ok, targets)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
     y = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
@@ -216,11 +216,11 @@ def main(argv=None):
                  + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "") + f", {reps} interleaved reps, medians")  # fmt: skip
         print(facts, flush=True)
         results = []
-        for name, config, batch, seq, inner in shapes(args.quick):
+        for name, config, batch, seq, inner, targets in shapes(args.quick):
             if args.only and args.only not in name:
                 continue
             t0 = time.time()
-            results.append(bench_shape(name, config, batch, seq, inner, device, reps, peft_ok))
+            results.append(bench_shape(name, config, batch, seq, inner, device, reps, peft_ok, targets))
             print(f"{name}: {time.time() - t0:.0f} s", flush=True)
         sweep = None
         if not args.only or args.only in "sweep":

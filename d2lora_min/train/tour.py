@@ -200,7 +200,7 @@ def radial_fractions(model, get_batch, detach):
             A, B = layer.stacked_factors()
             V = (layer.base.weight + layer.scaling * B @ A).detach().requires_grad_(True)  # (out, in)
             leaves[name] = V
-            c = row_factor(layer.target_norm, row_norm(V), detach)  # (out,)
+            c = row_factor(layer.target_norm, V, detach)  # (out,)
             W = c[:, None] * V + (V - layer.base.weight if layer.readd_delta else 0)  # P(V) (+ dW): (out, in)
             return nn.functional.linear(x, W, layer.base.bias)
 
