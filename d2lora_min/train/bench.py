@@ -31,6 +31,7 @@ import argparse
 import copy
 import os
 import platform
+import random
 import re
 import statistics
 import sys
@@ -43,13 +44,90 @@ import torch
 from ..atomic import check_writable, write_json, write_text
 from ..nn import METHODS, display_name, inject_adapters, merge_adapters, set_fused
 from .data import VOCAB_SIZE
-from .bench_measure import aten_calls, interleaved, memory_of
-from .bench_report import markdown, paired_ratio, ratios
 from .cli import UsageError, run_cli
 from .report import PUBLISHED
 from .specs import TARGET_GROUPS
 from .trainer import TrainConfig, make_optimizer, pick_device
 from tiny_gpt import GPT, GPTConfig
+
+
+# --- how it measures ----------------------------------------------------------------------------------
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, inner=1):
+    """Seconds per call of fn, over `inner` consecutive calls."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / inner
+
+
+def interleaved(fns, device, reps, inner, seed=0):
+    """{name: [seconds per call, one per repetition]}. Each repetition times every fn once, in a fresh random
+    (seeded) order."""
+    rng = random.Random(seed)
+    order = list(fns)
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        rng.shuffle(order)
+        for k in order:
+            times[k].append(timed(fns[k], device, inner))
+    return times
+
+
+def saved_bytes(model, x, y):
+    """Bytes of the tensors autograd saves for backward in one forward pass (each storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        if t.device.type != "meta":
+            seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(x, y)
+    del loss
+    # parameters and buffers are not activation memory
+    params = {(p.untyped_storage().data_ptr(), p.device) for p in list(model.parameters()) + list(model.buffers())}
+    return sum(v for k, v in seen.items() if k not in params)
+
+
+def aten_calls(fn):
+    """Operator calls (aten::*, nested ones included) that one call of fn makes, counted by torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
+
+
+def memory_of(model, step, x, y, device):
+    """Saved activations, trainable state (parameters + gradients + 2 Adam moments), the step footprint, and on
+    CUDA the peak allocated during one step."""
+    n_trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    act = saved_bytes(model, x, y)
+    # the footprint at the start of backward, where a step peaks: every weight, the gradients and Adam's
+    # two moments of the trainable tensors, and every activation autograd kept
+    memory = {"saved_activation_bytes": act, "trainable_state_bytes": 3 * n_trainable, "weight_bytes": weights,
+              "step_footprint_bytes": weights + 3 * n_trainable + act}  # fmt: skip
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        sync(device)
+        memory["cuda_peak_step_bytes"] = torch.cuda.max_memory_allocated() - before
+    return memory
+
+
+# --- what it measures ----------------------------------------------------------------------------------
 
 
 # (label, method, options); every row runs the plain forward() of its method file (the default) but the "fused" rows,
@@ -180,6 +258,58 @@ def sequence_sweep(device, reps, batch=8, seqs=(64, 128, 256, 512)):
                      "DoRA(r) / LoRA(r)": paired_ratio(times, "DoRA(r)", "LoRA(r)"),
                      "LoRA(r) step ms": 1000 * statistics.median(times["LoRA(r)"])})  # fmt: skip
     return rows
+
+
+# --- the report -----------------------------------------------------------------------------------------
+
+
+def paired_ratio(times, k, ref):
+    """Median over repetitions of times[k] / times[ref], both measured in the same repetition."""
+    return statistics.median(a / b for a, b in zip(times[k], times[ref]))
+
+
+def ratios(result):
+    st = result["train_step_reps_s"]
+    out = {k: {"vs LoRA(r)": paired_ratio(st, k, "LoRA(r)"), "vs LoRA(2r)": paired_ratio(st, k, "LoRA(2r)")} for k in st}
+    for k, label in (("PEFT LoRA(r)", "LoRA(r)"), ("PEFT DoRA(r)", "DoRA(r)")):
+        if k in st:
+            out[label]["ours / PEFT"] = paired_ratio(st, label, k)
+    for k in st:  # the opt-in fused path against the plain one it optimises
+        if k.endswith(" fused") and k[: -len(" fused")] in st:
+            out[k]["fused / plain"] = paired_ratio(st, k, k[: -len(" fused")])
+    ev = result["eval_reps_s"]
+    for label in st:  # throughput merged / base = time base / time merged
+        if f"{label} merged" in ev:
+            out[label]["merged / base"] = paired_ratio(ev, "base", f"{label} merged")
+    return out
+
+
+def markdown(results, facts, sweep=None):
+    lines = [f"machine: {facts}", ""]
+    for r in results:
+        rat = ratios(r)
+        ev = r["eval_tokens_per_s"]
+        mem = r["memory"]
+        lines += [f"### {r['name']} (batch {r['batch']} x seq {r['seq']})", "",
+                  "| method | train step (ms) | × LoRA(r) | × LoRA(2r) | ours / PEFT | fused / plain | aten calls / step | saved activations (MB) | step footprint (MB) | footprint × LoRA(2r) | eval tok/s unmerged | merged | merged / base |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for k, t in r["train_step_s"].items():
+            unmerged, merged = ev.get(f"{k} unmerged"), ev.get(f"{k} merged")
+            act, foot = mem[k]["saved_activation_bytes"], mem[k]["step_footprint_bytes"]
+            cells = [k, f"{1000 * t:.1f}", f"{rat[k]['vs LoRA(r)']:.2f}", f"{rat[k]['vs LoRA(2r)']:.2f}",
+                     f"{rat[k]['ours / PEFT']:.2f}" if "ours / PEFT" in rat[k] else "–",
+                     f"{rat[k]['fused / plain']:.2f}" if "fused / plain" in rat[k] else "–", f"{r['aten_calls_per_step'][k]:,}", f"{act / 2**20:.1f}",
+                     f"{foot / 2**20:.1f}", f"{foot / mem['LoRA(2r)']['step_footprint_bytes']:.2f}",
+                     f"{unmerged:,.0f}" if unmerged else "–", f"{merged:,.0f}" if merged else "–",
+                     f"{rat[k]['merged / base']:.2f}" if merged else "–"]  # fmt: skip
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", f"base model eval: {ev['base']:,.0f} tok/s", ""]
+    if sweep:
+        lines += ["", "### fixed batch of 8 sequences, default model (tokens per step grow with the sequence)", "",
+                  "| seq | tokens/step | LoRA(r) step (ms) | DoRA(r) / LoRA(r) | D2-LoRA(r) / LoRA(r) |", "|---|---|---|---|---|"]  # fmt: skip
+        for row in sweep:
+            lines.append(f"| {row['seq']} | {row['tokens']} | {row['LoRA(r) step ms']:.1f} | {row['DoRA(r) / LoRA(r)']:.2f} | {row['D2-LoRA(r) / LoRA(r)']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):

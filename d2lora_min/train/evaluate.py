@@ -8,8 +8,8 @@ how many of them are padding.
 """
 
 import math
+import statistics
 import time
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -17,47 +17,10 @@ import torch.nn.functional as F
 
 from tiny_gpt import KVCache
 
-from .tokenizer import EOT
+import numpy as np
 
-
-@dataclass
-class MCItem:
-    prompt: str
-    choices: list  # the answer strings, each starting with a space: [" Mira", " Kalo", ...]
-    answer: int  # index of the right choice
-    cluster: str = ""  # items sharing an entity (a person, a script) share it; "" = independent (see report.py)
-
-
-@dataclass
-class GenItem:
-    prompt: str
-    reference: str  # the expected answer, without the final newline
-    cluster: str = ""
-
-
-def pad_rows(rows, pad_id, length=None):
-    """List of 1-D id lists -> (B, length or the longest) LongTensor, right-padded with pad_id."""
-    t = length or max(len(r) for r in rows)
-    out = torch.full((len(rows), t), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-def pack(lengths, capacity):
-    """First-fit decreasing: group sequences of the given lengths into rows of at most `capacity` positions (a
-    sequence longer than that gets a row of its own) -> [[sequence indices, in the order they sit in the row]].
-    Deterministic: longer first, ties by index."""
-    rows, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        j = next((j for j, free in enumerate(room) if free >= lengths[i]), None)
-        if j is None:
-            rows.append([i])
-            room.append(capacity - lengths[i])
-        else:
-            rows[j].append(i)
-            room[j] -= lengths[i]
-    return rows
+from .data import EOT, pack, pad_rows
+from .tasks import TASKS, scored_field
 
 
 def batches_by_length(things, lengths, batch_size, slack=0.9):
@@ -262,3 +225,83 @@ def validation_loss(model, tokens, block_size, max_windows=256, batch_size=64):
         total += loss.item() * x.numel()
         count += x.numel()
     return total / count if count else math.nan
+
+
+def evaluate_items(model, tokenizer, splits, counts=None, split="test"):
+    """{task: per-item results} on the `split` items ("test" or "validation"): for multiple choice each choice's
+    summed log-likelihood and whether the summed and the length-normalised scorer pick the right choice; for
+    generative tasks the greedy answer, its ROUGE-L and exact match. counts, if given, accumulates the positions
+    computed and how many were padding."""
+    out = {}
+    for name, parts in splits.items():
+        test = getattr(parts, split)
+        task = TASKS[name]
+        if task.kind == "mc":
+            summed, per_token, used = score_choices(model, tokenizer, test)
+            out[name] = {
+                "correct_sum": [int(np.argmax(s) == it.answer) for s, it in zip(summed, test)],
+                "correct_mean": [int(np.argmax(s) == it.answer) for s, it in zip(per_token, test)],
+                "logp": [[round(v, 4) for v in s] for s in summed],
+            }
+        else:
+            answers, used = greedy_generate(model, tokenizer, [it.prompt for it in test], task.max_new_tokens)
+            out[name] = {
+                "rouge": [rouge_l_f1(a, it.reference) for a, it in zip(answers, test)],
+                "exact": [int(a.strip() == it.reference.strip()) for a, it in zip(answers, test)],
+                "answer": answers,
+            }
+        for k in counts if counts is not None else ():
+            counts[k] += used[k]
+    return out
+
+
+def task_scores(items, scoring):
+    """{task: score} from evaluate_items' per-item results (accuracy, or ROUGE-L and `<task>_exact`)."""
+    scores = {}
+    for name, res in items.items():
+        task = TASKS[name]
+        if task.kind == "mc":
+            scores[name] = float(np.mean(res[scored_field(task, scoring)]))
+        else:
+            scores[name], scores[name + "_exact"] = float(np.mean(res["rouge"])), float(np.mean(res["exact"]))
+    return scores
+
+
+def retention(model, tokenizer, probe):
+    """What fine-tuning kept of pretraining: held-out corpus loss (nats) and the facts probe in corpus wording."""
+    tokens, items = probe
+    facts = mc_accuracy(model, tokenizer, items)[0]
+    return {"heldout_loss": validation_loss(model, tokens, model.config.block_size), "facts_probe": facts}
+
+
+THROUGHPUT_REPS = 7  # interleaved forward passes per model; the median is reported
+
+
+@torch.no_grad()
+def forward_throughput(models, x, reps=THROUGHPUT_REPS):
+    """{name: tokens/s} of each model's forward pass on batch x: interleaved repetitions, median."""
+    x = x.to(next(next(iter(models.values())).parameters()).device)
+    times = {k: [] for k in models}
+    for m in models.values():
+        m(x)  # warm-up
+    for _ in range(reps):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m(x)
+            times[k].append(time.perf_counter() - t0)
+    return {k: x.numel() / statistics.median(v) for k, v in times.items()}
+
+
+LOGIT_PROBE_PER_TASK = 16  # test prompts per task on which unmerged and merged logits are compared
+
+
+def logit_probe_batch(tokenizer, splits, n_per_task=LOGIT_PROBE_PER_TASK):
+    """A fixed batch of test prompts on which unmerged and merged logits are compared."""
+    ids = [tokenizer.encode(item.prompt).ids for parts in splits.values() for item in parts.test[:n_per_task]]
+    return pad_rows(ids, tokenizer.token_to_id(EOT)), [len(r) for r in ids]
+
+
+@torch.no_grad()
+def real_logits(model, x, lengths):
+    logits, _ = model(x.to(next(model.parameters()).device))
+    return torch.cat([logits[b, :n] for b, n in enumerate(lengths)]).float().cpu()  # (sum of lengths, vocab)

@@ -20,6 +20,21 @@ from ..nn.inject import check_targets
 from .cli import UsageError, check_range, parse_value
 
 
+SHARED_LR = 1e-2  # the shared learning rate: the trainer's default, and every method's with --lr_source=shared
+
+
+def roles(r, lr=None):
+    """The four methods the paper compares, derived from the comparison's rank r -> {role: spec}; with lr, each at
+    that learning rate (its spec sets lr=)."""
+    specs = {"LoRA(r)": "lora", "LoRA(2r)": f"lora:r={2 * r}", "DoRA(r)": "dora", "D2-LoRA(r)": "d2lora"}
+    return specs if lr is None else {role: with_lr(spec, lr) for role, spec in specs.items()}
+
+
+def with_lr(spec, lr):
+    """The spec at learning rate lr: "lora" -> "lora:lr=0.01", "lora:r=8" -> "lora:r=8,lr=0.01"."""
+    return f"{spec}{',' if ':' in spec else ':'}lr={lr:g}"
+
+
 # Module groups a method spec can name as targets=...
 TARGET_GROUPS = {"all": DEFAULT_TARGETS, "attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("fc_in", "fc_out")}
 

@@ -32,10 +32,22 @@ import functools
 import random
 from dataclasses import dataclass
 from typing import Callable
-
-
-from .evaluate import GenItem, MCItem
 from .world import ADJECTIVES, CITIES, FACT_WORDINGS, INSTRUMENTS, JOBS, OBJECTS, PETS, SCRIPTS, World, elimination_story, owner_sentence, points_table, states_passage
+
+
+@dataclass
+class MCItem:
+    prompt: str
+    choices: list  # the answer strings, each starting with a space: [" Mira", " Kalo", ...]
+    answer: int  # index of the right choice
+    cluster: str = ""  # items sharing an entity (a person, a script) share it; "" = independent (see report.py)
+
+
+@dataclass
+class GenItem:
+    prompt: str
+    reference: str  # the expected answer, without the final newline
+    cluster: str = ""
 
 
 def _choices(rng, right, others, n):
@@ -219,6 +231,23 @@ TASKS = {
         Task("span", "gen", make_span),
     ]
 }
+
+
+def scored_field(task, scoring="task"):
+    """The per-item result a task is scored by: "rouge" for a generative task; for multiple choice "correct_sum" or
+    "correct_mean" (summed or length-normalised log-likelihood): the task's own scorer, unless `scoring` says "sum" or
+    "mean"."""
+    if task.kind == "gen":
+        return "rouge"
+    if scoring == "task":
+        return "correct_mean" if task.normalise else "correct_sum"
+    return f"correct_{scoring}"
+
+
+def of_kind(tasks, kind):
+    """The names of the tasks of one kind ("mc" or "gen") in {name: Task}, in order; the mean accuracy is taken over
+    the multiple-choice ones."""
+    return [name for name, task in tasks.items() if task.kind == kind]
 
 
 def answer_text(item):
