@@ -225,6 +225,19 @@ def test_a_file_of_another_format_is_refused_and_says_so(tmp_path, change):
     assert not adapter_layers(fresh)
 
 
+@pytest.mark.parametrize("change", [lambda c: c.update(format=3), lambda c: c.pop("format"), lambda c: c.update(format="4")],
+                         ids=["format 3", "no format", "format as text"])
+def test_a_config_of_another_format_is_refused_by_load_adapter_state_dict_too(change):
+    # the direct API (tensors and config in memory, no file) passes the same format check as an adapter file
+    model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
+    config = adapter_config(model)
+    change(config)
+    fresh = small_gpt()
+    with pytest.raises(ValueError, match="reads adapter files of format 4 only"):
+        load_adapter_state_dict(fresh, adapter_state_dict(model), config)
+    assert not adapter_layers(fresh)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_an_adapter_loads_only_onto_the_base_it_was_trained_on(tmp_path, method):
     # another base of the same shapes, the model the adapter was merged into, a square weight transposed (GPT-2's

@@ -80,11 +80,19 @@ def adapter_sha256(config_text, tensors):
     return h.hexdigest()
 
 
-def _check_config(config):
+def _check_format(config, source):
+    """The one check of the config's format (FORMAT, an int): what the file and the direct API both pass through."""
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        said = f"format {config['format']!r}" if isinstance(config, dict) and "format" in config else "no format"
+        raise ValueError(f"{source}: its config has {said}; this version of d2lora_min reads adapter files of format {FORMAT} only")
+
+
+def _check_config(config, source="adapter file"):
     """The config's fields and their types, or a ValueError naming the first one that is wrong. Option values must
     have their default's type, so nothing deeper than the config's own fields is ever compared."""
     if not isinstance(config, dict):
         raise ValueError(f"adapter config must be a dict, got {type(config).__name__}")
+    _check_format(config, source)
     unknown = sorted(str(k) for k in set(config) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"adapter config has unknown fields {unknown}; expected {', '.join(CONFIG_KEYS)}")
@@ -93,8 +101,6 @@ def _check_config(config):
     for key, kind in kinds.items():
         if key not in config or isinstance(config[key], bool) or not isinstance(config[key], kind):
             raise ValueError(f"adapter config: {key!r} is missing or has the wrong type ({type(config.get(key)).__name__})")
-    if config["format"] != FORMAT:
-        raise ValueError(f"adapter config has format {config['format']}; this version of d2lora_min reads format {FORMAT} only")
     if config["r"] < 1:
         raise ValueError(f"adapter config: r must be >= 1, got {config['r']}")
     defaults = get_method(config["method"]).OPTIONS
@@ -142,7 +148,7 @@ def load_adapter_state_dict(model, state_dict, config, source="adapter file"):
     was trained on (another base, or the model it was already merged into). Tensors a layer derives from its base or
     options (D2-LoRA's target_norm, a fixed tau) must agree with what this model gives them, and keep those values.
     """
-    _check_config(config)
+    _check_config(config, source)
     layers = dict(adapter_layers(model))
     _check_model_fits(model, layers, config, source)
     if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
@@ -260,9 +266,7 @@ def read_adapter_file(path):
         tensors = load_file(path)
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"{path} is not a readable d2lora_min adapter file ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        said = f"format {config['format']!r}" if isinstance(config, dict) and "format" in config else "no format"
-        raise ValueError(f"{path}: its config has {said}; this version of d2lora_min reads adapter files of format {FORMAT} only")
+    _check_format(config, path)  # before the checksum: another format may seal its tensors another way
     if CHECKSUM_KEY not in metadata:
         raise ValueError(f"{path}: no checksum is stored with the tensors ({CHECKSUM_KEY!r} is missing from the metadata: "
                          f"an edited file)")  # fmt: skip
