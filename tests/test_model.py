@@ -195,6 +195,36 @@ def test_adapter_checkpoint_round_trip(method, tmp_path):
     assert not any(k.startswith("base.") or ".base." in k for k in adapter_state_dict(model))
 
 
+def test_a_save_that_fails_half_way_leaves_the_old_adapter_file_whole(tmp_path, monkeypatch):
+    # a full disk (or a kill) while the new file is written must not cost the old one: the tensors are written to a
+    # temporary file that takes the name only once complete
+    import errno
+    import hashlib
+
+    import d2lora_min.nn.checkpoint as checkpoint_mod
+
+    model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
+    perturb_adapters(model, seed=3)
+    path = save_adapters(model, tmp_path)
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    real_save_file = checkpoint_mod.save_file
+
+    def half_then_full_disk(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        data = open(filename, "rb").read()
+        with open(filename, "wb") as f:
+            f.write(data[: len(data) // 2])  # what a writer had put down when the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_mod, "save_file", half_then_full_disk)
+    perturb_adapters(model, seed=4)  # other values: the new file would differ from the old one
+    with pytest.raises(OSError):
+        save_adapters(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]  # and no temporary file left
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+    load_adapters(small_gpt(), tmp_path)  # the old file, whole: it loads
+
+
 def _rewrite_config(path, change):
     """Rewrite an adapter file's config in place with a valid checksum (as a writer of another version would): the
     tensors stay, the checksum is recomputed over the changed config."""

@@ -85,6 +85,19 @@ def test_a_tuned_file_that_is_not_one_is_a_usage_error(tmp_path, capsys):
     assert "regenerate it with `make tune ARGS=--publish`" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "0", "1"])
+def test_a_tuned_lr_that_is_not_in_0_1_is_a_usage_error_nan_included(tmp_path, capsys, literal):
+    # json.loads takes the literals NaN and Infinity: a NaN lr compares false with everything, so it must be refused
+    # for not being in (0, 1), not let through for not being outside it
+    bad = tmp_path / "tuned.json"
+    bad.write_text('{"lrs": {"lora": %s}}' % literal)
+    with pytest.raises(SystemExit) as exit_:
+        compare_mod.main(["--methods", "lora", "--tuned_file", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "lrs must map method names to learning rates in (0, 1)" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_shipped_tuned_lrs_cover_the_compared_methods():
     from d2lora_min.train.presets import COMPARED, TUNED_FILE
 
