@@ -11,8 +11,8 @@ from d2lora_min.train.compare import main as compare_main
 from d2lora_min.train.data import heldout_text
 from d2lora_min.train.tasks import retention_probe
 
-TINY = ["--seeds=0", "--tasks=who", "--n_train=8", "--epochs=1", "--n_test=8", "--train.batch_size=4", "--checkpoints=1",
-        "--train.progress=false"]  # fmt: skip
+TINY = ["--seeds=0", "--tasks=who", "--n_train=8", "--epochs=1", "--n_test=8", "--train.batch_size=4",
+        "--checkpoints=1", "--train.progress=false"]  # fmt: skip
 
 
 @pytest.fixture
