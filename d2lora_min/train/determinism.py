@@ -82,6 +82,8 @@ def main(argv=None):
             check_paths(PUBLISHED, files=[PUBLISHED / "determinism.md"], hint="leave out --publish")
         if args.only:
             first, second = args.only
+            if Path(first).resolve() == Path(second).resolve():  # a folder compared with itself always agrees
+                raise UsageError(f"--only names one folder twice ({first}, {second}): give two compare folders")
             command = f"python -m d2lora_min.train.determinism --only {first} {second}"
         else:
             first, second = (str(Path(args.out) / name) for name in ("first", "second"))

@@ -169,6 +169,9 @@ def check_lists(cfg: CompareConfig):
 def load_tuned(path, required=True):
     """The tuned learning rates file ({"lrs": {"lora": ..., ...}, and how they were chosen}). A UsageError for a file
     that cannot be read or is not one, and for a missing one when `required` (else {"lrs": {}})."""
+    if not str(path).strip():  # Path("") is ".", the current folder: say what was given
+        raise UsageError(f"tuned_file is empty: give the file that `make tune ARGS=--publish` wrote, or leave out "
+                         f"--tuned_file for the committed one ({TUNED_FILE})")  # fmt: skip
     path = Path(path)
     try:
         tuned = read_json(path)
