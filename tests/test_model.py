@@ -195,6 +195,24 @@ def test_adapter_checkpoint_round_trip(method, tmp_path):
     assert not any(k.startswith("base.") or ".base." in k for k in adapter_state_dict(model))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_cast_to_16_bits_after_inject_gets_an_error_that_says_so(tmp_path, dtype):
+    # the cast rounds D2-LoRA's target_norm and the base weight each on its own: the stored norm is no longer the
+    # one this base gives, and the error must say why (not "another base, or edited") and what to do
+    model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
+    model.to(dtype).float()
+    save_adapters(model, tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="only to 16-bit rounding: a model was cast to float16 or bfloat16 after "
+                                         "inject_adapters.*cast a model before inject_adapters, never after"):  # fmt: skip
+        load_adapters(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    cast_first = inject_adapters(small_gpt().to(dtype).float(), "d2lora", r=2, alpha=4)  # the way round that works
+    save_adapters(cast_first, tmp_path)
+    load_adapters(cast_first, tmp_path)
+    load_adapters(small_gpt().to(dtype).float(), tmp_path)
+
+
 def test_a_save_that_fails_half_way_leaves_the_old_adapter_file_whole(tmp_path, monkeypatch):
     # a full disk (or a kill) while the new file is written must not cost the old one: the tensors are written to a
     # temporary file that takes the name only once complete

@@ -227,15 +227,31 @@ def _check_base(config, bases, source):
                              f"base it was trained on, never onto a model it was already merged into")  # fmt: skip
 
 
+HALF_TOL = 1e-2  # how far a value derived in float16 or bfloat16 may be from the same value derived in float32
+
+
+def _agree(stored, computed, tol):
+    """Elementwise within tol of the computed values and tol of their largest magnitude."""
+    return torch.allclose(stored, computed, rtol=tol, atol=tol * float(computed.abs().max()) if computed.numel() else 0.0)
+
+
 def _check_derived(state_dict, derived, source):
     """The tensors a layer derives from its base or options agree with what this model gives them (relative 1e-5 of
-    their largest value; 1e-2 in 16-bit dtypes)."""
+    their largest value; 1e-2 in 16-bit dtypes). A 32- or 64-bit model whose stored values agree only to 16-bit
+    rounding was cast to float16 or bfloat16 after inject_adapters: the cast rounded the derived buffer and the base
+    weight each on its own, so the buffer is no longer the one the base gives (the error says so, and what to do)."""
     for key, computed in derived.items():
-        stored, tol = state_dict[key].double().cpu(), 1e-2 if computed.dtype in (torch.float16, torch.bfloat16) else 1e-5
-        if not torch.allclose(stored, computed.double(), rtol=tol, atol=tol * float(computed.abs().max()) if computed.numel() else 0.0):
-            raise ValueError(f"{source}, tensor {key}: the stored values are not those of this model's base weight and the "
-                             f"adapter's options (saved for another base, or edited); {key.rpartition('.')[2]} is derived, "
-                             f"not trained")  # fmt: skip
+        half = computed.dtype in (torch.float16, torch.bfloat16)
+        stored, computed = state_dict[key].double().cpu(), computed.double().cpu()
+        if _agree(stored, computed, HALF_TOL if half else 1e-5):
+            continue
+        name = key.rpartition(".")[2]
+        if not half and _agree(stored, computed, HALF_TOL):
+            raise ValueError(f"{source}, tensor {key}: agrees with this model's base weight only to 16-bit rounding: a "
+                             f"model was cast to float16 or bfloat16 after inject_adapters, which rounded {name} apart from "
+                             f"the weight it is derived from; cast a model before inject_adapters, never after")  # fmt: skip
+        raise ValueError(f"{source}, tensor {key}: the stored values are not those of this model's base weight and the "
+                         f"adapter's options (saved for another base, or edited); {name} is derived, not trained")  # fmt: skip
 
 
 def save_adapters(model, folder):
