@@ -1,5 +1,6 @@
 # Every target builds the virtual environment .venv/ on first use, so a fresh clone needs nothing else. The runs need
-# torch and a few small packages; make test and make bench add pytest, hypothesis and PEFT (with transformers).
+# torch and a few small packages; make test and make bench add pytest, pytest-timeout, hypothesis and PEFT (with
+# transformers).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

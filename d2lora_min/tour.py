@@ -25,6 +25,7 @@ import torch.nn as nn
 from ..nn import METHODS, adapter_layers, display_name, inject_adapters, row_factor, row_norm
 from ..atomic import check_writable
 from .cli import UsageError, check_range, run_cli
+from .outputs import check_paths
 from .presets import CompareConfig, budget_train_config
 from .pretrain import load_base
 from .plots import pyplot, save_figure
@@ -261,8 +262,10 @@ def main(argv=None):
         check_range("--n_train", args.n_train, 1, 10_000)
         if not args.out:
             raise UsageError("--out is empty")
-        check_writable(args.out)
-        draw(Path(args.out), args.n_train)
+        out = Path(args.out)
+        check_writable(out)
+        check_paths(out, files=[out / f"tour_{name}.png" for name in ("toy", "drift", "tau", "radial", "turn")])
+        draw(out, args.n_train)
         return 0
 
     return run_cli(parser, body)

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..atomic import read_json, write_text
 from .cli import UsageError, run_cli
 from .compare import main as compare_main
+from .outputs import check_paths
 from .report import PUBLISHED
 
 ARGS = ["--fresh", "--train.progress=false"]
@@ -77,11 +78,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def body():
+        if args.publish:
+            check_paths(PUBLISHED, files=[PUBLISHED / "determinism.md"], hint="leave out --publish")
         if args.only:
             first, second = args.only
+            if Path(first).resolve() == Path(second).resolve():  # a folder compared with itself always agrees
+                raise UsageError(f"--only names one folder twice ({first}, {second}): give two compare folders")
             command = f"python -m d2lora_min.train.determinism --only {first} {second}"
         else:
             first, second = (str(Path(args.out) / name) for name in ("first", "second"))
+            check_paths(args.out, folders=[first, second])  # each compare then checks what it writes below its folder
             for folder in (first, second):
                 if compare_main(ARGS + ["--out", folder]) != 0:
                     return 1

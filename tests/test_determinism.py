@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from .test_plain_path import _tiny_runs
 
 
@@ -18,3 +20,14 @@ def test_a_seeded_compare_repeats_to_the_last_bit_and_determinism_says_so(tmp_pa
     run.write_text(json.dumps(result))
     table, summary = compare_folders(tmp_path / "first", tmp_path / "second")
     assert summary.startswith("1 of 2 runs identical") and "| 0.001 |" in table
+
+
+def test_determinism_refuses_one_folder_given_twice(tmp_path, capsys):
+    # a folder compared with itself always agrees: "21 of 21 runs identical" would be no evidence
+    from d2lora_min.train.determinism import main
+
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    for second in (tmp_path / "out", tmp_path / "." / "out" / "runs" / ".."):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--only", str(tmp_path / "out"), str(second)])
+        assert exit_.value.code == 2 and "--only names one folder twice" in capsys.readouterr().err

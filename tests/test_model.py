@@ -195,6 +195,54 @@ def test_adapter_checkpoint_round_trip(method, tmp_path):
     assert not any(k.startswith("base.") or ".base." in k for k in adapter_state_dict(model))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_cast_to_16_bits_after_inject_gets_an_error_that_says_so(tmp_path, dtype):
+    # the cast rounds D2-LoRA's target_norm and the base weight each on its own: the stored norm is no longer the
+    # one this base gives, and the error must say why (not "another base, or edited") and what to do
+    model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
+    model.to(dtype).float()
+    save_adapters(model, tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="only to 16-bit rounding: a model was cast to float16 or bfloat16 after "
+                                         "inject_adapters.*cast a model before inject_adapters, never after"):  # fmt: skip
+        load_adapters(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    cast_first = inject_adapters(small_gpt().to(dtype).float(), "d2lora", r=2, alpha=4)  # the way round that works
+    save_adapters(cast_first, tmp_path)
+    load_adapters(cast_first, tmp_path)
+    load_adapters(small_gpt().to(dtype).float(), tmp_path)
+
+
+def test_a_save_that_fails_half_way_leaves_the_old_adapter_file_whole(tmp_path, monkeypatch):
+    # a full disk (or a kill) while the new file is written must not cost the old one: the tensors are written to a
+    # temporary file that takes the name only once complete
+    import errno
+    import hashlib
+
+    import d2lora_min.nn.checkpoint as checkpoint_mod
+
+    model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
+    perturb_adapters(model, seed=3)
+    path = save_adapters(model, tmp_path)
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    real_save_file = checkpoint_mod.save_file
+
+    def half_then_full_disk(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        data = open(filename, "rb").read()
+        with open(filename, "wb") as f:
+            f.write(data[: len(data) // 2])  # what a writer had put down when the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_mod, "save_file", half_then_full_disk)
+    perturb_adapters(model, seed=4)  # other values: the new file would differ from the old one
+    with pytest.raises(OSError):
+        save_adapters(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]  # and no temporary file left
+    assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+    load_adapters(small_gpt(), tmp_path)  # the old file, whole: it loads
+
+
 def _rewrite_config(path, change):
     """Rewrite an adapter file's config in place with a valid checksum (as a writer of another version would): the
     tensors stay, the checksum is recomputed over the changed config."""
@@ -222,6 +270,19 @@ def test_a_file_of_another_format_is_refused_and_says_so(tmp_path, change):
     fresh = small_gpt()
     with pytest.raises(ValueError, match="reads adapter files of format 4 only"):
         load_adapters(fresh, tmp_path)
+    assert not adapter_layers(fresh)
+
+
+@pytest.mark.parametrize("change", [lambda c: c.update(format=3), lambda c: c.pop("format"), lambda c: c.update(format="4")],
+                         ids=["format 3", "no format", "format as text"])
+def test_a_config_of_another_format_is_refused_by_load_adapter_state_dict_too(change):
+    # the direct API (tensors and config in memory, no file) passes the same format check as an adapter file
+    model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
+    config = adapter_config(model)
+    change(config)
+    fresh = small_gpt()
+    with pytest.raises(ValueError, match="reads adapter files of format 4 only"):
+        load_adapter_state_dict(fresh, adapter_state_dict(model), config)
     assert not adapter_layers(fresh)
 
 

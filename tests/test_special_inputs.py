@@ -50,6 +50,14 @@ def test_a_tuned_file_that_does_not_exist_is_a_usage_error_not_the_shared_lr(tmp
     assert "no tuned learning rates at" in err and "--lr_source=shared" in err
 
 
+@pytest.mark.parametrize("given", ["", " "])
+def test_an_empty_tuned_file_setting_says_it_is_empty(tmp_path, capsys, given):
+    # Path("") is the current folder: the error must be about what was given, not about "."
+    err = usage_error(TINY + ["--methods", "lora", f"--tuned_file={given}", "--out", str(tmp_path / "o")], capsys)
+    assert "tuned_file is empty" in err and "is a folder" not in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("kind", ["fifo", "dev_zero", "folder", "nested"])
 def test_a_tuned_file_that_is_a_special_file_is_an_error_not_a_hang(tmp_path, capsys, kind):
     path = tmp_path / "tuned.json"

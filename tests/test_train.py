@@ -14,7 +14,7 @@ import torch.nn as nn
 from d2lora_min.nn import adapter_state_dict, inject_adapters
 from d2lora_min.train.cli import apply_overrides
 from d2lora_min.train.compare import main as compare_main
-from d2lora_min.train.presets import CompareConfig
+from d2lora_min.train.presets import CompareConfig, check_compare_config
 from d2lora_min.train.specs import parse_method_spec
 from d2lora_min.train.data import read_text_file, window_batches
 from d2lora_min.train.evaluate import GenItem, MCItem, greedy_generate, mc_accuracy, rouge_l_f1, score_choices
@@ -336,11 +336,47 @@ def test_method_specs_parse_with_types_and_defaults():
         ("lora:tau_init=0.1", "unknown key 'tau_init' for method 'lora'"),
         ("d2lora:project", "is not key=value"),
         ("d2lora:project=maybe", "expected true or false"),
+        ("d2lora:project=no", "expected true or false"),  # true and false only, as every bool setting
+        ("d2lora:learn_tau=on", "expected true or false"),
+        ("d2lora:learn_tau=1", "expected true or false"),
+        ("lora:", "has a colon but no key=value"),
+        ("lora:targets=q_proj++v_proj", "has an empty module name"),
+        ("lora:targets=q_proj+", "has an empty module name"),
+        ("lora:targets=", "has an empty module name"),
     ],
 )
 def test_bad_method_specs_are_clear_errors(spec, match):
     with pytest.raises(ValueError, match=match):
         parse_method_spec(spec, CompareConfig())
+
+
+def test_one_method_under_two_spellings_is_refused_but_two_lr_roles_are_not(tmp_path):
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text('{"lrs": {"lora": 0.01, "d2lora": 0.01}}')
+    twice = [("lora", "lora:r=4"), ("lora", "lora:alpha=8,dropout=0"), ("lora:lr=0.01", "lora:lr=1e-2,r=4"),
+             ("d2lora", "d2lora:tau_init=0.5,project=true,targets=attn"), ("full:lr=1e-3", "full:lr=0.001"),
+             ("base", "base")]  # fmt: skip
+    for methods in twice:
+        cfg = CompareConfig(methods=methods, reference=methods[0], tuned_file=str(tuned), lr_source="tuned")
+        with pytest.raises(ValueError, match="a method is listed twice"):
+            check_compare_config(cfg)
+    # the tuned (or shared) lr and a spec's own are two roles, even at one value: replicate lists both
+    for lr_source in ("tuned", "shared"):
+        cfg = CompareConfig(methods=("lora", "lora:lr=0.01", "d2lora", "d2lora:lr=0.01"), reference="lora",
+                            tuned_file=str(tuned), lr_source=lr_source)  # fmt: skip
+        specs = check_compare_config(cfg)
+        assert [s.lr for s in specs] == [0.01] * 4 and [s.lr_from for s in specs] == [lr_source, "spec"] * 2
+
+
+def test_the_help_shows_bool_settings_as_the_parser_takes_them():
+    from d2lora_min.train.cli import config_help
+
+    shown = [line.strip() for line in config_help(CompareConfig()) if line.strip().startswith(("--packed=", "--fused="))]
+    assert shown == ["--packed=true", "--fused=false"]
+    cfg = apply_overrides(CompareConfig(), shown)
+    assert (cfg.packed, cfg.fused) == (True, False)
+    with pytest.raises(ValueError, match="expected true or false, got 'yes'"):
+        apply_overrides(CompareConfig(), ["--packed=yes"])
 
 
 def test_config_overrides_and_their_errors():

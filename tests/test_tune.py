@@ -85,6 +85,38 @@ def test_a_tuned_file_that_is_not_one_is_a_usage_error(tmp_path, capsys):
     assert "regenerate it with `make tune ARGS=--publish`" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "0", "1"])
+def test_a_tuned_lr_that_is_not_in_0_1_is_a_usage_error_nan_included(tmp_path, capsys, literal):
+    # json.loads takes the literals NaN and Infinity: a NaN lr compares false with everything, so it must be refused
+    # for not being in (0, 1), not let through for not being outside it
+    bad = tmp_path / "tuned.json"
+    bad.write_text('{"lrs": {"lora": %s}}' % literal)
+    with pytest.raises(SystemExit) as exit_:
+        compare_mod.main(["--methods", "lora", "--tuned_file", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "lrs must map method names to learning rates in (0, 1)" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("lrs, protocol, match", [
+    ({"lora": 0.004, "lora:r=4": 0.002}, None, "'lora' and 'lora:r=4' both give the lr of lora at rank 4"),
+    ({"lora": 0.004, "lora:r=2": 0.002}, {"r": 2}, "'lora' and 'lora:r=2' both give the lr of lora at rank 2"),
+    ({"lora:r=04": 0.004}, None, "'lora:r=04' is not a method name or name:r=rank"),
+    ({"lora:alpha=2": 0.004}, None, "'lora:alpha=2' is not a method name or name:r=rank"),
+])  # fmt: skip
+def test_a_tuned_file_with_two_keys_for_one_method_and_rank_is_a_usage_error(tmp_path, capsys, lrs, protocol, match):
+    # compare would look one of them up and silently ignore the other
+    bad = tmp_path / "tuned.json"
+    bad.write_text(json.dumps({"lrs": lrs, **({"protocol": protocol} if protocol else {})}))
+    with pytest.raises(SystemExit) as exit_:
+        compare_mod.main(["--methods", "lora", "--tuned_file", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and match in err, err
+    bad.write_text(json.dumps({"lrs": {"lora": 0.004, "lora:r=4": 0.002}, "protocol": {"r": 2}}))  # two ranks: fine
+    cfg = CompareConfig(methods=("lora", "lora:r=4"), reference="lora", tuned_file=str(bad), r=2)
+    assert [s.lr for s in check_compare_config(cfg)] == [0.004, 0.002]
+
+
 def test_the_shipped_tuned_lrs_cover_the_compared_methods():
     from d2lora_min.train.presets import COMPARED, TUNED_FILE
 

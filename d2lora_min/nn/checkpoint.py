@@ -80,11 +80,19 @@ def adapter_sha256(config_text, tensors):
     return h.hexdigest()
 
 
-def _check_config(config):
+def _check_format(config, source):
+    """The one check of the config's format (FORMAT, an int): what the file and the direct API both pass through."""
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        said = f"format {config['format']!r}" if isinstance(config, dict) and "format" in config else "no format"
+        raise ValueError(f"{source}: its config has {said}; this version of d2lora_min reads adapter files of format {FORMAT} only")
+
+
+def _check_config(config, source="adapter file"):
     """The config's fields and their types, or a ValueError naming the first one that is wrong. Option values must
     have their default's type, so nothing deeper than the config's own fields is ever compared."""
     if not isinstance(config, dict):
         raise ValueError(f"adapter config must be a dict, got {type(config).__name__}")
+    _check_format(config, source)
     unknown = sorted(str(k) for k in set(config) - set(CONFIG_KEYS))
     if unknown:
         raise ValueError(f"adapter config has unknown fields {unknown}; expected {', '.join(CONFIG_KEYS)}")
@@ -93,8 +101,6 @@ def _check_config(config):
     for key, kind in kinds.items():
         if key not in config or isinstance(config[key], bool) or not isinstance(config[key], kind):
             raise ValueError(f"adapter config: {key!r} is missing or has the wrong type ({type(config.get(key)).__name__})")
-    if config["format"] != FORMAT:
-        raise ValueError(f"adapter config has format {config['format']}; this version of d2lora_min reads format {FORMAT} only")
     if config["r"] < 1:
         raise ValueError(f"adapter config: r must be >= 1, got {config['r']}")
     defaults = get_method(config["method"]).OPTIONS
@@ -142,7 +148,7 @@ def load_adapter_state_dict(model, state_dict, config, source="adapter file"):
     was trained on (another base, or the model it was already merged into). Tensors a layer derives from its base or
     options (D2-LoRA's target_norm, a fixed tau) must agree with what this model gives them, and keep those values.
     """
-    _check_config(config)
+    _check_config(config, source)
     layers = dict(adapter_layers(model))
     _check_model_fits(model, layers, config, source)
     if not isinstance(state_dict, dict) or not all(isinstance(t, torch.Tensor) for t in state_dict.values()):
@@ -221,15 +227,31 @@ def _check_base(config, bases, source):
                              f"base it was trained on, never onto a model it was already merged into")  # fmt: skip
 
 
+HALF_TOL = 1e-2  # how far a value derived in float16 or bfloat16 may be from the same value derived in float32
+
+
+def _agree(stored, computed, tol):
+    """Elementwise within tol of the computed values and tol of their largest magnitude."""
+    return torch.allclose(stored, computed, rtol=tol, atol=tol * float(computed.abs().max()) if computed.numel() else 0.0)
+
+
 def _check_derived(state_dict, derived, source):
     """The tensors a layer derives from its base or options agree with what this model gives them (relative 1e-5 of
-    their largest value; 1e-2 in 16-bit dtypes)."""
+    their largest value; 1e-2 in 16-bit dtypes). A 32- or 64-bit model whose stored values agree only to 16-bit
+    rounding was cast to float16 or bfloat16 after inject_adapters: the cast rounded the derived buffer and the base
+    weight each on its own, so the buffer is no longer the one the base gives (the error says so, and what to do)."""
     for key, computed in derived.items():
-        stored, tol = state_dict[key].double().cpu(), 1e-2 if computed.dtype in (torch.float16, torch.bfloat16) else 1e-5
-        if not torch.allclose(stored, computed.double(), rtol=tol, atol=tol * float(computed.abs().max()) if computed.numel() else 0.0):
-            raise ValueError(f"{source}, tensor {key}: the stored values are not those of this model's base weight and the "
-                             f"adapter's options (saved for another base, or edited); {key.rpartition('.')[2]} is derived, "
-                             f"not trained")  # fmt: skip
+        half = computed.dtype in (torch.float16, torch.bfloat16)
+        stored, computed = state_dict[key].double().cpu(), computed.double().cpu()
+        if _agree(stored, computed, HALF_TOL if half else 1e-5):
+            continue
+        name = key.rpartition(".")[2]
+        if not half and _agree(stored, computed, HALF_TOL):
+            raise ValueError(f"{source}, tensor {key}: agrees with this model's base weight only to 16-bit rounding: a "
+                             f"model was cast to float16 or bfloat16 after inject_adapters, which rounded {name} apart from "
+                             f"the weight it is derived from; cast a model before inject_adapters, never after")  # fmt: skip
+        raise ValueError(f"{source}, tensor {key}: the stored values are not those of this model's base weight and the "
+                         f"adapter's options (saved for another base, or edited); {name} is derived, not trained")  # fmt: skip
 
 
 def save_adapters(model, folder):
@@ -260,9 +282,7 @@ def read_adapter_file(path):
         tensors = load_file(path)
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError, ValueError, RecursionError) as e:
         raise ValueError(f"{path} is not a readable d2lora_min adapter file ({type(e).__name__}: {str(e)[:200]})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        said = f"format {config['format']!r}" if isinstance(config, dict) and "format" in config else "no format"
-        raise ValueError(f"{path}: its config has {said}; this version of d2lora_min reads adapter files of format {FORMAT} only")
+    _check_format(config, path)  # before the checksum: another format may seal its tensors another way
     if CHECKSUM_KEY not in metadata:
         raise ValueError(f"{path}: no checksum is stored with the tensors ({CHECKSUM_KEY!r} is missing from the metadata: "
                          f"an edited file)")  # fmt: skip

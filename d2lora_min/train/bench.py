@@ -323,6 +323,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def body():
+        if args.only is not None:  # before anything is written: a report of nothing would replace the last one
+            names = [name for name, *_ in shapes(args.quick)]
+            if not args.only.strip():
+                raise UsageError("--only is empty; leave it out to measure every shape and the sequence sweep")
+            if not any(args.only in name for name in names) and args.only not in "sweep":
+                raise UsageError(f"--only {args.only!r} matches nothing to measure; shapes: {'; '.join(names)}, and "
+                                 f"'sweep' (the sequence sweep)")  # fmt: skip
         check_writable(args.out)  # now, not after all the measurements
         if args.publish is not None:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", args.publish):

@@ -13,7 +13,6 @@ from pathlib import Path
 from ..atomic import read_json
 from ..nn import METHODS
 from ..nn.checkpoint import ADAPTER_FILE, read_adapter_file
-from .cli import UsageError
 from .presets import budget_train_config
 from .pretrain import corpus_fingerprint, sha256_file
 from .tasks import TASKS
@@ -51,18 +50,6 @@ def adapter_path(out_dir, spec, seed, key):
     """Where a run saves its adapter file: a folder named like its result (relative to out_dir), and the file in it."""
     folder = Path("adapters") / f"{slug(spec.text)}_seed{seed}_{key}"
     return folder, out_dir / folder / ADAPTER_FILE
-
-
-def check_paths(out_dir, paths):
-    """Before any work: nothing but a regular file (or nothing) where a run or a report will write, and nothing but
-    folders (or nothing) on the way there from out_dir. Anything else would make the write fail after the training,
-    and this project never deletes what it did not write."""
-    for path in paths:
-        on_the_way = [p for p in path.parents if p == out_dir or out_dir in p.parents]  # out_dir .. path's folder
-        blocked = [p for p in on_the_way if p.exists() and not p.is_dir()] + [path] * ((path.exists() or path.is_symlink()) and not path.is_file())
-        if blocked:
-            raise UsageError(f"{blocked[0]} is in the way of a run's output (a file where a folder belongs, a folder, a "
-                             f"link to one, or a special file): remove it, or choose another --out")  # fmt: skip
 
 
 def read_cached(path, spec=None, seed=None, key=None, cfg=None):

@@ -24,11 +24,9 @@ FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 def parse_value(text, like, name="value"):
     """Parse `text` as the type of `like` (bool, int, float, str, tuple/list of those, or None -> str)."""
-    if isinstance(like, bool):
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
+    if isinstance(like, bool):  # one spelling (any case): true or false, not yes/on/1 or no/off/0
+        if text.lower() in ("true", "false"):
+            return text.lower() == "true"
         raise UsageError(f"{name}: expected true or false, got {text!r}")
     if isinstance(like, (tuple, list)):
         parts = [t.strip() for t in text.split(",")]
@@ -99,7 +97,8 @@ def config_help(config, prefix=""):
         if dataclasses.is_dataclass(value):
             lines += config_help(value, prefix + f.name + ".")
         else:
-            lines.append(f"  --{prefix}{f.name}={value}")
+            shown = str(value).lower() if isinstance(value, bool) else value  # as parse_value takes it back
+            lines.append(f"  --{prefix}{f.name}={shown}")
     return lines
 
 

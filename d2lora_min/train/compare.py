@@ -20,6 +20,7 @@ adapter (adapters/). A rerun reuses the runs whose settings match (their key) an
 """
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -31,12 +32,15 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import check_writable, write_json
-from .cache import adapter_path, check_paths, read_cached, result_path, run_key, sealed, slug
+from ..nn.checkpoint import ADAPTER_FILE
+from .cache import read_cached, result_path, run_key, sealed, slug
 from .cli import UsageError, apply_overrides, config_help, overridden, parse_value, run_cli
 from .data import heldout_text
+from .outputs import LOCK_FILE, check_paths, output_lock
 from .presets import PRESETS, CompareConfig, apply_preset, budget_train_config, check_compare_config, load_tuned, protocol
 from .pretrain import resolve_base
-from .report import learning_rates_line, write_report
+from .report import PUBLISHED, learning_rates_line, write_report
+from .resume import CHECKPOINT
 from .run import run_one
 from .specs import split_methods
 from .tasks import TASKS, build_splits, retention_probe, updated_facts
@@ -68,13 +72,37 @@ def prepare(cfg: CompareConfig):
     return Setup(base_model.to(device), tokenizer, base_meta, base_dir, splits, probe, device)
 
 
+def work_dir(out_dir, spec, seed, key):
+    """Where a run keeps its training checkpoint until its result is written (keyed: other settings never resume it)."""
+    return out_dir / "work" / f"{slug(spec.text)}_seed{seed}_{key}"
+
+
+def planned_runs(cfg, specs):
+    """(spec, seed) of every run of the comparison: the base runs once (it is not trained, so seeds would repeat it)."""
+    return [(spec, seed) for spec in specs for seed in (cfg.seeds if spec.name != "base" else cfg.seeds[:1])]
+
+
+def check_outputs(cfg, specs, out_dir, names, published=()):
+    """Before any work (the base is loaded, or pretrained, later): what lies where this command writes. Under out_dir
+    the report's files (`names`) and the lock file, the folders runs/, adapters/ and work/, and in them every entry of
+    these runs (each (spec, seed), under any key: the keys need the base); under docs/results/ the files --publish
+    writes (`published`)."""
+    stems = tuple(f"{slug(spec.text)}_seed{seed}_" for spec, seed in planned_runs(cfg, specs))  # + the key
+    folders = {name: out_dir / name for name in ("runs", "adapters", "work")}
+    check_paths(out_dir, files=[out_dir / name for name in (*names, LOCK_FILE)], folders=folders.values())
+    ours = {name: [f / e for e in sorted(os.listdir(f)) if e.startswith(stems)] if f.is_dir() else []
+            for name, f in folders.items()}  # fmt: skip
+    check_paths(out_dir, files=ours["runs"], folders=ours["adapters"] + ours["work"])
+    check_paths(out_dir, files=[e / ADAPTER_FILE for e in ours["adapters"]] + [e / CHECKPOINT for e in ours["work"]])
+    check_paths(PUBLISHED, files=[PUBLISHED / name for name in published], hint="leave out --publish")
+
+
 def run_all(cfg: CompareConfig, specs, setup: Setup, out_dir, fresh=False):
     """Every (method, seed) run of the comparison -> (runs, how many were reused). A finished run whose result
     validates is reused; a killed one resumes from its checkpoint; --fresh recomputes everything."""
     rank, n_procs = rank_and_world()
-    planned = [(spec, seed, run_key(spec, seed, cfg, setup.base_meta, seed == cfg.seeds[0]))
-               for spec in specs for seed in (cfg.seeds if spec.name != "base" else cfg.seeds[:1])]  # fmt: skip
-    check_paths(out_dir, [p for spec, seed, key in planned for p in (result_path(out_dir, spec, seed, key), adapter_path(out_dir, spec, seed, key)[1])])  # fmt: skip
+    planned = [(spec, seed, run_key(spec, seed, cfg, setup.base_meta, full_merge=seed == cfg.seeds[0]))
+               for spec, seed in planned_runs(cfg, specs)]  # fmt: skip
     runs, reused, done = [], 0, {}  # done: the runs of this comparison by what they run (run_key by_settings)
     for spec, seed, key in planned:
         full_merge = seed == cfg.seeds[0]
@@ -95,7 +123,7 @@ def run_all(cfg: CompareConfig, specs, setup: Setup, out_dir, fresh=False):
             done.setdefault(twin, cached)
             reused += 1
             continue
-        train_dir = out_dir / "work" / f"{slug(spec.text)}_seed{seed}_{key}"  # keyed: other settings never resume it
+        train_dir = work_dir(out_dir, spec, seed, key)
         if fresh and rank == 0:
             shutil.rmtree(train_dir, ignore_errors=True)
         if n_procs > 1:
@@ -141,20 +169,23 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="def
     out_dir = Path(out_dir)
     specs = check_compare_config(cfg)  # all errors before any work
     check_writable(out_dir)
-    check_paths(out_dir, [out_dir / name for name in ("results.md", "results.json", "loss_curves.png", "forest.png")])
+    check_outputs(cfg, specs, out_dir, ("results.md", "results.json", "loss_curves.png", "forest.png"),
+                  [f"{preset}.md", f"{preset}_loss_curves.png", f"{preset}_forest.png"] if publish else [])  # fmt: skip
     rank, n_procs = rank_and_world()
     last = (len(cfg.tasks) * cfg.n_train) % cfg.train.batch_size  # the items of an epoch's last, smaller step
     if n_procs > 1 and 0 < last < n_procs:
         raise UsageError(f"an epoch's last step has {last} items, fewer than the {n_procs} processes: choose n_train or "
                          f"batch_size so that every process gets a row")  # fmt: skip
-    setup = prepare(cfg)
-    if rank == 0:
-        announce(cfg, specs, setup)
-    runs, reused = run_all(cfg, specs, setup, out_dir, fresh)
-    if rank != 0:
-        return None
-    wall = f"{time.time() - t_start:.0f} s ({reused} of {len(runs)} runs reused)"
-    text, summary = write_report(cfg, specs, runs, setup.splits, setup.base_meta, setup.device, wall, out_dir, preset, publish)
+    with output_lock(out_dir, hold=rank == 0):  # only rank 0 writes (under torchrun, its exit ends the others)
+        setup = prepare(cfg)
+        if rank == 0:
+            announce(cfg, specs, setup)
+        runs, reused = run_all(cfg, specs, setup, out_dir, fresh)
+        if rank != 0:
+            return None
+        wall = f"{time.time() - t_start:.0f} s ({reused} of {len(runs)} runs reused)"
+        text, summary = write_report(cfg, specs, runs, setup.splits, setup.base_meta, setup.device, wall, out_dir,
+                                     preset, publish)  # fmt: skip
     print(f"\n{text}\nwritten: {out_dir}/results.md, results.json, loss_curves.png, forest.png")
     return summary
 

@@ -8,6 +8,7 @@ learning rate, a budget, a task's difficulty) is chosen, always on validation it
 
 import copy
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,6 +114,14 @@ def check_compare_config(cfg: CompareConfig):
     if cfg.lr_source == "tuned" and any(s.lr_from == "shared" and s.name in METHODS for s in specs):  # some spec reads it
         tuned = load_tuned(cfg.tuned_file)["lrs"]
         specs = [parse_method_spec(m, cfg, tuned) for m in cfg.methods]
+    listed = {}  # identity -> the first spec with it: the same method twice compares a run with itself
+    for s in specs:
+        if s.identity in listed:
+            source = {"spec": "", "tuned": " at its tuned lr", "shared": " at the shared lr", "full_lr": " at full_lr"}[s.lr_from]
+            source = "" if s.name == "base" else source  # not trained: no lr
+            raise UsageError(f"a method is listed twice: {listed[s.identity]!r} and {s.text!r} are the same method, settings "
+                             f"and learning rate ({s.label}{source})")  # fmt: skip
+        listed[s.identity] = s.text
     check_range("alpha_over_r", cfg.alpha_over_r, kind=float)
     if cfg.alpha_over_r <= 0:
         raise UsageError(f"alpha_over_r must be > 0, got {cfg.alpha_over_r}")
@@ -143,11 +152,10 @@ def check_compare_config(cfg: CompareConfig):
 
 
 def check_lists(cfg: CompareConfig):
-    """The methods, the reference, the seeds and the tasks: given, each once, within range."""
+    """The methods, the reference, the seeds and the tasks: given, each once, within range (the methods each once by
+    what they run, however written: check_compare_config, once they are parsed)."""
     if not cfg.methods:
         raise UsageError("no methods given")
-    if len(set(cfg.methods)) != len(cfg.methods):
-        raise UsageError(f"a method is listed twice: {list(cfg.methods)}")
     if cfg.reference not in cfg.methods:
         raise UsageError(f"the reference {cfg.reference!r} is not among the methods {list(cfg.methods)}: add it to --methods "
                          f"or choose one of them with --reference")  # fmt: skip
@@ -166,9 +174,15 @@ def check_lists(cfg: CompareConfig):
         raise UsageError(f"a task is listed twice: {list(cfg.tasks)}")
 
 
+TUNED_KEY = re.compile(r"([A-Za-z0-9_]+)(?::r=([1-9][0-9]*))?")  # what MethodSpec.tuned_key gives: lora, lora:r=8
+
+
 def load_tuned(path, required=True):
     """The tuned learning rates file ({"lrs": {"lora": ..., ...}, and how they were chosen}). A UsageError for a file
     that cannot be read or is not one, and for a missing one when `required` (else {"lrs": {}})."""
+    if not str(path).strip():  # Path("") is ".", the current folder: say what was given
+        raise UsageError(f"tuned_file is empty: give the file that `make tune ARGS=--publish` wrote, or leave out "
+                         f"--tuned_file for the committed one ({TUNED_FILE})")  # fmt: skip
     path = Path(path)
     try:
         tuned = read_json(path)
@@ -187,6 +201,17 @@ def load_tuned(path, required=True):
             raise ValueError("lrs must map method names to learning rates in (0, 1)")
         if not isinstance(tuned.get("protocol", {}), dict):
             raise ValueError("protocol must be a mapping of settings")
+        rank = tuned.get("protocol", {}).get("r")  # the rank a bare name ("lora") was tuned at
+        rank = rank if isinstance(rank, int) and not isinstance(rank, bool) else CompareConfig.r
+        keys = {}
+        for key in lrs:
+            written = TUNED_KEY.fullmatch(key)
+            if not written:
+                raise ValueError(f"{key!r} is not a method name or name:r=rank (e.g. lora, lora:r=8)")
+            method = (written[1], int(written[2]) if written[2] else rank)
+            if method in keys:  # one would be used and the other silently ignored
+                raise ValueError(f"{keys[method]!r} and {key!r} both give the lr of {method[0]} at rank {method[1]}")
+            keys[method] = key
     except ValueError as e:
         raise UsageError(f"tuned learning rates {path}: not readable ({e}); restore it with `git checkout -- {path}` if "
                          f"it is the committed one, or regenerate it with `make tune ARGS=--publish`") from None  # fmt: skip

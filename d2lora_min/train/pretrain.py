@@ -32,6 +32,7 @@ from ..atomic import atomic_path, check_writable, read_json, write_json
 from .cli import UsageError, apply_overrides, check_range, config_help, run_cli
 from .data import VOCAB_SIZE, CorpusConfig, build_corpus, window_batches
 from .evaluate import MCItem, mc_accuracy, validation_loss
+from .outputs import LOCK_FILE, check_paths, output_lock
 from .tokenizer import load_tokenizer
 from .trainer import TrainConfig, check_train_config, init_distributed, pick_device, rank_and_world, train
 from .world import World, corpus_documents, lookup_probe, skill_probes
@@ -189,8 +190,17 @@ def evaluate_base(model, tokenizer, val_tokens, probes):
 def pretrain(cfg: PretrainConfig, out_dir, eval_every=500):
     """Pretrain from scratch (resuming from out_dir/work if a checkpoint is there) and save the base in out_dir."""
     t_start = time.time()
-    check_writable(out_dir)
     key = cfg.key()  # before the vocabulary size is set from the tokenizer
+    out_dir = Path(out_dir)
+    check_writable(out_dir)
+    outputs = ("model.safetensors", "tokenizer.json", "base.json", LOCK_FILE)
+    check_paths(out_dir, files=[out_dir / name for name in outputs], folders=[out_dir / "work" / key])
+    with output_lock(out_dir, hold=rank_and_world()[0] == 0):  # one pretraining at a time into a folder
+        return _pretrain(cfg, out_dir, eval_every, key, t_start)
+
+
+def _pretrain(cfg, out_dir, eval_every, key, t_start):
+    """pretrain() once its outputs are checked and its folder is locked."""
     cfg = copy.deepcopy(cfg)
     tokenizer, train_tokens, val_tokens = build_corpus(cfg.corpus)
     cfg.model.vocab_size = tokenizer.get_vocab_size()

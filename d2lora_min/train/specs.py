@@ -7,7 +7,8 @@
 Names: the adapters in d2lora_min.nn.METHODS, plus `base` (the pretrained model, not fine-tuned) and `full` (every
 parameter fine-tuned). Keys: r, alpha, dropout, lr, targets (attn, mlp, all, or module names joined by +), and the
 method's own options (d2lora: tau_init, learn_tau, project, readd_delta, detach_norm). Every value is checked when
-it is parsed.
+it is parsed (a bool is true or false). A comparison lists each method once by what it runs (MethodSpec.identity):
+"lora" and "lora:r=4" are one method listed twice.
 """
 
 import re
@@ -58,6 +59,15 @@ class MethodSpec:
         return self.lr_from == "spec"
 
     @property
+    def identity(self):
+        """What the spec runs and where its learning rate comes from, however it is written: "lora" and "lora:r=4"
+        (at the default rank 4) have one identity, and so have "lora:lr=0.01" and "lora:lr=1e-2"; "lora" and
+        "lora:lr=0.01" do not (the tuned or shared lr, and a spec's own: two roles, even when the values agree)."""
+        options = {**(METHODS[self.name].OPTIONS if self.name in METHODS else {}), **self.options}  # defaults written out
+        lr = ("lr", self.lr) if self.lr_set else ("lr from", self.lr_from)
+        return (self.name, self.r, self.alpha, self.dropout, self.targets, tuple(sorted(options.items())), lr)
+
+    @property
     def tuned_key(self):
         """The name a tuned learning rate is stored under: the method at its rank ("lora", "lora:r=8"); variants of
         a method (other options, targets) run at their method's tuned lr."""
@@ -106,7 +116,9 @@ COMMON_KEYS = {"r": 1, "alpha": 1.0, "dropout": 0.0, "lr": 1.0, "targets": ""}  
 
 
 def parse_targets(text, where):
-    targets = TARGET_GROUPS.get(text) or tuple(t for t in text.split("+") if t)
+    if text not in TARGET_GROUPS and not all(text.split("+")):
+        raise UsageError(f"targets in {where}: {text!r} has an empty module name (a '+' doubled, or at an end)")
+    targets = TARGET_GROUPS.get(text) or tuple(text.split("+"))
     try:
         return check_targets(targets)
     except (ValueError, TypeError) as e:
@@ -119,10 +131,12 @@ def parse_method_spec(text, cfg, tuned=None):
     The learning rate: the spec's own lr= if it sets one; else, with cfg.lr_source == "tuned", the tuned lr of its
     method at its rank from `tuned` ({"lora": 0.0056, "lora:r=8": ...}, see tune.py) when there is one; else the shared
     cfg.train.lr (cfg.full_lr for full fine-tuning)."""
-    name, _, rest = text.strip().partition(":")
+    name, colon, rest = text.strip().partition(":")
     valid_names = list(METHODS) + ["base", "full"]
     if name not in valid_names:
         raise UsageError(f"unknown method {name!r} in {text!r}; valid methods: {', '.join(valid_names)}")
+    if colon and not rest:
+        raise UsageError(f"{text!r} has a colon but no key=value after it; write {name!r} alone for its defaults")
     option_defaults = METHODS[name].OPTIONS if name in METHODS else {}
     common = {"r": cfg.r, "alpha": None, "dropout": 0.0, "lr": cfg.full_lr if name == "full" else cfg.train.lr, "targets": cfg.targets}
     options, seen = {}, set()

@@ -28,8 +28,8 @@ from pathlib import Path
 from ..atomic import check_writable, write_json, write_text
 from . import lr_match, plots, stats
 from .cli import UsageError, apply_overrides, config_help, parse_value, run_cli
-from .cache import check_paths
-from .compare import announce, prepare, run_all
+from .compare import announce, check_outputs, prepare, run_all
+from .outputs import check_paths, output_lock
 from .presets import COMPARED, DEV_SEEDS, TUNED_FILE, CompareConfig, check_compare_config, load_tuned, protocol
 from .specs import parse_method_spec, split_methods
 from .report import PUBLISHED, cost_line
@@ -130,7 +130,17 @@ def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
         raise UsageError("tune scores validation items only (split=validation)")
     specs = check_compare_config(cfg)
     check_writable(out_dir)
-    check_paths(out_dir, [out_dir / name for name in ("results.md", "tune.json", "tune_lr.png", "tune_lr_match.png")])
+    figures = ("tune_lr.png", "tune_lr_match.png")
+    check_outputs(cfg, specs, out_dir, ("results.md", "tune.json", *figures), ["tune.md", *figures] if publish else [])
+    if publish:
+        check_paths(TUNED_FILE.parent, files=[TUNED_FILE], hint="leave out --publish")
+    rank, _ = rank_and_world()
+    with output_lock(out_dir, hold=rank == 0):
+        return _tune(cfg, methods, grid, specs, out_dir, fresh, publish, t_start)
+
+
+def _tune(cfg, methods, grid, specs, out_dir, fresh, publish, t_start):
+    """tune() once its outputs are checked and its folder is locked."""
     setup = prepare(cfg)
     rank, _ = rank_and_world()
     if rank == 0:
