@@ -139,8 +139,21 @@ def norm_gradient_factor(grad_c, c, norm):
     return np.where(below, 0.0, -grad_c * c / np.where(below, 1.0, norm) ** 2)
 
 
-def gradients(method, x, W0, bias, params, alpha, grad_output, project=True, readd_delta=True, detach_norm=None,
-              learn_tau=False, mask=None, p=0.0):  # fmt: skip
+def gradients(
+    method,
+    x,
+    W0,
+    bias,
+    params,
+    alpha,
+    grad_output,
+    project=True,
+    readd_delta=True,
+    detach_norm=None,
+    learn_tau=False,
+    mask=None,
+    p=0.0,
+):
     """{"x": dL/dx, <trainable name>: dL/d<name>} for L = sum(forward(...) * grad_output).
 
     detach_norm defaults to each method's default (DoRA True, D2-LoRA False); tau gets a gradient only with

@@ -1,16 +1,16 @@
 """`make tour`: the pictures a learner would rather look at than read, written to docs/ (docs/TOUR.md shows them).
 
-    python -m d2lora_min.train.tour
+  d2lora tour
 
-  tour_toy.png      a 2x2 weight: the path of one row under every method (and D2-LoRA's exact-norm form) on the same
-                    toy loss, against the circle of radius norm(W0_0)
-  tour_drift.png    the tiny GPT fine-tuned with each of them: per layer, the mean row-norm ratio norm(W_i)/norm(W0_i)
-                    (the exact-norm form stays on 1)
-  tour_tau.png      D2-LoRA's tau in each layer over that fine-tuning, with learn_tau=True (the default keeps it fixed)
-  tour_radial.png   the gradient reaching each D2-LoRA layer's rows through V, split into its radial part (along the
-                    row: it would stretch the row) and its tangential part, with the norm attached and detached
-  tour_turn.png     per row of every trained model, how far the applied weight turned and stretched against how far
-                    the update dW did: each method's first-order form, measured
+tour_toy.png      a 2x2 weight: the path of one row under every method (and D2-LoRA's exact-norm form) on the same
+                  toy loss, against the circle of radius norm(W0_0)
+tour_drift.png    the tiny GPT fine-tuned with each of them: per layer, the mean row-norm ratio norm(W_i)/norm(W0_i)
+                  (the exact-norm form stays on 1)
+tour_tau.png      D2-LoRA's tau in each layer over that fine-tuning, with learn_tau=True (the default keeps it fixed)
+tour_radial.png   the gradient reaching each D2-LoRA layer's rows through V, split into its radial part (along the
+                  row: it would stretch the row) and its tangential part, with the norm attached and detached
+tour_turn.png     per row of every trained model, how far the applied weight turned and stretched against how far
+                  the update dW did: each method's first-order form, measured
 """
 
 import argparse
@@ -22,18 +22,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..nn import METHODS, adapter_layers, display_name, inject_adapters, row_factor, row_norm
-from ..atomic import check_writable
-from .cli import UsageError, check_range, run_cli
-from .outputs import check_paths
-from .presets import CompareConfig, budget_train_config
-from .pretrain import load_base
-from .plots import pyplot, save_figure
-from .batches import finetune_batches
-from .tasks import TASKS, build_splits
-from .tokenizer import EOT
-from .trainer import train
-from .world import World
+from .files.io import check_paths, check_writable
+from .nn import METHODS, adapter_layers, display_name, inject_adapters, row_factor, row_norm
+from .synthetic.tasks import TASKS
+from .synthetic.world import World
+from .train.cli import UsageError, check_range, run_cli
+from .train.data import EOT, finetune_batches
+from .train.plots import pyplot, save_figure
+from .train.pretrain import load_base
+from .train.settings import ROOT, CompareConfig, budget
+from .train.tasks import build_splits
+from .train.trainer import train
+
 
 def variants():
     """What the pictures show: every registered method at its defaults, and beside D2-LoRA's default (the paper's
@@ -102,13 +102,21 @@ def finetune_with_trace(method, options, base_model, tokenizer, splits, cfg, rec
             return
         layers = [layer for _, layer in adapter_layers(m)]
         trace["step"].append(step)
-        trace["ratio"].append([(row_norm(layer.merged_weight()) / row_norm(layer.base.weight)).mean().item() for layer in layers])
+        trace["ratio"].append(
+            [(row_norm(layer.merged_weight()) / row_norm(layer.base.weight)).mean().item() for layer in layers]
+        )
         trace["tau"].append([layer.tau.item() if hasattr(layer, "tau") else np.nan for layer in layers])
 
-    tcfg = budget_train_config(cfg)
+    tcfg = budget(cfg)
     tcfg.progress, tcfg.desc = False, method
-    get_batch = finetune_batches(tokenizer, {k: parts.train for k, parts in splits.items()}, tcfg.batch_size, 0,
-                                 tokenizer.token_to_id(EOT), capacity=base_model.config.block_size)  # fmt: skip
+    get_batch = finetune_batches(
+        tokenizer,
+        {k: parts.train for k, parts in splits.items()},
+        tcfg.batch_size,
+        0,
+        tokenizer.token_to_id(EOT),
+        capacity=base_model.config.block_size,
+    )
     record(0, model, None)
     train(model, get_batch, tcfg, callback=record)
     return model, names, trace, get_batch
@@ -120,7 +128,12 @@ def plot_drift(traces, names, path):
     for ax, (label, trace) in zip(axes, traces.items()):
         ratio = np.asarray(trace["ratio"])  # (records, layers)
         for j, name in enumerate(names):
-            ax.plot(trace["step"], ratio[:, j], linewidth=1, label=name.replace("blocks.", "").replace(".attn", "").replace(".mlp", ""))
+            ax.plot(
+                trace["step"],
+                ratio[:, j],
+                linewidth=1,
+                label=name.replace("blocks.", "").replace(".attn", "").replace(".mlp", ""),
+            )
         ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
         ax.set_title(label)
         ax.set_xlabel("step")
@@ -135,7 +148,12 @@ def plot_tau(trace, names, path):
     fig, ax = plt.subplots(figsize=(6, 3.6))
     tau = np.asarray(trace["tau"])
     for j, name in enumerate(names):
-        ax.plot(trace["step"], tau[:, j], linewidth=1, label=name.replace("blocks.", "").replace(".attn", "").replace(".mlp", ""))
+        ax.plot(
+            trace["step"],
+            tau[:, j],
+            linewidth=1,
+            label=name.replace("blocks.", "").replace(".attn", "").replace(".mlp", ""),
+        )
     ax.set_xlabel("step")
     ax.set_ylabel("tau")
     ax.set_title("D2-LoRA, learn_tau=True: tau per layer (default: fixed at 0.5)")
@@ -225,7 +243,9 @@ def plot_radial(model, names, get_batch, path):
     idx = np.arange(len(names))
     ax.bar(idx - 0.2, detached, width=0.4, label="norm detached (as DoRA)", color="tab:red")
     ax.bar(idx + 0.2, attached, width=0.4, label="norm attached (D2-LoRA default)", color="tab:green")
-    ax.set_xticks(idx, [n.replace("blocks.", "").replace(".attn", "").replace(".mlp", "") for n in names], rotation=45, fontsize=7)
+    ax.set_xticks(
+        idx, [n.replace("blocks.", "").replace(".attn", "").replace(".mlp", "") for n in names], rotation=45, fontsize=7
+    )
     ax.set_ylabel("|radial part| / |dL/dV|")
     ax.set_title("the gradient on D2-LoRA's rows: the part that would stretch them")
     ax.legend(fontsize=8)
@@ -240,10 +260,12 @@ def draw(out, n_train):
     print(f"wrote {out / 'tour_toy.png'}", flush=True)
     base_model, tokenizer, _ = load_base()
     cfg = CompareConfig(n_train=n_train, epochs=2)
-    splits = build_splits(World(), list(TASKS), cfg.n_train, 10, seed=0)
+    splits = build_splits(World(), TASKS, cfg.n_train, 10, seed=0)
     traces, models = {}, {}
     for label, method, options in variants():
-        models[label], names, traces[label], get_batch = finetune_with_trace(method, options, base_model, tokenizer, splits, cfg)
+        models[label], names, traces[label], get_batch = finetune_with_trace(
+            method, options, base_model, tokenizer, splits, cfg
+        )
     plot_drift(traces, names, out / "tour_drift.png")
     _, names, learned, _ = finetune_with_trace("d2lora", {"learn_tau": True}, base_model, tokenizer, splits, cfg)
     plot_tau(learned, names, out / "tour_tau.png")
@@ -254,7 +276,7 @@ def draw(out, n_train):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "docs"))
+    parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--n_train", type=int, default=64, help="training items per task for the GPT pictures")
     args = parser.parse_args(argv)
 
@@ -269,6 +291,7 @@ def main(argv=None):
         return 0
 
     return run_cli(parser, body)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -97,8 +97,9 @@ def conv1d_to_linear(model):
     convs = [(name, m) for name, m in model.named_modules() if isinstance(m, Conv1D)]
     for name, conv in convs:
         in_features, out_features = conv.weight.shape  # (in, out)
-        linear = nn.Linear(in_features, out_features, bias=conv.bias is not None,
-                           device=conv.weight.device, dtype=conv.weight.dtype)  # fmt: skip
+        linear = nn.Linear(
+            in_features, out_features, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype
+        )
         linear.weight.copy_(conv.weight.T)  # (out, in)
         if conv.bias is not None:
             linear.bias.copy_(conv.bias)  # (out,)
@@ -148,8 +149,12 @@ def adapt_train_merge(base, method, targets, steps, seed):
     inject_adapters(model, method, r=4, alpha=8, targets=targets)  # freezes the base, wraps each target
     # The adapter tensors are the parameters of each adapter layer outside its wrapped `base` nn.Linear
     # (lora_A, lora_B, ...); everything else, the wrapped layers' weights included, is the base model.
-    adapter_names = {f"{name}.{p}" for name, layer in adapter_layers(model)
-                     for p, _ in layer.named_parameters() if not p.startswith("base.")}  # fmt: skip
+    adapter_names = {
+        f"{name}.{p}"
+        for name, layer in adapter_layers(model)
+        for p, _ in layer.named_parameters()
+        if not p.startswith("base.")
+    }
     params = dict(model.named_parameters())
     adapters = {n: p.detach().clone() for n, p in params.items() if n in adapter_names}
     frozen = {n: p.detach().clone() for n, p in params.items() if n not in adapter_names}
@@ -177,9 +182,14 @@ def adapt_train_merge(base, method, targets, steps, seed):
         merged_logits = model(input_ids=eval_tokens).logits
     row["merged_max_abs_diff"] = (merged_logits - logits).abs().max().item()
     row["adapters_left"] = len(adapter_layers(model))
-    row["ok"] = (loss_after < loss_before and row["only_adapters_trainable"] and row["adapters_moved"]
-                 and row["base_unchanged"] and row["merged_max_abs_diff"] <= MERGE_TOL
-                 and row["adapters_left"] == 0)  # fmt: skip
+    row["ok"] = (
+        loss_after < loss_before
+        and row["only_adapters_trainable"]
+        and row["adapters_moved"]
+        and row["base_unchanged"]
+        and row["merged_max_abs_diff"] <= MERGE_TOL
+        and row["adapters_left"] == 0
+    )
     return row
 
 
@@ -217,18 +227,24 @@ def main(steps=30, seed=0):
 
 if __name__ == "__main__":
     results = main()
-    print("| model | method | layers | trainable | loss before -> after | adapters moved | base unchanged"
-          " | merged max abs logit diff | adapters left | ok |")  # fmt: skip
+    print(
+        "| model | method | layers | trainable | loss before -> after | adapters moved | base unchanged"
+        " | merged max abs logit diff | adapters left | ok |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model_name in ("llama", "gpt2"):
         for method, row in results[model_name].items():
-            print(f"| {model_name} | {display_name(method)} | {row['adapted_layers']} | {row['trainable']:,} |"
-                  f" {row['loss_before']:.3f} -> {row['loss_after']:.3f} | {row['adapters_moved']} |"
-                  f" {row['base_unchanged']} | {row['merged_max_abs_diff']:.1e} | {row['adapters_left']} |"
-                  f" {row['ok']} |")  # fmt: skip
+            print(
+                f"| {model_name} | {display_name(method)} | {row['adapted_layers']} | {row['trainable']:,} |"
+                f" {row['loss_before']:.3f} -> {row['loss_after']:.3f} | {row['adapters_moved']} |"
+                f" {row['base_unchanged']} | {row['merged_max_abs_diff']:.1e} | {row['adapters_left']} |"
+                f" {row['ok']} |"
+            )
     conversion = results["gpt2_conversion"]
-    print(f"\nGPT-2 Conv1D -> nn.Linear: max abs logit change {conversion['max_abs_diff']:.1e},"
-          f" {conversion['conv1d_left']} Conv1D left")
+    print(
+        f"\nGPT-2 Conv1D -> nn.Linear: max abs logit change {conversion['max_abs_diff']:.1e},"
+        f" {conversion['conv1d_left']} Conv1D left"
+    )
     print(f"before converting, inject_adapters said: {conversion['refusal']}")
     rows = [row for name in ("llama", "gpt2") for row in results[name].values()]
     sys.exit(0 if all(row["ok"] for row in rows) and conversion["max_abs_diff"] <= CONVERT_TOL else 1)

@@ -1,8 +1,8 @@
 """`make determinism`: does a seeded comparison give the same numbers twice? It runs `make compare` twice from scratch
 (--fresh, into two folders) and compares every run's per-item results and training losses.
 
-    python -m d2lora_min.train.determinism                  # two fresh default compares, then the comparison
-    python -m d2lora_min.train.determinism --only DIR DIR   # compare two finished compare folders (no runs)
+    python scripts/determinism.py                   # two fresh default compares, then the comparison (make determinism)
+    python scripts/determinism.py --only DIR DIR    # compare two finished compare folders (no runs)
 
 A run is "identical" when its training losses and every per-item result (each choice's log-likelihood, each
 correctness flag, each generated answer) are equal to the last bit. With --publish the table goes to
@@ -15,11 +15,10 @@ import math
 import sys
 from pathlib import Path
 
-from ..atomic import read_json, write_text
-from .cli import UsageError, run_cli
-from .compare import main as compare_main
-from .outputs import check_paths
-from .report import PUBLISHED
+from d2lora_min.files.io import check_paths, read_json, write_text
+from d2lora_min.train.cli import UsageError, run_cli
+from d2lora_min.train.compare import main as compare_main
+from d2lora_min.train.settings import PUBLISHED
 
 ARGS = ["--fresh", "--train.progress=false"]
 
@@ -60,9 +59,15 @@ def compare_folders(first, second):
         for task, items in x["items"].items():
             other = y["items"].get(task, {})
             row["logp"] = max(row["logp"], largest_gap(items.get("logp", []), other.get("logp", [])))
-            row["flags"] += any(not same(items[f], other.get(f)) for f in ("correct_sum", "correct_mean", "exact", "answer") if f in items)
-    lines = ["| method | runs | identical | largest loss difference | largest log-likelihood difference | (run, task) pairs whose flags or answers differ |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+            row["flags"] += any(
+                not same(items[f], other.get(f))
+                for f in ("correct_sum", "correct_mean", "exact", "answer")
+                if f in items
+            )
+    lines = [
+        "| method | runs | identical | largest loss difference | largest log-likelihood difference | (run, task) pairs whose flags or answers differ |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, r in rows.items():
         lines.append(f"| {label} | {r['runs']} | {r['identical']} | {r['loss']:.3g} | {r['logp']:.3g} | {r['flags']} |")
     same = sum(r["identical"] for r in rows.values())
@@ -71,9 +76,15 @@ def compare_folders(first, second):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs=2, metavar="DIR", help="compare these two finished compare folders; run nothing")
-    parser.add_argument("--out", default="runs/determinism", help="where the two fresh compares go (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="scripts/determinism.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", nargs=2, metavar="DIR", help="compare these two finished compare folders; run nothing"
+    )
+    parser.add_argument(
+        "--out", default="runs/determinism", help="where the two fresh compares go (default: %(default)s)"
+    )
     parser.add_argument("--publish", action="store_true", help="also write docs/results/determinism.md")
     args = parser.parse_args(argv)
 
@@ -84,7 +95,7 @@ def main(argv=None):
             first, second = args.only
             if Path(first).resolve() == Path(second).resolve():  # a folder compared with itself always agrees
                 raise UsageError(f"--only names one folder twice ({first}, {second}): give two compare folders")
-            command = f"python -m d2lora_min.train.determinism --only {first} {second}"
+            command = f"python scripts/determinism.py --only {first} {second}"
         else:
             first, second = (str(Path(args.out) / name) for name in ("first", "second"))
             check_paths(args.out, folders=[first, second])  # each compare then checks what it writes below its folder

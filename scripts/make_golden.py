@@ -1,4 +1,4 @@
-"""Regenerate the golden vectors for porters: `make golden` (python -m tests.golden.make_golden).
+"""Regenerate the golden vectors for porters: `make golden` (python -m scripts.make_golden).
 
 Each case is <name>.safetensors (the tensors, float64 or float32, readable with safetensors.numpy / JAX / Rust)
 plus <name>.json (its description: method, every option, shapes, mode, tolerance, what it tests; the schema is in
@@ -31,12 +31,14 @@ from safetensors.torch import save_file
 
 from d2lora_min import reference as ref
 from d2lora_min.nn import METHODS, inject_adapters, save_adapters
-from d2lora_min.nn.checkpoint import ADAPTER_FILE, CHECKSUM_KEY
+from d2lora_min.files.adapter_file import ADAPTER_FILE, CHECKSUM_KEY
 
-FOLDER = Path(__file__).parent
+FOLDER = Path(__file__).resolve().parents[1] / "tests" / "golden"  # where the golden files live
 # The basic layer is SQUARE (out == in): a port that takes the norm over the wrong axis gets no shape error there,
 # only wrong numbers (tests/test_golden.py checks that it fails). r = 2 divides neither side.
-BASIC = dict(out_features=5, in_features=5, r=2, alpha=3.0, batch=(3,), bias=True, dtype="float64", dropout=0.0, mode="eval")
+BASIC = dict(
+    out_features=5, in_features=5, r=2, alpha=3.0, batch=(3,), bias=True, dtype="float64", dropout=0.0, mode="eval"
+)
 RECT_3D = dict(out_features=7, in_features=5, r=3, bias=False, batch=(2, 3))  # r = 3 divides neither 7 nor 5
 EXACT = {"readd_delta": False}  # D2-LoRA's exact-norm form, W = P(V)
 
@@ -47,49 +49,150 @@ EXACT = {"readd_delta": False}  # D2-LoRA's exact-norm form, W = P(V)
 # "tiny_v_row": W0's row has norm 1e-13 and every B row is 0, so 0 < norm(V_i) < eps (the k_i = 0 rule).
 CASES = {
     "lora": ("lora", {}, {}, None, "LoRA: forward, merge, gradients (square layer)"),
-    "lora_dropout": ("lora", {}, dict(dropout=0.25, mode="train", batch=(6,)), None,
-                     "LoRA, dropout in training mode: only the low-rank branch sees the mask"),
+    "lora_dropout": (
+        "lora",
+        {},
+        dict(dropout=0.25, mode="train", batch=(6,)),
+        None,
+        "LoRA, dropout in training mode: only the low-rank branch sees the mask",
+    ),
     "lora_rect_nobias_3d": ("lora", {}, RECT_3D, None, "LoRA, out != in, r dividing neither, no bias, 3-D x"),
     "lora_float32": ("lora", {}, dict(dtype="float32"), None, "LoRA in float32"),
     "dora": ("dora", {}, {}, None, "DoRA, detached norm (its default), square: the row-norm axis"),
-    "dora_attached_norm": ("dora", {"detach_norm": False}, {}, None, "DoRA with the norm attached (gradient through norm(V))"),
-    "dora_dropout": ("dora", {}, dict(dropout=0.25, mode="train", batch=(6,)), None,
-                     "DoRA, dropout in training mode: only the low-rank branch sees the mask"),
-    "dora_rect_nobias_3d": ("dora", {}, dict(out_features=3, in_features=7, r=2, bias=False, batch=(4, 2)), None,
-                            "DoRA, out != in, r dividing neither, no bias, 3-D x"),
+    "dora_attached_norm": (
+        "dora",
+        {"detach_norm": False},
+        {},
+        None,
+        "DoRA with the norm attached (gradient through norm(V))",
+    ),
+    "dora_dropout": (
+        "dora",
+        {},
+        dict(dropout=0.25, mode="train", batch=(6,)),
+        None,
+        "DoRA, dropout in training mode: only the low-rank branch sees the mask",
+    ),
+    "dora_rect_nobias_3d": (
+        "dora",
+        {},
+        dict(out_features=3, in_features=7, r=2, bias=False, batch=(4, 2)),
+        None,
+        "DoRA, out != in, r dividing neither, no bias, 3-D x",
+    ),
     "dora_eps": ("dora", {}, {}, "zero_v_row", "DoRA, a row of V exactly 0 with magnitude 0: the eps guard (c = 0)"),
-    "dora_eps_magnitude": ("dora", {}, {}, "zero_v_row_magnitude",
-                           "DoRA, a row of V exactly 0 with magnitude != 0: c = m / eps (-3e11 here) times a zero row, "
-                           "finite; grad.lora_B's row is of that size (2e12)"),
-    "dora_attached_eps": ("dora", {"detach_norm": False}, {}, "zero_v_row_magnitude",
-                          "DoRA with the norm attached and a row of V exactly 0 (magnitude != 0): k_i = 0 below eps"),
+    "dora_eps_magnitude": (
+        "dora",
+        {},
+        {},
+        "zero_v_row_magnitude",
+        "DoRA, a row of V exactly 0 with magnitude != 0: c = m / eps (-3e11 here) times a zero row, "
+        "finite; grad.lora_B's row is of that size (2e12)",
+    ),
+    "dora_attached_eps": (
+        "dora",
+        {"detach_norm": False},
+        {},
+        "zero_v_row_magnitude",
+        "DoRA with the norm attached and a row of V exactly 0 (magnitude != 0): k_i = 0 below eps",
+    ),
     "dora_float32": ("dora", {}, dict(dtype="float32", out_features=6, in_features=4, r=3), None, "DoRA in float32"),
-    "d2lora": ("d2lora", {}, {}, None, "D2-LoRA default: the paper's form W = P(V) + dW, fixed tau, attached norm (square)"),
+    "d2lora": (
+        "d2lora",
+        {},
+        {},
+        None,
+        "D2-LoRA default: the paper's form W = P(V) + dW, fixed tau, attached norm (square)",
+    ),
     "d2lora_exact_norm": ("d2lora", EXACT, {}, None, "D2-LoRA exact-norm form W = P(V) (readd_delta=False), square"),
-    "d2lora_no_projection": ("d2lora", {"project": False}, {}, None, "D2-LoRA without projection: W = V, a LoRA of rank 2r"),
+    "d2lora_no_projection": (
+        "d2lora",
+        {"project": False},
+        {},
+        None,
+        "D2-LoRA without projection: W = V, a LoRA of rank 2r",
+    ),
     "d2lora_learned_tau": ("d2lora", {"learn_tau": True}, {}, None, "D2-LoRA with a learned tau: grad.tau"),
-    "d2lora_detached_norm": ("d2lora", {"detach_norm": True}, {}, None, "D2-LoRA (paper's form) with the norm detached"),
-    "d2lora_tau_init": ("d2lora", {"tau_init": 0.3}, {}, None, "D2-LoRA with tau = 0.3 (fixed): tau is the stored tensor"),
-    "d2lora_zero_row": ("d2lora", {}, {}, "zero_w0_row",
-                        "D2-LoRA paper form, a zero row of W0 with non-zero B rows: t = 0, merged row = dW's row"),
-    "d2lora_exact_zero_row": ("d2lora", EXACT, {}, "zero_w0_row",
-                              "D2-LoRA exact-norm form, a zero row of W0 with non-zero B rows: merged row = 0"),
+    "d2lora_detached_norm": (
+        "d2lora",
+        {"detach_norm": True},
+        {},
+        None,
+        "D2-LoRA (paper's form) with the norm detached",
+    ),
+    "d2lora_tau_init": (
+        "d2lora",
+        {"tau_init": 0.3},
+        {},
+        None,
+        "D2-LoRA with tau = 0.3 (fixed): tau is the stored tensor",
+    ),
+    "d2lora_zero_row": (
+        "d2lora",
+        {},
+        {},
+        "zero_w0_row",
+        "D2-LoRA paper form, a zero row of W0 with non-zero B rows: t = 0, merged row = dW's row",
+    ),
+    "d2lora_exact_zero_row": (
+        "d2lora",
+        EXACT,
+        {},
+        "zero_w0_row",
+        "D2-LoRA exact-norm form, a zero row of W0 with non-zero B rows: merged row = 0",
+    ),
     "d2lora_eps": ("d2lora", {}, {}, "zero_v_row", "D2-LoRA paper form, a row of V exactly 0: the eps guard"),
-    "d2lora_exact_eps": ("d2lora", EXACT, {}, "zero_v_row", "D2-LoRA exact-norm form, a row of V exactly 0: the eps guard"),
-    "d2lora_below_eps": ("d2lora", {}, {}, "tiny_v_row",
-                         "D2-LoRA paper form, attached norm, 0 < norm(V_i) < eps: k_i = 0 in the norm's gradient"),
-    "d2lora_dropout": ("d2lora", {}, dict(out_features=6, in_features=5, dropout=0.3, mode="train", batch=(2, 4)), None,
-                       "D2-LoRA paper form, dropout in training mode (3-D x): the mask reaches both uses of low"),
-    "d2lora_exact_dropout": ("d2lora", EXACT, dict(out_features=6, in_features=5, dropout=0.3, mode="train", batch=(2, 4)),
-                             None, "D2-LoRA exact-norm form, dropout in training mode (3-D x)"),
-    "d2lora_dropout_eval": ("d2lora", {}, dict(dropout=0.3, mode="eval", batch=(4,)), None,
-                            "D2-LoRA, dropout 0.3 in eval mode: no mask, y = x @ merged_weight.T + b"),
+    "d2lora_exact_eps": (
+        "d2lora",
+        EXACT,
+        {},
+        "zero_v_row",
+        "D2-LoRA exact-norm form, a row of V exactly 0: the eps guard",
+    ),
+    "d2lora_below_eps": (
+        "d2lora",
+        {},
+        {},
+        "tiny_v_row",
+        "D2-LoRA paper form, attached norm, 0 < norm(V_i) < eps: k_i = 0 in the norm's gradient",
+    ),
+    "d2lora_dropout": (
+        "d2lora",
+        {},
+        dict(out_features=6, in_features=5, dropout=0.3, mode="train", batch=(2, 4)),
+        None,
+        "D2-LoRA paper form, dropout in training mode (3-D x): the mask reaches both uses of low",
+    ),
+    "d2lora_exact_dropout": (
+        "d2lora",
+        EXACT,
+        dict(out_features=6, in_features=5, dropout=0.3, mode="train", batch=(2, 4)),
+        None,
+        "D2-LoRA exact-norm form, dropout in training mode (3-D x)",
+    ),
+    "d2lora_dropout_eval": (
+        "d2lora",
+        {},
+        dict(dropout=0.3, mode="eval", batch=(4,)),
+        None,
+        "D2-LoRA, dropout 0.3 in eval mode: no mask, y = x @ merged_weight.T + b",
+    ),
     "d2lora_rect_nobias_3d": ("d2lora", {}, RECT_3D, None, "D2-LoRA, out != in, r dividing neither, no bias, 3-D x"),
-    "d2lora_float32": ("d2lora", {}, dict(dtype="float32", out_features=6, in_features=4, r=3), None,
-                       "D2-LoRA (paper's form) in float32"),
-    "d2lora_bfloat16": ("d2lora", {}, dict(dtype="bfloat16", out_features=6, in_features=4, r=3), None,
-                        "D2-LoRA (paper's form) in bfloat16: norms and c in float32, c rounded to bfloat16 before c * h"),
-}  # fmt: skip
+    "d2lora_float32": (
+        "d2lora",
+        {},
+        dict(dtype="float32", out_features=6, in_features=4, r=3),
+        None,
+        "D2-LoRA (paper's form) in float32",
+    ),
+    "d2lora_bfloat16": (
+        "d2lora",
+        {},
+        dict(dtype="bfloat16", out_features=6, in_features=4, r=3),
+        None,
+        "D2-LoRA (paper's form) in bfloat16: norms and c in float32, c rounded to bfloat16 before c * h",
+    ),
+}
 
 # What a port should meet, per tensor: max |port - expected| <= tol * max(1, max |expected|). float64: a few
 # rounding units over short sums. float32: the stored values are the float32 torch layer's own; a float32 port
@@ -159,7 +262,16 @@ def outputs(layer, x, grad_output, mode, mask_seed=0):
     grads = torch.autograd.grad((y * grad_output).sum(), [x] + list(trainable.values()))
     with torch.no_grad():
         merged = layer.merged_weight()  # does not depend on the mode: eval-mode W, also in training-mode cases
-    tensors.update({"W0": layer.base.weight, "x": x, "grad_output": grad_output, "y": y, "merged_weight": merged, "grad.x": grads[0]})
+    tensors.update(
+        {
+            "W0": layer.base.weight,
+            "x": x,
+            "grad_output": grad_output,
+            "y": y,
+            "merged_weight": merged,
+            "grad.x": grads[0],
+        }
+    )
     if layer.base.bias is not None:
         tensors["bias"] = layer.base.bias
     tensors.update({n: t for n, t in layer.state_dict().items() if not n.startswith("base.") and n != "target_norm"})
@@ -195,7 +307,9 @@ def check_against_reference(name, t):
 
     close(ref.forward(method, n["x"], n["W0"], n.get("bias"), params, c["alpha"], **form, **drop), n["y"], "y")
     close(ref.merged_weight(method, n["W0"], params, c["alpha"], **form), n["merged_weight"], "merged_weight")
-    grads = ref.gradients(method, n["x"], n["W0"], n.get("bias"), params, c["alpha"], n["grad_output"], **grad_options, **drop)
+    grads = ref.gradients(
+        method, n["x"], n["W0"], n.get("bias"), params, c["alpha"], n["grad_output"], **grad_options, **drop
+    )
     stored = {k[5:] for k in n if k.startswith("grad.")}
     assert stored == set(grads), f"{name}: stored gradients {sorted(stored)}, reference {sorted(grads)}"
     for k in stored:
@@ -211,13 +325,23 @@ def main():
         save_file(tensors, FOLDER / f"{name}.safetensors")
         out_f, in_f = c["out_features"], c["in_features"]
         meta = {
-            "method": method, "r": c["r"], "alpha": c["alpha"], "scaling": c["alpha"] / c["r"], "options": layer.options(),
-            "bias": c["bias"], "dropout": c["dropout"], "mode": c["mode"], "trainable": trainable,
-            "loss": "L = sum(y * grad_output)", "dtype": c["dtype"], "square": out_f == in_f,
-            "special_row": special, "tests": CASES[name][4],
+            "method": method,
+            "r": c["r"],
+            "alpha": c["alpha"],
+            "scaling": c["alpha"] / c["r"],
+            "options": layer.options(),
+            "bias": c["bias"],
+            "dropout": c["dropout"],
+            "mode": c["mode"],
+            "trainable": trainable,
+            "loss": "L = sum(y * grad_output)",
+            "dtype": c["dtype"],
+            "square": out_f == in_f,
+            "special_row": special,
+            "tests": CASES[name][4],
             "tolerance": {"tol": TOLERANCE[c["dtype"]], "rule": TOLERANCE_RULE},
             "shapes": {k: list(v.shape) for k, v in tensors.items()},
-        }  # fmt: skip
+        }
         (FOLDER / f"{name}.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         print(f"wrote {name}")
     write_adapter_file(FOLDER / "adapter_file")

@@ -457,7 +457,7 @@ def test_space_separated_overrides_work_like_the_equals_form():
 def test_pretrain_refuses_to_overwrite_the_shipped_base(capsys):
     with pytest.raises(SystemExit) as exit_info:
         pretrain_mod.main(["--out", str(SHIPPED_BASE)])
-    assert exit_info.value.code == 2 and "--replace-shipped" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--replace_shipped" in capsys.readouterr().err
 
 
 def test_bench_refuses_an_unwritable_output_before_measuring(tmp_path, capsys):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from d2lora_min import reference as ref
 from d2lora_min.nn import METHODS
 
-from .golden.make_golden import CASES, TOLERANCE, TOLERANCE_RULE, check_against_reference, outputs, reference_inputs, reference_options
+from scripts.make_golden import CASES, TOLERANCE, TOLERANCE_RULE, check_against_reference, outputs, reference_inputs, reference_options
 
 FOLDER = Path(__file__).parent / "golden"
 

@@ -13,7 +13,14 @@ from .checkpoint import adapter_config, adapter_state_dict, load_adapter_state_d
 from .d2lora import D2LoRALinear
 from .dora import DoRALinear
 from .fused import set_fused
-from .inject import DEFAULT_TARGETS, adapter_layers, check_options, inject_adapters, merge_adapters, trainable_parameters
+from .inject import (
+    DEFAULT_TARGETS,
+    adapter_layers,
+    check_options,
+    inject_adapters,
+    merge_adapters,
+    trainable_parameters,
+)
 from .lora import LoRALinear
 from .registry import METHODS, display_name, get_method
 

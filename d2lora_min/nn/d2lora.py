@@ -66,7 +66,18 @@ class D2LoRALinear(AdapterLinear):
 
     OPTIONS = {"tau_init": 0.5, "learn_tau": False, "project": True, "readd_delta": True, "detach_norm": False}
 
-    def __init__(self, base, r, alpha, dropout=0.0, tau_init=0.5, learn_tau=False, project=True, readd_delta=True, detach_norm=False):
+    def __init__(
+        self,
+        base,
+        r,
+        alpha,
+        dropout=0.0,
+        tau_init=0.5,
+        learn_tau=False,
+        project=True,
+        readd_delta=True,
+        detach_norm=False,
+    ):
         super().__init__(base, r, alpha, dropout)
         self.tau_init = check_real("tau_init", tau_init)
         self.learn_tau = check_bool("learn_tau", learn_tau)
@@ -110,7 +121,9 @@ class D2LoRALinear(AdapterLinear):
         if not self.project:
             return W0 + dW  # W = V: (out, in)
         c = row_factor(self.target_norm, W0 + dW, self.detach_norm)  # t / norm(V): (out,)
-        c_dW = c + 1 if self.readd_delta else c  # the update's weight: P(V) + dW = c W0 + (c + 1) dW, P(V) = c W0 + c dW
+        c_dW = (
+            c + 1 if self.readd_delta else c
+        )  # the update's weight: P(V) + dW = c W0 + (c + 1) dW, P(V) = c W0 + c dW
         return (c[:, None] * W0 + c_dW[:, None] * dW).to(W0.dtype)  # (out, in)
 
     def forward(self, x):  # x: (..., in)

@@ -144,20 +144,34 @@ class RowScaledLowRank(torch.autograd.Function):
         del h0
 
         needs = dict(zip(INPUTS, ctx.needs_input_grad))
-        need_factors = settings.grad and any(needs[k] for k in ("A", "B", "A_neg", "B_neg", "tau"))  # a factor's gradient?
+        need_factors = settings.grad and any(
+            needs[k] for k in ("A", "B", "A_neg", "B_neg", "tau")
+        )  # a factor's gradient?
         need_gc = settings.grad and (needs["target"] or (not settings.detach_norm and need_factors))  # is dL/dc needed?
         keep_h = settings.keep_h or (need_gc and bias_dominates(h, c, bias))
         kept = (h if keep_h else y) if need_gc else None  # h itself, or y to recover it from
-        VA = F.linear(V, _to(A, ndt)) if need_gc and need_factors and not settings.detach_norm else None  # V @ A.T: (out, k)
-        ctx.save_for_backward(x2, None if xd is None else xd2, s_z, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau)
-        ctx.settings, ctx.x_shape, ctx.need_factors, ctx.need_gc, ctx.keep_h = settings, x.shape, need_factors, need_gc, keep_h
+        VA = (
+            F.linear(V, _to(A, ndt)) if need_gc and need_factors and not settings.detach_norm else None
+        )  # V @ A.T: (out, k)
+        ctx.save_for_backward(
+            x2, None if xd is None else xd2, s_z, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau
+        )
+        ctx.settings, ctx.x_shape, ctx.need_factors, ctx.need_gc, ctx.keep_h = (
+            settings,
+            x.shape,
+            need_factors,
+            need_gc,
+            keep_h,
+        )
         return y
 
     @staticmethod
     def backward(ctx, G):
         if torch.is_grad_enabled():  # create_graph=True: the backward below is not itself differentiable
-            raise RuntimeError("the fused path (nn/fused.py) computes first derivatives only; a second one (create_graph="
-                               "True, e.g. a gradient penalty) needs the plain path: set_fused(model, False)")  # fmt: skip
+            raise RuntimeError(
+                "the fused path (nn/fused.py) computes first derivatives only; a second one (create_graph="
+                "True, e.g. a gradient penalty) needs the plain path: set_fused(model, False)"
+            )
         x2, xd2, s_z, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau = ctx.saved_tensors
         st, needs = ctx.settings, dict(zip(INPUTS, ctx.needs_input_grad))
         s, dt, ndt = st.s, x2.dtype, c.dtype
@@ -188,7 +202,9 @@ class RowScaledLowRank(torch.autograd.Function):
             if not st.detach_norm and ctx.need_factors:
                 d_A, d_B = through_the_norm(g_c, c, norm, W0, A, B, VA, s)
                 grad_A, grad_B = grad_A.add_(d_A), grad_B.add_(d_B)
-        if grad_A is not None and B_neg is not None:  # back to the two branches: A = [A_pos; A_neg], B = [B_pos, -tau * B_neg]
+        if (
+            grad_A is not None and B_neg is not None
+        ):  # back to the two branches: A = [A_pos; A_neg], B = [B_pos, -tau * B_neg]
             (g_A_pos, g_A_neg), (g_B_pos, g_neg) = grad_A.chunk(2), grad_B.chunk(2, dim=1)  # g_neg = dL/d(-tau * B_neg)
             grad["A"], grad["A_neg"] = _to(g_A_pos, A.dtype), _to(g_A_neg, A.dtype)  # (r, in) each
             grad["B"] = _to(g_B_pos, B.dtype)  # (out, r)
@@ -205,7 +221,9 @@ def bias_dominates(h, c, bias):
     digits, and h is kept instead of y)."""
     if bias is None:
         return False
-    mean_h = torch.linalg.vector_norm(h.reshape(-1, h.shape[-1]), ord=1, dim=0) / max(1, h.numel() // h.shape[-1])  # (out,)
+    mean_h = torch.linalg.vector_norm(h.reshape(-1, h.shape[-1]), ord=1, dim=0) / max(
+        1, h.numel() // h.shape[-1]
+    )  # (out,)
     return bool((_to(bias, c.dtype).abs() > BIAS_DOMINATES * c.abs() * _to(mean_h, c.dtype)).any())
 
 
@@ -227,7 +245,9 @@ def through_the_norm(g_c, c, norm, W0, A, B, VA, s):
     constant), so dL/dB += s * k * (V @ A.T) and dL/dA += s * (k * B).T @ V, the latter from the factors:
     (k B).T @ V = (k B).T @ W0 + s * ((k B).T @ B) @ A. VA = V @ A.T was kept from forward."""
     ndt = c.dtype
-    s_k = (g_c * c).div_(norm.clamp_min(NORM_EPS).square()).mul_(-s).masked_fill_(norm < NORM_EPS, 0)[:, None]  # s * k: (out, 1)
+    s_k = (
+        (g_c * c).div_(norm.clamp_min(NORM_EPS).square()).mul_(-s).masked_fill_(norm < NORM_EPS, 0)[:, None]
+    )  # s * k: (out, 1)
     A_n, B_n, W0_n = _to(A, ndt), _to(B, ndt), _to(W0, ndt)
     s_kB_t = (B_n * s_k).t()  # (s k B).T: (k, out)
     d_A = torch.addmm(torch.mm(s_kB_t, W0_n), torch.mm(s_kB_t, B_n), A_n, alpha=s)  # s * (k B).T @ V: (k, in)
@@ -245,7 +265,9 @@ def row_scaled_low_rank(layer, x, A, B, target, detach_norm, keep_h=False, readd
     if autocast:
         x = x.to(torch.get_autocast_dtype(device))
     xd = None if isinstance(layer.lora_dropout, torch.nn.Identity) else layer.lora_dropout(x)
-    settings = Settings(s=layer.scaling, detach_norm=detach_norm, readd=readd, keep_h=keep_h or readd, grad=torch.is_grad_enabled())
+    settings = Settings(
+        s=layer.scaling, detach_norm=detach_norm, readd=readd, keep_h=keep_h or readd, grad=torch.is_grad_enabled()
+    )
     args = (x, xd, layer.base.weight, layer.base.bias, A, B, target, *negative, settings)
     if not autocast:
         return RowScaledLowRank.apply(*args)
@@ -277,8 +299,16 @@ class FusedD2LoRALinear(D2LoRALinear):
         if not self.project or not base_is_frozen(self):
             return super().forward(x)
         negative = (self.lora_A_neg, self.lora_B_neg, self.tau)  # stacked inside: B = [B_pos, -tau * B_neg]
-        return row_scaled_low_rank(self, x, self.lora_A_pos, self.lora_B_pos, self.target_norm, self.detach_norm,
-                                   readd=self.readd_delta, negative=negative)  # fmt: skip
+        return row_scaled_low_rank(
+            self,
+            x,
+            self.lora_A_pos,
+            self.lora_B_pos,
+            self.target_norm,
+            self.detach_norm,
+            readd=self.readd_delta,
+            negative=negative,
+        )
 
 
 FUSED = {DoRALinear: FusedDoRALinear, D2LoRALinear: FusedD2LoRALinear}  # plain class -> its fused subclass

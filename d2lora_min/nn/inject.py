@@ -94,7 +94,9 @@ def _inject(model, method, r, alpha, targets, dropout, options, exact):
     # so remember what was trainable and restore it if anything fails.
     trainable = {p: p.requires_grad for p in model.parameters()}
     try:
-        wrapped = [(names, cls(m, r=r, alpha=alpha, dropout=dropout, **options).train(m.training)) for m, names in chosen]
+        wrapped = [
+            (names, cls(m, r=r, alpha=alpha, dropout=dropout, **options).train(m.training)) for m, names in chosen
+        ]
     except BaseException:
         for p, flag in trainable.items():
             p.requires_grad_(flag)
@@ -120,7 +122,9 @@ def find_targets(model, targets, exact=False):
     for t in targets:
         if not any(_matches(name, t, exact) for name, _ in modules):
             linears = sorted({name.rsplit(".", 1)[-1] for name, m in modules if isinstance(m, nn.Linear)})
-            raise ValueError(f"target {t!r} matches no module; the model's nn.Linear names end in: {', '.join(linears)}")
+            raise ValueError(
+                f"target {t!r} matches no module; the model's nn.Linear names end in: {', '.join(linears)}"
+            )
     parents = dict(modules)
     for m, names in chosen.values():
         parent_name = names[0].rpartition(".")[0]
@@ -135,8 +139,10 @@ def check_wrappable(name, module, parent):
         hint = CONV1D_HINT if type(module).__name__ == "Conv1D" else ""  # GPT-2's Conv1D, found by name (no import)
         raise TypeError(f"target module {name!r} is a {type(module).__name__}, not an nn.Linear{hint}")
     if isinstance(parent, nn.MultiheadAttention):
-        raise TypeError(f"target module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
-                        f"directly instead of calling it: an adapter there would be bypassed")  # fmt: skip
+        raise TypeError(
+            f"target module {name!r} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+            f"directly instead of calling it: an adapter there would be bypassed"
+        )
 
 
 @torch.no_grad()

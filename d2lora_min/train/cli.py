@@ -13,8 +13,10 @@ import math
 import re
 import sys
 
+from ..files.io import Refused
 
-class UsageError(ValueError):
+
+class UsageError(Refused):
     """Bad command-line input or settings, found before any work."""
 
 
@@ -104,7 +106,11 @@ def config_help(config, prefix=""):
 
 def check_range(name, value, low=None, high=None, kind=int):
     """value is a `kind` (int: not a bool) within [low, high]; a UsageError naming the setting otherwise."""
-    ok_type = isinstance(value, kind) and not isinstance(value, bool) if kind is int else isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok_type = (
+        isinstance(value, kind) and not isinstance(value, bool)
+        if kind is int
+        else isinstance(value, (int, float)) and not isinstance(value, bool)
+    )
     if not ok_type or (kind is float and not math.isfinite(value)):
         raise UsageError(f"{name} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
@@ -119,7 +125,7 @@ def run_cli(parser, body):
     included), and one line for Ctrl-C (exit 130: a rerun of the same command resumes)."""
     try:
         return body()
-    except UsageError as e:
+    except Refused as e:  # a UsageError, or a path in the way of an output
         parser.error(first_line(e))
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; run the same command again to resume", file=sys.stderr)

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tiny_gpt import packing
 
 from .tasks import answer_text
-from .world import World, corpus_documents
+from ..synthetic.world import World, corpus_documents
 
 EOT = "<|endoftext|>"  # separates documents; also the padding token in evaluation batches
 
@@ -70,7 +70,9 @@ def read_text_file(path, min_chars=MIN_TEXT_CHARS):
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"corpus file {path!r} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
+        raise ValueError(
+            f"corpus file {path!r} is not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 4]!r})"
+        ) from None
     if len(text.strip()) < min_chars:
         raise ValueError(f"corpus file {path!r} has {len(text.strip())} characters; at least {min_chars} are needed")
     return text
@@ -197,12 +199,14 @@ def finetune_batches(tokenizer, train_sets, batch_size, seed, pad_id, capacity=N
         rows = pack([len(s) for s in inputs], capacity)
         while len(rows) < min(n_shards, len(picks)):  # one row per process at least: split the fullest row
             k = max(range(len(rows)), key=lambda k: len(rows[k]))
-            rows[k:k + 1] = [rows[k][: len(rows[k]) // 2], rows[k][len(rows[k]) // 2 :]]
+            rows[k : k + 1] = [rows[k][: len(rows[k]) // 2], rows[k][len(rows[k]) // 2 :]]
         x = pad_rows([[t for j in row for t in inputs[j]] for row in rows], pad_id)  # (rows, T)
         y = pad_rows([[t for j in row for t in targets[j]] for row in rows], -1, x.shape[1])  # (rows, T)
         segments = torch.full(x.shape, -1, dtype=torch.long)  # (rows, T): which item each position holds
         for b, row in enumerate(rows):
-            segments[b, : sum(len(inputs[j]) for j in row)] = torch.tensor([k for k, j in enumerate(row) for _ in inputs[j]])
+            segments[b, : sum(len(inputs[j]) for j in row)] = torch.tensor(
+                [k for k, j in enumerate(row) for _ in inputs[j]]
+            )
         pads = segments < 0
         segments[pads] = -1 - torch.nonzero(pads)[:, 1]  # every pad position a segment of its own
         return (x, y, *packing(segments))

@@ -20,7 +20,7 @@ from tiny_gpt import KVCache
 import numpy as np
 
 from .data import EOT, pack, pad_rows
-from .tasks import TASKS, scored_field
+from .tasks import scored_field
 
 
 def batches_by_length(things, lengths, batch_size, slack=0.9):
@@ -86,8 +86,12 @@ def score_choices(model, tokenizer, items, batch_rows=64):
     pass. counts = {"positions": positions computed, "padding": how many of them are padding}.
     """
     pad = tokenizer.token_to_id(EOT)
-    capacity = 2 * model.config.block_size  # rows may be longer than the position table: each tree has its own positions
-    trees = [choice_tree(tokenizer.encode(it.prompt).ids, [tokenizer.encode(c).ids for c in it.choices]) for it in items]
+    capacity = (
+        2 * model.config.block_size
+    )  # rows may be longer than the position table: each tree has its own positions
+    trees = [
+        choice_tree(tokenizer.encode(it.prompt).ids, [tokenizer.encode(c).ids for c in it.choices]) for it in items
+    ]
     rows = pack([len(t[0]) for t in trees], capacity)
     summed = [[0.0] * len(item.choices) for item in items]
     per_token = [[0.0] * len(item.choices) for item in items]
@@ -115,7 +119,9 @@ def score_choices(model, tokenizer, items, batch_rows=64):
         counts["padding"] += int((owner < 0).sum())
         mask = tree_mask(owner, branch)
         logits, _ = model(ids.to(device), positions=positions.to(device), attn_mask=mask.to(device))  # (B, T, vocab)
-        rows, index, token = (torch.tensor([getattr(w, f) for w in where], device=device) for f in ("row", "index", "token"))
+        rows, index, token = (
+            torch.tensor([getattr(w, f) for w in where], device=device) for f in ("row", "index", "token")
+        )
         logp = F.log_softmax(logits[rows, index].float(), dim=-1)  # at the scored positions only: (n_scored, vocab)
         picked = logp.gather(1, token[:, None])[:, 0].tolist()  # log p of each scored token
         for w, lp in zip(where, picked):
@@ -172,7 +178,9 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=12, stop="\n", bat
         real = column[None, :] >= first  # (B, L): which keys are real tokens
         positions = (column[None, :] - first).clamp_min(0)  # (B, L)
         causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()  # (L, L)
-        mask = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)  # (B, L, L); a pad sees itself
+        mask = (causal & real[:, None, :]) | torch.eye(
+            L, dtype=torch.bool, device=device
+        )  # (B, L, L); a pad sees itself
         cache = KVCache(model.config.n_layer)
         logits, _ = model(x, positions=positions, attn_mask=mask[:, None], cache=cache)  # (B, L, vocab)
         counts["positions"] += x.numel()
@@ -186,7 +194,9 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=12, stop="\n", bat
             if t == max_new_tokens - 1 or (stop_id is not None and done.all()):  # every row has finished its answer
                 break
             real = torch.cat([real, torch.ones(len(ids), 1, dtype=torch.bool, device=device)], dim=1)  # (B, L + t + 1)
-            logits, _ = model(new[:, t : t + 1], positions=(lengths + t)[:, None], attn_mask=real[:, None, None, :], cache=cache)
+            logits, _ = model(
+                new[:, t : t + 1], positions=(lengths + t)[:, None], attn_mask=real[:, None, None, :], cache=cache
+            )
             counts["positions"] += len(ids)
         for b, i in enumerate(idx):
             texts[i] = tokenizer.decode(new[b].tolist()).split(stop)[0].strip()
@@ -227,7 +237,7 @@ def validation_loss(model, tokens, block_size, max_windows=256, batch_size=64):
     return total / count if count else math.nan
 
 
-def evaluate_items(model, tokenizer, splits, counts=None, split="test"):
+def evaluate_items(model, tokenizer, splits, tasks, counts=None, split="test"):
     """{task: per-item results} on the `split` items ("test" or "validation"): for multiple choice each choice's
     summed log-likelihood and whether the summed and the length-normalised scorer pick the right choice; for
     generative tasks the greedy answer, its ROUGE-L and exact match. counts, if given, accumulates the positions
@@ -235,7 +245,7 @@ def evaluate_items(model, tokenizer, splits, counts=None, split="test"):
     out = {}
     for name, parts in splits.items():
         test = getattr(parts, split)
-        task = TASKS[name]
+        task = tasks[name]
         if task.kind == "mc":
             summed, per_token, used = score_choices(model, tokenizer, test)
             out[name] = {
@@ -255,11 +265,11 @@ def evaluate_items(model, tokenizer, splits, counts=None, split="test"):
     return out
 
 
-def task_scores(items, scoring):
+def task_scores(items, tasks, scoring):
     """{task: score} from evaluate_items' per-item results (accuracy, or ROUGE-L and `<task>_exact`)."""
     scores = {}
     for name, res in items.items():
-        task = TASKS[name]
+        task = tasks[name]
         if task.kind == "mc":
             scores[name] = float(np.mean(res[scored_field(task, scoring)]))
         else:

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from ..atomic import atomic_path
+from ..files.io import atomic_path
 
 
 def pyplot():
@@ -71,8 +71,6 @@ def plot_lr_sweep(points, path, chosen=None):
     save_figure(fig, path)
 
 
-
-
 def plot_forest(groups, path, reference_label, paper=None):
     """The answer as a forest plot: each method's difference from the reference (pp of mean accuracy) with its 95 % CI.
 
@@ -81,19 +79,44 @@ def plot_forest(groups, path, reference_label, paper=None):
     an open diamond on that row."""
     plt = pyplot()
     n_rows = sum(len(rows) for _, rows in groups)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(7.5, 0.9 + 0.45 * n_rows + 0.5 * len(groups)), squeeze=False,
-                             gridspec_kw={"height_ratios": [max(1, len(rows)) for _, rows in groups]}, sharex=True)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(groups),
+        1,
+        figsize=(7.5, 0.9 + 0.45 * n_rows + 0.5 * len(groups)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [max(1, len(rows)) for _, rows in groups]},
+        sharex=True,
+    )
     for ax, (title, rows) in zip(axes[:, 0], groups):
         ys = np.arange(len(rows))[::-1]
         for y, row in zip(ys, rows):
             color = "tab:blue" if row["lo"] > 0 else "tab:red" if row["hi"] < 0 else "tab:grey"
-            ax.errorbar(100 * row["diff"], y, xerr=[[100 * (row["diff"] - row["lo"])], [100 * (row["hi"] - row["diff"])]],
-                        fmt="o", color=color, capsize=3)  # fmt: skip
+            ax.errorbar(
+                100 * row["diff"],
+                y,
+                xerr=[[100 * (row["diff"] - row["lo"])], [100 * (row["hi"] - row["diff"])]],
+                fmt="o",
+                color=color,
+                capsize=3,
+            )
             if paper and row["label"] in paper:
-                ax.plot([paper[row["label"]]], [y], marker="D", markerfacecolor="none", color="black", markersize=7,
-                        label="the paper's figure")  # fmt: skip
+                ax.plot(
+                    [paper[row["label"]]],
+                    [y],
+                    marker="D",
+                    markerfacecolor="none",
+                    color="black",
+                    markersize=7,
+                    label="the paper's figure",
+                )
             step = "" if row.get("step") is None else f", step {row['step']:.2f}x LoRA(r)"
-            ax.annotate(f"{row['params']:,} params{step}", xy=(1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=7)
+            ax.annotate(
+                f"{row['params']:,} params{step}",
+                xy=(1.01, y),
+                xycoords=("axes fraction", "data"),
+                va="center",
+                fontsize=7,
+            )
         ax.axvline(0, color="black", linewidth=0.8)
         ax.set_yticks(ys, [row["label"] for row in rows], fontsize=8)
         ax.set_ylim(-0.7, len(rows) - 0.3)
@@ -101,8 +124,12 @@ def plot_forest(groups, path, reference_label, paper=None):
         ax.grid(axis="x", alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="lower right")
-    beside = "trainable parameters" + (" and training step time" if any(row.get("step") for _, rows in groups for row in rows) else "")
-    axes[-1, 0].set_xlabel(f"difference in mean accuracy from {reference_label} (pp), 95 % CI; right: {beside}", fontsize=8)
+    beside = "trainable parameters" + (
+        " and training step time" if any(row.get("step") for _, rows in groups for row in rows) else ""
+    )
+    axes[-1, 0].set_xlabel(
+        f"difference in mean accuracy from {reference_label} (pp), 95 % CI; right: {beside}", fontsize=8
+    )
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -112,9 +139,11 @@ def plot_lr_match(d2, lora, k, path, d2_label, lora_label):
     (faint) and moved to k times it, k fitted by lr_match.py."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for pts, scale, label, style in ((lora, 1.0, lora_label, dict(color="tab:blue")),
-                                     (d2, 1.0, f"{d2_label} at its lr", dict(color="tab:orange", alpha=0.35, linestyle=":")),
-                                     (d2, k, f"{d2_label} at {k:.2f} x its lr", dict(color="tab:orange"))):  # fmt: skip
+    for pts, scale, label, style in (
+        (lora, 1.0, lora_label, dict(color="tab:blue")),
+        (d2, 1.0, f"{d2_label} at its lr", dict(color="tab:orange", alpha=0.35, linestyle=":")),
+        (d2, k, f"{d2_label} at {k:.2f} x its lr", dict(color="tab:orange")),
+    ):
         pts = sorted(pts)
         lr = [scale * p[0] for p in pts]
         ax.plot(lr, [100 * p[1] for p in pts], marker="o", label=label, **style)

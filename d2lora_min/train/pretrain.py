@@ -1,8 +1,8 @@
 """Pretraining the base model, and loading it.
 
-    python -m d2lora_min.train.pretrain                       # the default base, into runs/pretrain/<key>/
-    python -m d2lora_min.train.pretrain --corpus.text_file=my.txt --out runs/my_base
-    python -m d2lora_min.train.pretrain --out base --replace-shipped   # replace the shipped base, on purpose
+    d2lora pretrain                                        # the default base, into runs/pretrain/<key>/
+    d2lora pretrain --corpus.text_file=my.txt --out runs/my_base
+    d2lora pretrain --out base --replace_shipped           # replace the shipped base, on purpose
 
 The default base ships in the repository (base/: model.safetensors, tokenizer.json, base.json with the
 configs, the SHA-256 of each file and one over weights, tokenizer and model config, the validation loss and the
@@ -13,6 +13,7 @@ runs/bases/<key>/ where <key> is a hash of the configs.
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -28,35 +29,66 @@ from tqdm.auto import tqdm
 
 from tiny_gpt import GPT, GPTConfig
 
-from ..atomic import atomic_path, check_writable, read_json, write_json
+from ..files.io import (
+    LOCK_FILE,
+    REBUILD_HINT,
+    atomic_path,
+    base_fingerprint,
+    check_base_files,
+    check_paths,
+    check_writable,
+    output_lock,
+    read_json,
+    repo_root,
+    sha256_file,
+    write_json,
+)
+from ..synthetic.world import World, corpus_documents, lookup_probe, skill_probes
 from .cli import UsageError, apply_overrides, check_range, config_help, run_cli
-from .data import VOCAB_SIZE, CorpusConfig, build_corpus, window_batches
-from .evaluate import MCItem, mc_accuracy, validation_loss
-from .outputs import LOCK_FILE, check_paths, output_lock
-from .tokenizer import load_tokenizer
+from .data import VOCAB_SIZE, CorpusConfig, build_corpus, load_tokenizer, window_batches
+from .evaluate import mc_accuracy, validation_loss
+from .tasks import MCItem
 from .trainer import TrainConfig, check_train_config, init_distributed, pick_device, rank_and_world, train
-from .world import World, corpus_documents, lookup_probe, skill_probes
 
-SHIPPED_BASE = Path(__file__).resolve().parents[2] / "base"
+SHIPPED_BASE = repo_root() / "base"
 PROBE_ITEMS, PROBE_SEED = 300, 12345
 
 
 def default_train_config():
-    return TrainConfig(steps=8000, batch_size=32, lr=3e-3, min_lr_ratio=0.1, warmup_steps=200, weight_decay=0.1,
-                       checkpoint_every=250, desc="pretrain")  # fmt: skip
+    return TrainConfig(
+        steps=8000,
+        batch_size=32,
+        lr=3e-3,
+        min_lr_ratio=0.1,
+        warmup_steps=200,
+        weight_decay=0.1,
+        checkpoint_every=250,
+        desc="pretrain",
+    )
 
 
 @dataclass
 class PretrainConfig:
-    model: GPTConfig = field(default_factory=lambda: GPTConfig(vocab_size=VOCAB_SIZE, block_size=128, n_layer=2, n_head=4, d_model=128))
+    model: GPTConfig = field(
+        default_factory=lambda: GPTConfig(vocab_size=VOCAB_SIZE, block_size=128, n_layer=2, n_head=4, d_model=128)
+    )
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     train: TrainConfig = field(default_factory=default_train_config)
 
     def key(self):
         """A short hash of everything that changes the resulting weights: the configs (not progress bars or
         checkpoint intervals) and a fingerprint of the corpus text itself, so that an edited world.py counts too."""
-        t = {k: v for k, v in asdict(self.train).items() if k not in ("progress", "desc", "checkpoint_every", "device", "amp")}
-        blob = {"model": asdict(self.model), "corpus": asdict(self.corpus), "train": t, "text": corpus_fingerprint(self.corpus)}
+        t = {
+            k: v
+            for k, v in asdict(self.train).items()
+            if k not in ("progress", "desc", "checkpoint_every", "device", "amp")
+        }
+        blob = {
+            "model": asdict(self.model),
+            "corpus": asdict(self.corpus),
+            "train": t,
+            "text": corpus_fingerprint(self.corpus),
+        }
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -87,7 +119,14 @@ def check_pretrain_config(cfg: PretrainConfig, prefix=""):
 
 
 def corpus_fingerprint(corpus_cfg, n_docs=500):
-    """SHA-256 of the user's text file, or of the world's facts and the first n_docs synthetic documents."""
+    """SHA-256 of the user's text file, or of the world's facts and the first n_docs synthetic documents (computed once
+    per process for each corpus config)."""
+    return _fingerprint(json.dumps(asdict(corpus_cfg), sort_keys=True), n_docs)
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(corpus_json, n_docs):
+    corpus_cfg = CorpusConfig(**json.loads(corpus_json))
     if corpus_cfg.text_file:
         return sha256_file(corpus_cfg.text_file)
     world = World(seed=corpus_cfg.world_seed, n_people=corpus_cfg.n_people)
@@ -101,34 +140,6 @@ def probe_items(corpus_cfg):
     world = World(seed=corpus_cfg.world_seed, n_people=corpus_cfg.n_people)
     probes = {"probe": lookup_probe(world, PROBE_ITEMS, PROBE_SEED), **skill_probes(world, PROBE_ITEMS, PROBE_SEED + 1)}
     return {name: [MCItem(p, c, a) for p, c, a in items] for name, items in probes.items()}
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-BASE_FILES = ("model.safetensors", "tokenizer.json")  # with the model config in base.json: all that changes behaviour
-
-
-def base_fingerprint(folder, meta):
-    """({file: SHA-256}, the base's SHA-256): one hash over the weights, the tokenizer and the model config, so
-    that a change to any of them (a swapped token, an edited config) changes the base's identity."""
-    folder = Path(folder)
-    files = {}
-    for name in BASE_FILES:
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} is missing; {REBUILD_HINT}")
-        files[name] = sha256_file(folder / name)
-    blob = json.dumps({"files": files, "model_config": meta["config"]["model"]}, sort_keys=True)
-    return files, hashlib.sha256(blob.encode()).hexdigest()
-
-
-REBUILD_HINT = ("restore the shipped base with `git checkout -- base/`, or pretrain one with `make pretrain` "
-                "(then `make pretrain ARGS='--out base --replace-shipped'` to replace the shipped one)")  # fmt: skip
 
 
 def save_base(folder, model, tokenizer, meta):
@@ -159,22 +170,21 @@ def load_base(folder=SHIPPED_BASE, device="cpu", check_hash=True):
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # read_json's errors are ValueErrors
         raise ValueError(f"{folder}/base.json is unreadable ({type(e).__name__}: {e}); {REBUILD_HINT}") from None
     if check_hash:
-        files, sha = base_fingerprint(folder, meta)
-        for name, digest in files.items():
-            if meta["files"].get(name) != digest:
-                raise ValueError(f"{folder}/{name} does not match the SHA-256 recorded in base.json; {REBUILD_HINT}")
-        if sha != meta.get("sha256"):
-            raise ValueError(f"{folder}/base.json: the model config does not match the recorded SHA-256; {REBUILD_HINT}")
+        check_base_files(folder, meta)  # weights, tokenizer and model config, against their recorded SHA-256
     model = GPT(model_config)
     try:
         load_model(model, folder / "model.safetensors", device=str(device))
     except RuntimeError as e:  # torch lists every mismatch over many lines: one line of it, with the file's name
-        raise ValueError(f"{folder}/model.safetensors does not fit the model config in base.json: "
-                         f"{' '.join(str(e).split())[:400]}; {REBUILD_HINT}") from None  # fmt: skip
+        raise ValueError(
+            f"{folder}/model.safetensors does not fit the model config in base.json: "
+            f"{' '.join(str(e).split())[:400]}; {REBUILD_HINT}"
+        ) from None
     model.to(device).eval()
     tokenizer = load_tokenizer(folder / "tokenizer.json")
     if tokenizer.get_vocab_size() != model_config.vocab_size:
-        raise ValueError(f"{folder}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model {model_config.vocab_size}")
+        raise ValueError(
+            f"{folder}: tokenizer has {tokenizer.get_vocab_size()} tokens, the model {model_config.vocab_size}"
+        )
     return model, tokenizer, meta
 
 
@@ -204,8 +214,11 @@ def _pretrain(cfg, out_dir, eval_every, key, t_start):
     cfg = copy.deepcopy(cfg)
     tokenizer, train_tokens, val_tokens = build_corpus(cfg.corpus)
     cfg.model.vocab_size = tokenizer.get_vocab_size()
-    print(f"corpus: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens, "
-          f"vocabulary {cfg.model.vocab_size}", flush=True)  # fmt: skip
+    print(
+        f"corpus: {len(train_tokens):,} training tokens, {len(val_tokens):,} validation tokens, "
+        f"vocabulary {cfg.model.vocab_size}",
+        flush=True,
+    )
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
     print(f"model: {model.num_params():,} parameters, {cfg.model}", flush=True)
@@ -263,29 +276,33 @@ def resolve_base(cfg: PretrainConfig):
     cached = BASE_CACHE / key
     if (cached / "base.json").exists():
         return (*load_base(cached), cached)
-    print(f"the model or corpus settings differ from the shipped base's: pretraining a new base into {cached} "
-          f"(this takes a while; it is cached for later runs)", flush=True)  # fmt: skip
+    print(
+        f"the model or corpus settings differ from the shipped base's: pretraining a new base into {cached} "
+        f"(this takes a while; it is cached for later runs)",
+        flush=True,
+    )
     pretrain(cfg, cached)
     return (*load_base(cached), cached)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
+        prog="d2lora pretrain",
         description="Pretrain a base model (default settings: the shipped one) into a run folder.",
         epilog="settings (override with --section.field=value):\n" + "\n".join(config_help(PretrainConfig())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--out", default=None, help="folder for the base (default: runs/pretrain/<settings key>)")
-    parser.add_argument("--replace-shipped", action="store_true", help="allow --out to be the shipped base/ folder")
-    parser.add_argument("--eval-every", type=int, default=500, help="steps between probe/validation evaluations")
+    parser.add_argument("--replace_shipped", action="store_true", help="allow --out to be the shipped base/ folder")
+    parser.add_argument("--eval_every", type=int, default=500, help="steps between probe/validation evaluations")
     args, overrides = parser.parse_known_args(argv)
 
     def body():
         cfg = check_pretrain_config(apply_overrides(PretrainConfig(), overrides))
-        check_range("--eval-every", args.eval_every, 1)
+        check_range("--eval_every", args.eval_every, 1)
         out = Path(args.out) if args.out else Path("runs") / "pretrain" / cfg.key()
         if out.resolve() == SHIPPED_BASE.resolve() and not args.replace_shipped:
-            raise UsageError(f"--out {out} is the shipped base: add --replace-shipped to overwrite it on purpose")
+            raise UsageError(f"--out {out} is the shipped base: add --replace_shipped to overwrite it on purpose")
         if str(args.out) == "":
             raise UsageError("--out is empty")
         rank, _ = init_distributed()  # under torchrun: join the process group; otherwise a no-op
@@ -294,7 +311,15 @@ def main(argv=None):
             print(f"pretraining on CPU with {torch.get_num_threads()} threads into {out}", flush=True)
         meta = pretrain(cfg, out, eval_every=args.eval_every)
         if rank == 0:
-            print(json.dumps({k: meta[k] for k in ("val_loss", "probe_accuracy", "tokens_seen", "train_seconds_this_run", "sha256")}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        k: meta[k]
+                        for k in ("val_loss", "probe_accuracy", "tokens_seen", "train_seconds_this_run", "sha256")
+                    },
+                    indent=2,
+                )
+            )
         return 0
 
     return run_cli(parser, body)

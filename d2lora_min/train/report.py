@@ -1,7 +1,7 @@
 """The report of a comparison, from its per-run results: one row per method (scores, the paired difference from the
 reference with its CI and verdict, retention, cost), written as results.md and results.json with the plots, and,
-with --publish, copied to docs/results/ (what the README shows). The statistics are in stats.py, the tables in
-tables.py, the plots in plots.py, the paper's claims in claims.py.
+with --publish, copied to docs/results/ (what the README shows). The statistics are in stats.py, the tables and the
+paper's claims in tables.py, the plots in plots.py.
 """
 
 import math
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, write_json, write_text
-from . import claims as claims_mod
+from ..files.io import atomic_path, write_json, write_text
 from . import plots, stats, tables
-from .presets import SHARED_LR, budget_train_config
-from .tasks import TASKS
+from .settings import PUBLISHED
+from .specs import SHARED_LR, roles
+from .tasks import of_kind, scored_field
 
 
 def method_rows(runs, tasks, clusters, scoring, reference):
@@ -27,31 +27,51 @@ def method_rows(runs, tasks, clusters, scoring, reference):
     ref_runs = by_method.get(reference)
     rows = []
     for method, rs in by_method.items():
-        row = {"method": method, "label": rs[0]["label"], "seeds": [r["seed"] for r in rs], "trainable_params": rs[0]["trainable_params"],
-               "flags": stats.flagged(rs)}  # fmt: skip
-        fields = {t: stats.primary_field(tasks[t].kind, scoring, tasks[t].normalise) for t in tasks}
+        row = {
+            "method": method,
+            "label": rs[0]["label"],
+            "seeds": [r["seed"] for r in rs],
+            "trainable_params": rs[0]["trainable_params"],
+            "flags": stats.flagged(rs),
+        }
+        fields = {t: scored_field(tasks[t], scoring) for t in tasks}
         mats = {t: stats.item_matrix(rs, t, fields[t]) for t in tasks}
         row["scores"] = {t: float(m.mean()) for t, m in mats.items()}
-        gen = [t for t in tasks if tasks[t].kind == "gen"]
+        gen = of_kind(tasks, "gen")
         row["scores"].update({f"{t}_exact": float(stats.item_matrix(rs, t, "exact").mean()) for t in gen})
-        mc = [t for t in tasks if tasks[t].kind == "mc"]
+        mc = of_kind(tasks, "mc")
         row["mean_mc"] = float(np.mean([row["scores"][t] for t in mc]))
-        compared = ref_runs is not None and method not in (reference, "base")  # the base is a row of its own, not a method
+        compared = ref_runs is not None and method not in (
+            reference,
+            "base",
+        )  # the base is a row of its own, not a method
         mine, theirs, left_out = stats.paired_runs(rs, ref_runs) if compared else ([], [], {})
         if mine:  # paired over the seeds both methods ran, diverged runs left out (with their pair)
             a = {t: stats.item_matrix(mine, t, fields[t]) for t in tasks}
             b = {t: stats.item_matrix(theirs, t, fields[t]) for t in tasks}
             boot = stats.paired_bootstrap({t: a[t] for t in mc}, {t: b[t] for t in mc}, {t: clusters[t] for t in mc})
             detectable = (stats.t_quantile(boot["df"]) + 0.84) * boot["se"]
-            row["vs_reference"] = {**boot, "verdict": stats.verdict(boot["lo"], boot["hi"]), "detectable": detectable, "left_out": left_out}
+            row["vs_reference"] = {
+                **boot,
+                "verdict": stats.verdict(boot["lo"], boot["hi"]),
+                "detectable": detectable,
+                "left_out": left_out,
+            }
             if gen:
-                g = stats.paired_bootstrap({t: a[t] for t in gen}, {t: b[t] for t in gen}, {t: clusters[t] for t in gen})
+                g = stats.paired_bootstrap(
+                    {t: a[t] for t in gen}, {t: b[t] for t in gen}, {t: clusters[t] for t in gen}
+                )
                 row["gen_vs_reference"] = {**g, "verdict": stats.verdict(g["lo"], g["hi"])}
         for k in ("step_time", "volatility", "heldout_loss", "facts_probe", "train_seconds"):
             vals = [r[k] for r in rs if r.get(k) is not None and not (isinstance(r[k], float) and math.isnan(r[k]))]
             row[k] = statistics.mean(vals) if vals else None
         first = rs[0]
-        for k in ("eval_tokens_per_s", "merged_eval_tokens_per_s", "base_eval_tokens_per_s", "merge_gap_pp"):  # first seed only
+        for k in (
+            "eval_tokens_per_s",
+            "merged_eval_tokens_per_s",
+            "base_eval_tokens_per_s",
+            "merge_gap_pp",
+        ):  # first seed only
             row[k] = first.get(k)
         row["max_logit_diff"] = max((r["max_logit_diff"] for r in rs if "max_logit_diff" in r), default=None)
         rows.append(row)
@@ -67,23 +87,39 @@ def forest_groups(rows, runs, tasks, clusters, cfg, preset):
     def point(row):
         v = row["vs_reference"]
         step = row["step_time"] / speed["step_time"] if speed and row["step_time"] and speed["step_time"] else None
-        return {"label": row["label"], "diff": v["diff"], "lo": v["lo"], "hi": v["hi"], "params": row["trainable_params"], "step": step}
+        return {
+            "label": row["label"],
+            "diff": v["diff"],
+            "lo": v["lo"],
+            "hi": v["hi"],
+            "params": row["trainable_params"],
+            "step": step,
+        }
 
     label = {r["method"]: r["label"] for r in rows}
-    parity = f"lora:r={2 * cfg.r}"  # LoRA(2r): the paper's +1.6 pp is D2-LoRA(r) against it
-    if preset == "replicate" and all(m in label for m in (*claims_mod.TUNED.values(), *claims_mod.SHARED.values())):
+    tuned, shared = roles(cfg.r), roles(cfg.r, SHARED_LR)
+    parity = tuned["LoRA(2r)"]  # LoRA(2r): the paper's +1.6 pp is D2-LoRA(r) against it
+    if preset == "replicate" and all(m in label for m in (*tuned.values(), *shared.values())):
         groups = []
-        for names, what in ((claims_mod.TUNED, "at its tuned learning rate"), (claims_mod.SHARED, f"at the shared lr {SHARED_LR:g}")):
+        for names, what in ((tuned, "at its tuned learning rate"), (shared, f"at the shared lr {SHARED_LR:g}")):
             ref = names["LoRA(2r)"]  # each panel against LoRA(2r) run the same way, whatever --reference says
             table = rows if ref == cfg.reference else method_rows(runs, tasks, clusters, cfg.scoring, ref)
             against = {r["method"]: r for r in table}
-            roles = [names[role] for role in ("D2-LoRA(r)", "DoRA(r)", "LoRA(r)") if against[names[role]].get("vs_reference")]
-            groups.append((f"every method {what}, against {label[ref]}", [point(against[m]) for m in roles]))
-        paper = {label[claims_mod.TUNED["D2-LoRA(r)"]]: claims_mod.PAPER["vs LoRA(2r)"], label[claims_mod.SHARED["D2-LoRA(r)"]]: claims_mod.PAPER["vs LoRA(2r)"]}
-        return groups, f"LoRA(2r) = {label[claims_mod.TUNED['LoRA(2r)']]}", paper
+            order = [
+                names[role] for role in ("D2-LoRA(r)", "DoRA(r)", "LoRA(r)") if against[names[role]].get("vs_reference")
+            ]
+            groups.append((f"every method {what}, against {label[ref]}", [point(against[m]) for m in order]))
+        paper = {label[names["D2-LoRA(r)"]]: tables.PAPER["vs LoRA(2r)"] for names in (tuned, shared)}
+        return groups, f"LoRA(2r) = {label[parity]}", paper
     points = [point(r) for r in rows if r.get("vs_reference")]
-    paper = {r["label"]: claims_mod.PAPER["vs LoRA(2r)"] for r in rows if cfg.reference == parity and r["method"] == "d2lora"}
-    return [(f"every method against {label.get(cfg.reference, cfg.reference)}", points)], label.get(cfg.reference, cfg.reference), paper
+    paper = {
+        r["label"]: tables.PAPER["vs LoRA(2r)"] for r in rows if cfg.reference == parity and r["method"] == "d2lora"
+    }
+    return (
+        [(f"every method against {label.get(cfg.reference, cfg.reference)}", points)],
+        label.get(cfg.reference, cfg.reference),
+        paper,
+    )
 
 
 def learning_rates_line(specs):
@@ -103,47 +139,72 @@ def cost_line(runs):
 
     train = sum(r.get("train_seconds", 0.0) for r in runs)
     evaluation = sum(r.get("eval_seconds", 0.0) for r in runs)
-    return (f"time over {len(runs)} runs: training {train:.0f} s, evaluation {evaluation:.0f} s; padding: "
-            f"{share('train_positions')} of the positions computed in fine-tuning, {share('eval_positions')} in evaluation")
+    return (
+        f"time over {len(runs)} runs: training {train:.0f} s, evaluation {evaluation:.0f} s; padding: "
+        f"{share('train_positions')} of the positions computed in fine-tuning, {share('eval_positions')} in evaluation"
+    )
 
 
-PUBLISHED = Path(__file__).resolve().parents[2] / "docs" / "results"
-
-
-def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, preset, publish=False):
-    tasks = {t: TASKS[t] for t in cfg.tasks}
-    scored = {t: getattr(splits[t], cfg.split) for t in cfg.tasks}  # the items the runs were scored on
-    clusters = {t: stats.cluster_ids([it.cluster for it in scored[t]]) for t in cfg.tasks}
-    chance = {t: float(np.mean([1 / len(it.choices) for it in scored[t]])) for t in cfg.tasks if TASKS[t].kind == "mc"}
+def write_report(settings, setup, runs, wall, out_dir, preset, publish=False):
+    cfg, tasks, specs = settings.cfg, setup.tasks, settings.specs
+    scored = {t: getattr(setup.splits[t], cfg.split) for t in tasks}  # the items the runs were scored on
+    clusters = {t: stats.cluster_ids([it.cluster for it in scored[t]]) for t in tasks}
+    chance = {t: float(np.mean([1 / len(it.choices) for it in scored[t]])) for t in of_kind(tasks, "mc")}
     rows = method_rows(runs, tasks, clusters, cfg.scoring, cfg.reference)
-    ref = next((s for s in specs if s.text == cfg.reference), None)
+    ref = settings.reference
     base_row = next((r for r in rows if r["method"] == "base"), None)
-    steps = budget_train_config(cfg).steps
+    steps, sha = settings.train.steps, setup.base_meta["sha256"]
     n_items = cfg.n_test if cfg.split == "test" else cfg.n_validation
-    header = (f"base {base_meta['sha256'][:12]}; {len(cfg.tasks)} tasks x {cfg.n_train} training items x {cfg.epochs} epochs "
-              f"= {steps} steps of {cfg.train.batch_size}; {n_items} {cfg.split} items per task; seeds {list(cfg.seeds)}; "
-              f"targets {'+'.join(cfg.targets)}; scoring {cfg.scoring}; {'fused' if cfg.fused else 'plain'} path; device {device}, "
-              f"{torch.get_num_threads()} threads; wall {wall}")  # fmt: skip
-    parts = [header, learning_rates_line(specs), cost_line(runs), "", "Accuracy (%, mean over seeds; span: ROUGE-L F1 and exact match):", "",
-             tables.score_table(rows, tasks)]  # fmt: skip
+    header = (
+        f"base {sha[:12]}; {len(tasks)} tasks x {cfg.n_train} training items x {cfg.epochs} epochs "
+        f"= {steps} steps of {cfg.train.batch_size}; {n_items} {cfg.split} items per task; seeds {list(cfg.seeds)}; "
+        f"targets {'+'.join(cfg.targets)}; scoring {cfg.scoring}; {'fused' if cfg.fused else 'plain'} path; device "
+        f"{settings.device}, {torch.get_num_threads()} threads; wall {wall}"
+    )
+    parts = [
+        header,
+        learning_rates_line(specs),
+        cost_line(runs),
+        "",
+        "Accuracy (%, mean over seeds; span: ROUGE-L F1 and exact match):",
+        "",
+        tables.score_table(rows, tasks),
+    ]
     twins = tables.same_run_lines(runs)  # two specs that ran the same thing
     parts += ["", *twins] if twins else []
-    if ref:
-        parts += ["", f"Difference from {ref.label}, paired over seeds and {cfg.split} items (bootstrap, items resampled by cluster):", "",
-                  tables.difference_table(rows, tasks, ref.label)]  # fmt: skip
+    parts += [
+        "",
+        f"Difference from {ref.label}, paired over seeds and {cfg.split} items (bootstrap, items resampled by cluster):",
+        "",
+        tables.difference_table(rows, tasks, ref.label),
+    ]
     parts += ["", "Retention and cost:", "", tables.cost_table(rows, base_row, "lora")]
     parts += ["", *tables.headroom_lines(rows, tasks, chance), *tables.flag_lines(rows)]
-    summary = {"config": asdict(cfg), "rows": rows, "wall": wall, "base": base_meta["sha256"], "steps": steps}
+    summary = {"config": asdict(cfg), "rows": rows, "wall": wall, "base": sha, "steps": steps}
     if preset == "ablate":
-        parts += ["", "Scoring function (the same runs, each multiple-choice task scored both ways):", "", tables.scoring_table(runs, tasks, clusters)]
+        parts += [
+            "",
+            "Scoring function (the same runs, each multiple-choice task scored both ways):",
+            "",
+            tables.scoring_table(runs, tasks, clusters),
+        ]
     if preset == "replicate":
-        claims = claims_mod.replicate_claims(runs, tasks, clusters, cfg.scoring, claims_mod.TUNED)
-        shared = claims_mod.replicate_claims(runs, tasks, clusters, cfg.scoring, claims_mod.SHARED)
+        claims = tables.replicate_claims(runs, tasks, clusters, cfg.scoring, roles(cfg.r))
+        shared = tables.replicate_claims(runs, tasks, clusters, cfg.scoring, roles(cfg.r, SHARED_LR))
         summary["claims"], summary["claims_at_shared_lr"] = claims, shared
-        parts += ["", "The paper's claims at this scale, every method at its tuned learning rate:", "", claims_mod.claims_table(claims)]
+        parts += [
+            "",
+            "The paper's claims at this scale, every method at its tuned learning rate:",
+            "",
+            tables.claims_table(claims),
+        ]
         if shared:
-            parts += ["", f"Sensitivity: the same claims with every method at the shared lr {SHARED_LR:g} and at its tuned lr:", "",
-                      claims_mod.sensitivity_table(shared, claims)]  # fmt: skip
+            parts += [
+                "",
+                f"Sensitivity: the same claims with every method at the shared lr {SHARED_LR:g} and at its tuned lr:",
+                "",
+                tables.sensitivity_table(shared, claims),
+            ]
     text = "\n".join(parts) + "\n"
     write_text(out_dir / "results.md", text)
     write_json(out_dir / "results.json", summary)
@@ -161,5 +222,3 @@ def write_report(cfg, specs, runs, splits, base_meta, device, wall, out_dir, pre
                 with atomic_path(PUBLISHED / f"{preset}_{png}") as tmp:
                     shutil.copyfile(out_dir / png, tmp)
     return text, summary
-
-

@@ -50,7 +50,9 @@ class MethodSpec:
     lr: float
     targets: tuple
     options: dict
-    lr_from: str = "shared"  # where lr comes from: "spec" (its own lr=, shown in the label), "tuned", "shared", "full_lr"
+    lr_from: str = (
+        "shared"  # where lr comes from: "spec" (its own lr=, shown in the label), "tuned", "shared", "full_lr"
+    )
     default_r: int = 4  # the comparison's rank (what tuned_key leaves out)
     default_targets: tuple = DEFAULT_TARGETS  # the comparison's targets (what the label leaves out)
 
@@ -63,7 +65,10 @@ class MethodSpec:
         """What the spec runs and where its learning rate comes from, however it is written: "lora" and "lora:r=4"
         (at the default rank 4) have one identity, and so have "lora:lr=0.01" and "lora:lr=1e-2"; "lora" and
         "lora:lr=0.01" do not (the tuned or shared lr, and a spec's own: two roles, even when the values agree)."""
-        options = {**(METHODS[self.name].OPTIONS if self.name in METHODS else {}), **self.options}  # defaults written out
+        options = {
+            **(METHODS[self.name].OPTIONS if self.name in METHODS else {}),
+            **self.options,
+        }  # defaults written out
         lr = ("lr", self.lr) if self.lr_set else ("lr from", self.lr_from)
         return (self.name, self.r, self.alpha, self.dropout, self.targets, tuple(sorted(options.items())), lr)
 
@@ -103,8 +108,10 @@ def split_methods(text):
                 raise UsageError(f"--methods {text!r} has an empty item (two commas in a row, or a comma at an end)")
             if "=" in piece.partition(":")[0]:  # key=value, no method name before it
                 if previous is None or ":" not in specs[previous]:
-                    raise UsageError(f"{piece!r} in --methods {text!r} is not a method; a method's keys follow it after a "
-                                     f"colon, e.g. lora:r=8,lr=1e-3")  # fmt: skip
+                    raise UsageError(
+                        f"{piece!r} in --methods {text!r} is not a method; a method's keys follow it after a "
+                        f"colon, e.g. lora:r=8,lr=1e-3"
+                    )
                 specs[previous] += "," + piece
             else:
                 specs.append(piece)
@@ -138,7 +145,13 @@ def parse_method_spec(text, cfg, tuned=None):
     if colon and not rest:
         raise UsageError(f"{text!r} has a colon but no key=value after it; write {name!r} alone for its defaults")
     option_defaults = METHODS[name].OPTIONS if name in METHODS else {}
-    common = {"r": cfg.r, "alpha": None, "dropout": 0.0, "lr": cfg.full_lr if name == "full" else cfg.train.lr, "targets": cfg.targets}
+    common = {
+        "r": cfg.r,
+        "alpha": None,
+        "dropout": 0.0,
+        "lr": cfg.full_lr if name == "full" else cfg.train.lr,
+        "targets": cfg.targets,
+    }
     options, seen = {}, set()
     takes = {"base": (), "full": ("lr",)}.get(name)  # the keys base and full take (they have no adapter)
     for pair in rest.split(",") if rest else []:
@@ -162,14 +175,27 @@ def parse_method_spec(text, cfg, tuned=None):
     alpha = common["alpha"] if common["alpha"] is not None else cfg.alpha_over_r * common["r"]
     lr_set = any(pair.partition("=")[0] == "lr" for pair in rest.split(",")) if rest else False
     lr_from = "spec" if lr_set else "full_lr" if name == "full" else "shared"
-    spec = MethodSpec(text, name, common["r"], float(alpha), float(common["dropout"]), float(common["lr"]), tuple(common["targets"]),
-                      options, lr_from, cfg.r, tuple(cfg.targets))  # fmt: skip
+    spec = MethodSpec(
+        text,
+        name,
+        common["r"],
+        float(alpha),
+        float(common["dropout"]),
+        float(common["lr"]),
+        tuple(common["targets"]),
+        options,
+        lr_from,
+        cfg.r,
+        tuple(cfg.targets),
+    )
     if lr_from == "shared" and name in METHODS and cfg.lr_source == "tuned" and spec.tuned_key in (tuned or {}):
         spec.lr, spec.lr_from = float(tuned[spec.tuned_key]), "tuned"
     check_range(f"lr in {text!r}", spec.lr, kind=float)
     if spec.lr <= 0:
         raise UsageError(f"lr in {text!r} must be > 0, got {spec.lr}")
-    if name in METHODS and isinstance(spec.r, int) and spec.r > cfg.pretrain.model.d_model:  # before the stand-in allocates r numbers
+    if (
+        name in METHODS and isinstance(spec.r, int) and spec.r > cfg.pretrain.model.d_model
+    ):  # before the stand-in allocates r numbers
         raise UsageError(f"r in {text!r} is {spec.r}: larger than the model's width ({cfg.pretrain.model.d_model})")
     if name in METHODS:  # every value checked now, by building the layer around a 1x1 stand-in (no real work)
         try:
@@ -177,5 +203,3 @@ def parse_method_spec(text, cfg, tuned=None):
         except (ValueError, TypeError) as e:
             raise UsageError(f"{text!r}: {e}") from None
     return spec
-
-

@@ -60,7 +60,12 @@ def t_quantile(df, p=0.975):
 def _t_quantile(df, p):
 
     def pdf(x):
-        return math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi) - (df + 1) / 2 * math.log1p(x * x / df))
+        return math.exp(
+            math.lgamma((df + 1) / 2)
+            - math.lgamma(df / 2)
+            - 0.5 * math.log(df * math.pi)
+            - (df + 1) / 2 * math.log1p(x * x / df)
+        )
 
     def cdf(x, n=600):  # 0.5 + the integral of the pdf from 0 to x (Simpson's rule)
         h = x / n
@@ -107,7 +112,9 @@ def paired_bootstrap(a, b, clusters, n_boot=N_BOOT, seed=0):
         return diff, diff - half, diff + half, math.sqrt(v), df
 
     per_task = {t: interval(*parts[t])[:3] for t in parts}
-    diff, lo, hi, se, df = interval(np.mean([p[0] for p in parts.values()], axis=0), np.mean([p[1] for p in parts.values()], axis=0))
+    diff, lo, hi, se, df = interval(
+        np.mean([p[0] for p in parts.values()], axis=0), np.mean([p[1] for p in parts.values()], axis=0)
+    )
     return {"diff": diff, "lo": lo, "hi": hi, "se": se, "df": df, "per_task": per_task}
 
 
@@ -143,7 +150,10 @@ def flagged(runs):
 def paired_runs(a, b):
     """The runs of two methods on the seeds both ran and neither flagged -> (a's runs, b's runs, {left-out seed:
     why}). A diverged run is left out of every difference, together with the other method's run on that seed."""
-    bad = {**{s: f"{st} (first)" for s, st in flagged(a).items()}, **{s: f"{st} (second)" for s, st in flagged(b).items()}}
+    bad = {
+        **{s: f"{st} (first)" for s, st in flagged(a).items()},
+        **{s: f"{st} (second)" for s, st in flagged(b).items()},
+    }
     seeds = [r["seed"] for r in a if r["seed"] in {q["seed"] for q in b} and r["seed"] not in bad]
     pick = lambda runs: sorted((r for r in runs if r["seed"] in seeds), key=lambda r: r["seed"])  # noqa: E731
     return pick(a), pick(b), {s: why for s, why in bad.items() if s in {r["seed"] for r in a} | {r["seed"] for r in b}}
@@ -166,8 +176,10 @@ MIN_POINTS = 3  # D2-LoRA grid points that must map inside LoRA(2r)'s grid
 def per_seed_curve(runs_by_lr, tasks, scoring):
     """{lr: (S,) mean multiple-choice accuracy of each seed} from {lr: that lr's runs, in seed order}."""
     mc = of_kind(tasks, "mc")
-    return {lr: np.mean([item_matrix(rs, t, scored_field(tasks[t], scoring)).mean(1) for t in mc], axis=0)
-            for lr, rs in runs_by_lr.items()}  # fmt: skip
+    return {
+        lr: np.mean([item_matrix(rs, t, scored_field(tasks[t], scoring)).mean(1) for t in mc], axis=0)
+        for lr, rs in runs_by_lr.items()
+    }
 
 
 def _read_at(curve, lrs):
@@ -197,7 +209,7 @@ def best_factor(d2, lora):
     return float(10**lk), used
 
 
-def match(d2, lora):
+def lr_match(d2, lora):
     """d2, lora: per-seed curves {lr: (S,)} of D2-LoRA(r) and LoRA(2r) on the same seeds -> {"k", "gap", "lo", "hi",
     "used", "k_per_seed"} (the gap in fractions of 1; lo, hi its 95 % CI over the seeds), or None for a grid too short."""
     best = best_factor(d2, lora)
@@ -207,14 +219,24 @@ def match(d2, lora):
     per_seed = (np.stack([d2[lr] for lr in used]) - _read_at(lora, [lr * k for lr in used])).mean(0)  # (S,)
     S = len(per_seed)
     half = t_quantile(S - 1) * per_seed.std(ddof=1) / math.sqrt(S) if S > 1 else float("nan")
-    seeds_k = [best_factor({lr: v[[s]] for lr, v in d2.items()}, {lr: v[[s]] for lr, v in lora.items()})[0] for s in range(S)]
-    return {"k": k, "gap": float(per_seed.mean()), "lo": float(per_seed.mean() - half), "hi": float(per_seed.mean() + half),
-            "used": used, "k_per_seed": seeds_k}  # fmt: skip
+    seeds_k = [
+        best_factor({lr: v[[s]] for lr, v in d2.items()}, {lr: v[[s]] for lr, v in lora.items()})[0] for s in range(S)
+    ]
+    return {
+        "k": k,
+        "gap": float(per_seed.mean()),
+        "lo": float(per_seed.mean() - half),
+        "hi": float(per_seed.mean() + half),
+        "used": used,
+        "k_per_seed": seeds_k,
+    }
 
 
-def describe(m, d2_label, lora_label, n_seeds):
+def describe_lr_match(m, d2_label, lora_label, n_seeds):
     """The result in words, for the report."""
-    return (f"{d2_label}'s validation curve matches {lora_label}'s read at k x its learning rate best for k = {m['k']:.2f} "
-            f"(each development seed alone: {', '.join(f'{k:.2f}' for k in m['k_per_seed'])}); the remaining gap at that k, "
-            f"{d2_label} minus {lora_label} over its learning rates {', '.join(f'{lr:.3g}' for lr in m['used'])}: "
-            f"{100 * m['gap']:+.2f} pp [{100 * m['lo']:+.2f}, {100 * m['hi']:+.2f}] (95 % CI over {n_seeds} development seeds)")
+    return (
+        f"{d2_label}'s validation curve matches {lora_label}'s read at k x its learning rate best for k = {m['k']:.2f} "
+        f"(each development seed alone: {', '.join(f'{k:.2f}' for k in m['k_per_seed'])}); the remaining gap at that k, "
+        f"{d2_label} minus {lora_label} over its learning rates {', '.join(f'{lr:.3g}' for lr in m['used'])}: "
+        f"{100 * m['gap']:+.2f} pp [{100 * m['lo']:+.2f}, {100 * m['hi']:+.2f}] (95 % CI over {n_seeds} development seeds)"
+    )

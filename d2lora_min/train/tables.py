@@ -31,15 +31,20 @@ def marked(row):
     by_status = {}
     for seed, status in sorted(row.get("flags", {}).items()):
         by_status.setdefault(status, []).append(str(seed))
-    notes = "; ".join(f"{status}: seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}" for status, seeds in by_status.items())
+    notes = "; ".join(
+        f"{status}: seed{'s' if len(seeds) > 1 else ''} {', '.join(seeds)}" for status, seeds in by_status.items()
+    )
     return f"{row['label']} [{notes}]" if notes else row["label"]
 
 
 def flag_lines(rows):
     """One line per method with runs that diverged or never moved: what the tables mark, and that the differences
     leave those seeds out (with the other method's run on the same seed)."""
-    return [f"{marked(r)}: these runs are scored as they stand in the accuracy table and left out of every difference"
-            for r in rows if r.get("flags")]  # fmt: skip
+    return [
+        f"{marked(r)}: these runs are scored as they stand in the accuracy table and left out of every difference"
+        for r in rows
+        if r.get("flags")
+    ]
 
 
 def same_run_lines(runs):
@@ -57,7 +62,11 @@ def score_table(rows, tasks):
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [marked(row), f"{row['trainable_params']:,}"] + [f"{100 * row['scores'][t]:.1f}" for t in mc]
-        cells += [f"**{100 * row['mean_mc']:.1f}**"] + [_fmt(row["scores"][t]) for t in gen] + [_fmt(row["scores"][f"{t}_exact"]) for t in gen]
+        cells += (
+            [f"**{100 * row['mean_mc']:.1f}**"]
+            + [_fmt(row["scores"][t]) for t in gen]
+            + [_fmt(row["scores"][f"{t}_exact"]) for t in gen]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -65,17 +74,29 @@ def score_table(rows, tasks):
 def difference_table(rows, tasks, reference_label):
     mc = of_kind(tasks, "mc")
     gen = of_kind(tasks, "gen")
-    head = ["method", f"Δ mean acc vs {reference_label} (pp) [95 % CI]", "verdict", "detectable (pp)"] + mc + [f"Δ {t} ROUGE-L" for t in gen]
+    head = (
+        ["method", f"Δ mean acc vs {reference_label} (pp) [95 % CI]", "verdict", "detectable (pp)"]
+        + mc
+        + [f"Δ {t} ROUGE-L" for t in gen]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         v = row.get("vs_reference")
         if not v:
             continue
         left_out = f" (seeds {', '.join(str(s) for s in sorted(v['left_out']))} left out)" if v.get("left_out") else ""
-        cells = [marked(row), f"{_pp(v['diff'])} [{_pp(v['lo'])}, {_pp(v['hi'])}]", v["verdict"] + left_out, f"{100 * v['detectable']:.1f}"]
+        cells = [
+            marked(row),
+            f"{_pp(v['diff'])} [{_pp(v['lo'])}, {_pp(v['hi'])}]",
+            v["verdict"] + left_out,
+            f"{100 * v['detectable']:.1f}",
+        ]
         cells += [f"{_pp(v['per_task'][t][0])} [{_pp(v['per_task'][t][1])}, {_pp(v['per_task'][t][2])}]" for t in mc]
         g = row.get("gen_vs_reference")
-        cells += [f"{g['per_task'][t][0]:+.3f} [{g['per_task'][t][1]:+.3f}, {g['per_task'][t][2]:+.3f}]" if g else "–" for t in gen]
+        cells += [
+            f"{g['per_task'][t][0]:+.3f} [{g['per_task'][t][1]:+.3f}, {g['per_task'][t][2]:+.3f}]" if g else "–"
+            for t in gen
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -83,11 +104,21 @@ def difference_table(rows, tasks, reference_label):
 def cost_table(rows, base_row, speed_reference):
     """Retention (against the base when it is among the methods, else the absolute values) and cost; step times
     relative to `speed_reference`, or to the first method when that one did not run."""
-    ref = next((r for r in rows if r["method"] == speed_reference), None) or next((r for r in rows if r["method"] != "base"), None)
+    ref = next((r for r in rows if r["method"] == speed_reference), None) or next(
+        (r for r in rows if r["method"] != "base"), None
+    )
     loss_head = "held-out text loss (Δ vs base)" if base_row else "held-out text loss (nats)"
     probe_head = "facts probe (base → after)" if base_row else "facts probe (after)"
-    head = ["method", loss_head, probe_head, f"step time (× {ref['label'] if ref else '–'})",
-            "loss volatility", "merge gap (pp, max over tasks)", "max abs logit diff", "merged / base tok/s"]  # fmt: skip
+    head = [
+        "method",
+        loss_head,
+        probe_head,
+        f"step time (× {ref['label'] if ref else '–'})",
+        "loss volatility",
+        "merge gap (pp, max over tasks)",
+        "max abs logit diff",
+        "merged / base tok/s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         if row["method"] == "base":
@@ -102,9 +133,21 @@ def cost_table(rows, base_row, speed_reference):
             d_loss, probe = row["heldout_loss"], f"{100 * row['facts_probe']:.1f}"
         gaps = row.get("merge_gap_pp")
         gap = max(abs(g) for g in gaps.values()) if gaps else None
-        speed = row["merged_eval_tokens_per_s"] / row["base_eval_tokens_per_s"] if row.get("base_eval_tokens_per_s") else None
-        cells = [marked(row), _fmt(d_loss, "+.3f" if base_row else ".3f"), probe, _fmt(rel, ".2f"), _fmt(row["volatility"], ".4f"), _fmt(gap, ".2f"),
-                 _fmt(row["max_logit_diff"], ".1e"), _fmt(speed, ".2f")]  # fmt: skip
+        speed = (
+            row["merged_eval_tokens_per_s"] / row["base_eval_tokens_per_s"]
+            if row.get("base_eval_tokens_per_s")
+            else None
+        )
+        cells = [
+            marked(row),
+            _fmt(d_loss, "+.3f" if base_row else ".3f"),
+            probe,
+            _fmt(rel, ".2f"),
+            _fmt(row["volatility"], ".4f"),
+            _fmt(gap, ".2f"),
+            _fmt(row["max_logit_diff"], ".1e"),
+            _fmt(speed, ".2f"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -116,11 +159,24 @@ def headroom_lines(rows, tasks, chance):
     mc = of_kind(tasks, "mc")
     saturated = [t for t in mc if methods and max(r["scores"][t] for r in methods) >= 0.97]  # the best method's mean
     best_mean = max((r["mean_mc"] for r in methods), default=float("nan"))
-    out = [f"saturated tasks (best method >= 97 %): {', '.join(saturated) or 'none'}; best mean accuracy {100 * best_mean:.1f} %"]
+    out = [
+        f"saturated tasks (best method >= 97 %): {', '.join(saturated) or 'none'}; best mean accuracy {100 * best_mean:.1f} %"
+    ]
     if base:
-        lifts = {t: max(r["scores"][t] for r in methods) - max(base["scores"][t], chance.get(t, 0.0)) for t in tasks if methods}
-        low = [f"{t} ({100 * v:+.1f})" if tasks[t].kind == "mc" else f"{t} ({v:+.3f})" for t, v in lifts.items() if v < 0.15]
-        out.append("lift of the best method over max(base, chance): " + (f"below 15 pp on {', '.join(low)}" if low else "at least 15 pp on every task"))
+        lifts = {
+            t: max(r["scores"][t] for r in methods) - max(base["scores"][t], chance.get(t, 0.0))
+            for t in tasks
+            if methods
+        }
+        low = [
+            f"{t} ({100 * v:+.1f})" if tasks[t].kind == "mc" else f"{t} ({v:+.3f})"
+            for t, v in lifts.items()
+            if v < 0.15
+        ]
+        out.append(
+            "lift of the best method over max(base, chance): "
+            + (f"below 15 pp on {', '.join(low)}" if low else "at least 15 pp on every task")
+        )
     return out
 
 
@@ -133,14 +189,23 @@ def scoring_table(runs, tasks, clusters):
         b = {t: item_matrix(rs, t, "correct_mean") for t in mc}
         boot = paired_bootstrap(b, a, {t: clusters[t] for t in mc})
         sa, sb = np.mean([a[t].mean() for t in mc]), np.mean([b[t].mean() for t in mc])
-        lines.append(f"| {rs[0]['label']} | {100 * sa:.1f} | {100 * sb:.1f} | {100 * boot['diff']:+.1f} [{100 * boot['lo']:+.1f}, {100 * boot['hi']:+.1f}] |")
+        lines.append(
+            f"| {rs[0]['label']} | {100 * sa:.1f} | {100 * sb:.1f} | {100 * boot['diff']:+.1f} [{100 * boot['lo']:+.1f}, {100 * boot['hi']:+.1f}] |"
+        )
     return "\n".join(lines)
 
 
 PAPER = {  # the paper's figures (Fujisawa & Kondo, 2026, arXiv 2602.14728; the worst merge gap from the OpenReview abstract)
-    "vs LoRA(r)": 2.2, "vs LoRA(2r)": 1.6, "vs DoRA(r)": None, "ROUGE-L vs LoRA(r)": 1.2, "volatility": -36.0,
-    "merge gap mean": 0.03, "merge gap worst": 0.7, "merged / unmerged throughput": 1.91, "training overhead": 19.0,
-}  # fmt: skip  (vs DoRA: "matches or exceeds performance on most tasks", no figure)
+    "vs LoRA(r)": 2.2,
+    "vs LoRA(2r)": 1.6,
+    "vs DoRA(r)": None,
+    "ROUGE-L vs LoRA(r)": 1.2,
+    "volatility": -36.0,
+    "merge gap mean": 0.03,
+    "merge gap worst": 0.7,
+    "merged / unmerged throughput": 1.91,
+    "training overhead": 19.0,
+}  # (vs DoRA: "matches or exceeds performance on most tasks", no figure)
 
 
 def _claim(name, paper, diff, lo, hi, unit="pp", sign=None):
@@ -156,7 +221,16 @@ def _claim(name, paper, diff, lo, hi, unit="pp", sign=None):
     else:
         v = "not replicated"
     inside = None if paper is None else lo <= paper <= hi
-    return {"claim": name, "paper": paper, "ours": diff, "lo": lo, "hi": hi, "unit": unit, "verdict": v, "paper_in_ci": inside}
+    return {
+        "claim": name,
+        "paper": paper,
+        "ours": diff,
+        "lo": lo,
+        "hi": hi,
+        "unit": unit,
+        "verdict": v,
+        "paper_in_ci": inside,
+    }
 
 
 # The spec of each role in the claims: every method at its tuned lr (the claims), or all at the shared lr
@@ -175,27 +249,74 @@ def replicate_claims(runs, tasks, clusters, scoring, names):
     def difference(ts, other):  # D2-LoRA(r) minus `other` on tasks ts, over the seeds neither flagged
         mine, theirs, _ = paired_runs(by["D2-LoRA(r)"], by[other])
         fields = {t: scored_field(tasks[t], scoring) for t in ts}
-        return paired_bootstrap({t: item_matrix(mine, t, fields[t]) for t in ts},
-                                      {t: item_matrix(theirs, t, fields[t]) for t in ts}, {t: clusters[t] for t in ts})  # fmt: skip
+        return paired_bootstrap(
+            {t: item_matrix(mine, t, fields[t]) for t in ts},
+            {t: item_matrix(theirs, t, fields[t]) for t in ts},
+            {t: clusters[t] for t in ts},
+        )
 
     claims = []
     for other, sign in (("LoRA(r)", 1), ("LoRA(2r)", 1), ("DoRA(r)", 0)):  # vs DoRA: matches or exceeds
         b = difference(mc, other)
-        claims.append(_claim(f"D2-LoRA(r) mean accuracy vs {other}", PAPER[f"vs {other}"], 100 * b["diff"], 100 * b["lo"], 100 * b["hi"], sign=sign))
+        claims.append(
+            _claim(
+                f"D2-LoRA(r) mean accuracy vs {other}",
+                PAPER[f"vs {other}"],
+                100 * b["diff"],
+                100 * b["lo"],
+                100 * b["hi"],
+                sign=sign,
+            )
+        )
     if gen:
         b = difference(gen, "LoRA(r)")
-        claims.append(_claim("D2-LoRA(r) generative ROUGE-L vs LoRA(r) (points)", PAPER["ROUGE-L vs LoRA(r)"], 100 * b["diff"], 100 * b["lo"], 100 * b["hi"], "points"))
+        claims.append(
+            _claim(
+                "D2-LoRA(r) generative ROUGE-L vs LoRA(r) (points)",
+                PAPER["ROUGE-L vs LoRA(r)"],
+                100 * b["diff"],
+                100 * b["lo"],
+                100 * b["hi"],
+                "points",
+            )
+        )
     d2_runs, lora_runs, _ = paired_runs(by["D2-LoRA(r)"], by["LoRA(r)"])
     ratio, lo, hi = seed_bootstrap_ratio([r["volatility"] for r in d2_runs], [r["volatility"] for r in lora_runs])
-    claims.append(_claim("training-loss volatility, D2-LoRA(r) vs LoRA(r)", PAPER["volatility"], 100 * ratio, 100 * lo, 100 * hi, "%"))
+    claims.append(
+        _claim(
+            "training-loss volatility, D2-LoRA(r) vs LoRA(r)", PAPER["volatility"], 100 * ratio, 100 * lo, 100 * hi, "%"
+        )
+    )
     gaps = [abs(g) for rs in by.values() for r in rs for g in r.get("merge_gap_pp", {}).values()]
-    speed = [r["merged_eval_tokens_per_s"] / r["eval_tokens_per_s"] for r in by["D2-LoRA(r)"] if r.get("eval_tokens_per_s")]
+    speed = [
+        r["merged_eval_tokens_per_s"] / r["eval_tokens_per_s"] for r in by["D2-LoRA(r)"] if r.get("eval_tokens_per_s")
+    ]
     claims += [
-        {"claim": "merge gap, mean over tasks and methods (pp)", "paper": PAPER["merge gap mean"], "ours": float(np.mean(gaps)) if gaps else None, "verdict": "measured"},
-        {"claim": "merge gap, worst task (pp)", "paper": PAPER["merge gap worst"], "ours": max(gaps) if gaps else None, "verdict": "measured"},
-        {"claim": "merged / unmerged evaluation throughput, D2-LoRA", "paper": PAPER["merged / unmerged throughput"], "ours": float(np.median(speed)) if speed else None, "verdict": "measured"},
-        {"claim": "training overhead over LoRA(r) (%)", "paper": PAPER["training overhead"], "ours": None, "verdict": "see make bench"},
-    ]  # fmt: skip
+        {
+            "claim": "merge gap, mean over tasks and methods (pp)",
+            "paper": PAPER["merge gap mean"],
+            "ours": float(np.mean(gaps)) if gaps else None,
+            "verdict": "measured",
+        },
+        {
+            "claim": "merge gap, worst task (pp)",
+            "paper": PAPER["merge gap worst"],
+            "ours": max(gaps) if gaps else None,
+            "verdict": "measured",
+        },
+        {
+            "claim": "merged / unmerged evaluation throughput, D2-LoRA",
+            "paper": PAPER["merged / unmerged throughput"],
+            "ours": float(np.median(speed)) if speed else None,
+            "verdict": "measured",
+        },
+        {
+            "claim": "training overhead over LoRA(r) (%)",
+            "paper": PAPER["training overhead"],
+            "ours": None,
+            "verdict": "see make bench",
+        },
+    ]
     return claims
 
 
@@ -215,7 +336,10 @@ def claims_table(claims):
 
 def sensitivity_table(shared, tuned):
     """The accuracy claims side by side: every method at the shared lr, and every method at its tuned lr."""
-    lines = ["| claim | paper | shared lr [95 % CI] | verdict | tuned lrs [95 % CI] | verdict |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| claim | paper | shared lr [95 % CI] | verdict | tuned lrs [95 % CI] | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for a, b in zip(shared, tuned):
         if "lo" not in a:
             continue

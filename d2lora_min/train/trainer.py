@@ -30,9 +30,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from ..atomic import check_writable
+from ..files.checkpoints import CHECKPOINT, load_checkpoint, save_checkpoint
+from ..files.io import check_writable
 from .cli import UsageError, check_range
-from .resume import CHECKPOINT, load_checkpoint, save_checkpoint
 
 
 @dataclass
@@ -64,8 +64,10 @@ def check_train_config(cfg, prefix="train"):
     check_range(f"{prefix}.warmup_steps", cfg.warmup_steps, 0)
     check_range(f"{prefix}.weight_decay", cfg.weight_decay, 0.0, kind=float)
     if cfg.lr * cfg.weight_decay > 1:  # AdamW multiplies every decayed weight by 1 - lr * weight_decay each step
-        raise UsageError(f"{prefix}.lr x {prefix}.weight_decay = {cfg.lr * cfg.weight_decay:g} > 1: decoupled weight decay "
-                         f"would flip the weights' signs every step")  # fmt: skip
+        raise UsageError(
+            f"{prefix}.lr x {prefix}.weight_decay = {cfg.lr * cfg.weight_decay:g} > 1: decoupled weight decay "
+            f"would flip the weights' signs every step"
+        )
     if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
         raise UsageError(f"{prefix}.betas must be two numbers in [0, 1), got {cfg.betas!r}")
     check_range(f"{prefix}.grad_clip", cfg.grad_clip, 0.0, kind=float)
@@ -176,7 +178,9 @@ def update(optimizer, loss, grad_clip):
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])  # the same in every process
+    grad_norm = torch.nn.utils.get_total_norm(
+        [p.grad for p in params if p.grad is not None]
+    )  # the same in every process
     if not torch.isfinite(grad_norm):
         return False
     if grad_clip > 0:
@@ -187,7 +191,11 @@ def update(optimizer, loss, grad_clip):
 
 def diverged(step, loss, result, last_saved, ckpt_path):
     """The TrainingDiverged error for a non-finite loss at `step` (it carries the result so far)."""
-    where = f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}" if last_saved else "no checkpoint was written"
+    where = (
+        f"the last good checkpoint (step {last_saved}) is kept at {ckpt_path}"
+        if last_saved
+        else "no checkpoint was written"
+    )
     error = TrainingDiverged(f"loss is {loss} at step {step}: training stopped; {where}. Try a lower lr.")
     error.step, error.loss, error.result, error.last_saved, error.checkpoint = step, loss, result, last_saved, ckpt_path
     return error
@@ -225,8 +233,16 @@ def train(model, get_batch, cfg: TrainConfig, out_dir=None, resume=True, callbac
         start = last_saved = load_checkpoint(ckpt_path, model, optimizer, result, cfg, key)
         result.resumed_from = start
 
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.desc, disable=not cfg.progress or rank != 0,
-               leave=False, dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+    bar = tqdm(
+        range(start, cfg.steps),
+        initial=start,
+        total=cfg.steps,
+        desc=cfg.desc,
+        disable=not cfg.progress or rank != 0,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)

@@ -1,7 +1,7 @@
 """`make tune`: each method's own learning rate, chosen on development seeds and validation items only.
 
-    python -m d2lora_min.train.tune              # every compared method over the grid, seeds 100-103, validation items
-    python -m d2lora_min.train.tune --publish    # also write docs/results/tune.md, tune_lr.png and tuned_lrs.json
+    d2lora tune              # every compared method over the grid, seeds 100-103, validation items
+    d2lora tune --publish    # also write docs/results/tune.md, tune_lr.png and tuned_lrs.json
 
 A shared learning rate decides which method looks better (the README shows it), so every method runs at its own.
 The rule, fixed before any run: for each method, the grid point with the highest mean validation accuracy (the mean
@@ -15,7 +15,7 @@ Robustness: for each method the span of grid learning rates whose validation acc
 
 Outputs under runs/tune/ (or --out): results.md, tune.json, tune_lr.png (accuracy against lr with 95 % CI bands
 over the development seeds, each method's choice marked); with --publish the same under docs/results/ and the
-choice in d2lora_min/train/tuned_lrs.json, which `make compare`, `make replicate` and `make ablate` read as each
+choice in docs/results/tuned_lrs.json, which `make compare`, `make replicate` and `make ablate` read as each
 method's default learning rate. Resumable like compare: finished runs are reused.
 """
 
@@ -25,33 +25,36 @@ import sys
 import time
 from pathlib import Path
 
-from ..atomic import check_writable, write_json, write_text
-from . import lr_match, plots, stats
+from ..files.io import check_paths, check_writable, output_lock, write_json, write_text
+from . import plots, stats
 from .cli import UsageError, apply_overrides, config_help, parse_value, run_cli
-from .compare import announce, check_outputs, prepare, run_all
-from .outputs import check_paths, output_lock
-from .presets import COMPARED, DEV_SEEDS, TUNED_FILE, CompareConfig, check_compare_config, load_tuned, protocol
-from .specs import parse_method_spec, split_methods
-from .report import PUBLISHED, cost_line
-from .tasks import TASKS
+from .compare import announce, prepare, run_all
+from .report import cost_line
+from .runs import check_run_outputs
+from .settings import DEV_SEEDS, PUBLISHED, TUNED_FILE, CompareConfig, load_tuned, protocol, resolve
+from .specs import parse_method_spec, roles, split_methods, with_lr
 from .trainer import rank_and_world
 
-GRID = tuple(round(10 ** (-3 + 0.25 * k), 7) for k in range(7))  # 1e-3 ... 3.16e-2: 7 points over 1.5 decades, 1e-2 among them
-RULE = ("the grid point with the highest mean validation accuracy (mean over the multiple-choice tasks and the development "
-        "seeds); a learning rate at which any development run diverged or never moved is not eligible; ties go to the smaller lr")  # fmt: skip
+GRID = tuple(
+    round(10 ** (-3 + 0.25 * k), 7) for k in range(7)
+)  # 1e-3 ... 3.16e-2: 7 points over 1.5 decades, 1e-2 among them
+RULE = (
+    "the grid point with the highest mean validation accuracy (mean over the multiple-choice tasks and the development "
+    "seeds); a learning rate at which any development run diverged or never moved is not eligible; ties go to the smaller lr"
+)
 WITHIN = 0.01  # robustness: the learning rates within 1 pp of the best
 
 
-def tune_config(methods=COMPARED, seeds=DEV_SEEDS, grid=GRID):
+def tune_config(methods=tuple(roles(4).values()), seeds=DEV_SEEDS, grid=GRID):
     """The comparison's settings with every method at every grid lr, on development seeds and validation items."""
-    cfg = CompareConfig(methods=tuple(with_lr(m, lr) for m in methods for lr in grid), seeds=tuple(seeds), split="validation",
-                        lr_source="shared")  # every spec sets its lr: the tuned file is never read  # fmt: skip
+    cfg = CompareConfig(
+        methods=tuple(with_lr(m, lr) for m in methods for lr in grid),
+        seeds=tuple(seeds),
+        split="validation",
+        lr_source="shared",
+    )  # every spec sets its lr: the tuned file is never read
     cfg.reference = cfg.methods[0]
     return cfg
-
-
-def with_lr(method, lr):
-    return f"{method}{',' if ':' in method else ':'}lr={lr:g}"
 
 
 def choose(points, flagged):
@@ -82,10 +85,10 @@ def robustness(points, chosen, flagged):
     return out
 
 
-def summarise(cfg, runs, splits, methods, grid):
+def summarise(cfg, runs, setup, methods, grid):
     """points, flags, choices and robustness from the runs of a tune."""
-    tasks = {t: TASKS[t] for t in cfg.tasks}
-    clusters = {t: stats.cluster_ids([it.cluster for it in splits[t].validation]) for t in cfg.tasks}
+    tasks = setup.tasks
+    clusters = {t: stats.cluster_ids([it.cluster for it in setup.splits[t].validation]) for t in tasks}
     by = stats.group(runs)
     points = {m: [] for m in methods}
     flagged = {m: {} for m in methods}
@@ -95,13 +98,17 @@ def summarise(cfg, runs, splits, methods, grid):
             points[method].append((lr, *stats.mean_ci(rs, tasks, clusters, cfg.scoring)))
             flagged[method][lr] = bool(stats.flagged(rs))
     chosen = choose(points, flagged)
-    curves = {m: lr_match.per_seed_curve({lr: by[with_lr(m, lr)] for lr in grid}, tasks, cfg.scoring) for m in methods}
+    curves = {m: stats.per_seed_curve({lr: by[with_lr(m, lr)] for lr in grid}, tasks, cfg.scoring) for m in methods}
     return points, flagged, chosen, robustness(points, chosen, flagged), curves
 
 
 def table(points, flagged, chosen, spans):
     lrs = sorted({p[0] for pts in points.values() for p in pts})
-    head = "| method | " + " | ".join(f"lr {lr:.3g}" for lr in lrs) + " | chosen | within 1 pp of the best | lost one step below / above (pp) |"
+    head = (
+        "| method | "
+        + " | ".join(f"lr {lr:.3g}" for lr in lrs)
+        + " | chosen | within 1 pp of the best | lost one step below / above (pp) |"
+    )
     lines = [head, "|---|" + "---|" * (len(lrs) + 3)]
     for method, pts in points.items():
         at = {p[0]: p for p in pts}
@@ -125,48 +132,79 @@ def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
     t_start = time.time()
     out_dir = Path(out_dir)
     if any(s < min(DEV_SEEDS) for s in cfg.seeds):
-        raise UsageError(f"tune runs on development seeds (>= {min(DEV_SEEDS)}); seeds below are reported seeds: {list(cfg.seeds)}")
+        raise UsageError(
+            f"tune runs on development seeds (>= {min(DEV_SEEDS)}); seeds below are reported seeds: {list(cfg.seeds)}"
+        )
     if cfg.split != "validation":
         raise UsageError("tune scores validation items only (split=validation)")
-    specs = check_compare_config(cfg)
+    settings = resolve(cfg)
     check_writable(out_dir)
     figures = ("tune_lr.png", "tune_lr_match.png")
-    check_outputs(cfg, specs, out_dir, ("results.md", "tune.json", *figures), ["tune.md", *figures] if publish else [])
+    check_run_outputs(
+        settings, out_dir, ("results.md", "tune.json", *figures), ["tune.md", *figures] if publish else []
+    )
     if publish:
         check_paths(TUNED_FILE.parent, files=[TUNED_FILE], hint="leave out --publish")
     rank, _ = rank_and_world()
     with output_lock(out_dir, hold=rank == 0):
-        return _tune(cfg, methods, grid, specs, out_dir, fresh, publish, t_start)
+        return _tune(settings, methods, grid, out_dir, fresh, publish, t_start)
 
 
-def _tune(cfg, methods, grid, specs, out_dir, fresh, publish, t_start):
+def _tune(settings, methods, grid, out_dir, fresh, publish, t_start):
     """tune() once its outputs are checked and its folder is locked."""
-    setup = prepare(cfg)
-    rank, _ = rank_and_world()
+    cfg, setup, (rank, _) = settings.cfg, prepare(settings), rank_and_world()
     if rank == 0:
-        announce(cfg, specs, setup)
-    runs, reused = run_all(cfg, specs, setup, out_dir, fresh)
+        announce(settings, setup)
+    runs, reused = run_all(settings, setup, out_dir, fresh)
     if rank != 0:
         return None
-    points, flagged, chosen, spans, curves = summarise(cfg, runs, setup.splits, methods, grid)
+    points, flagged, chosen, spans, curves = summarise(cfg, runs, setup, methods, grid)
     wall = f"{time.time() - t_start:.0f} s ({reused} of {len(runs)} runs reused)"
-    text = "\n".join([
-        f"make tune: {len(methods)} methods x {len(grid)} learning rates x development seeds {list(cfg.seeds)}, "
-        f"scored on {cfg.n_validation} validation items per task; wall {wall}", cost_line(runs), "",
-        "Mean validation accuracy over the multiple-choice tasks (%, 95 % CI over development seeds and items; the choice in bold):", "",
-        table(points, flagged, chosen, spans), "", f"Rule: {RULE}.", ""])  # fmt: skip
+    text = "\n".join(
+        [
+            f"make tune: {len(methods)} methods x {len(grid)} learning rates x development seeds {list(cfg.seeds)}, "
+            f"scored on {cfg.n_validation} validation items per task; wall {wall}",
+            cost_line(runs),
+            "",
+            "Mean validation accuracy over the multiple-choice tasks (%, 95 % CI over development seeds and items; the choice in bold):",
+            "",
+            table(points, flagged, chosen, spans),
+            "",
+            f"Rule: {RULE}.",
+            "",
+        ]
+    )
     keys = tuned_keys(methods, cfg)  # what compare looks a method's lr up by: "lora", "lora:r=8", ...
-    result = {"lrs": {keys[m]: lr for m, lr in chosen.items()}, "rule": RULE, "grid": list(grid), "dev_seeds": list(cfg.seeds),
-              "protocol": protocol(cfg), "points": points, "within_1pp": spans, "n_validation": cfg.n_validation,
-              "command": "make tune ARGS=--publish"}  # fmt: skip
+    result = {
+        "lrs": {keys[m]: lr for m, lr in chosen.items()},
+        "rule": RULE,
+        "grid": list(grid),
+        "dev_seeds": list(cfg.seeds),
+        "protocol": protocol(cfg),
+        "points": points,
+        "within_1pp": spans,
+        "n_validation": cfg.n_validation,
+        "command": "make tune ARGS=--publish",
+    }
     d2, parity = "d2lora", f"lora:r={2 * cfg.r}"  # D2-LoRA(r) and LoRA(2r), the first-order picture's pair
     pictures = ["tune_lr.png"]
-    match = lr_match.match(curves[d2], curves[parity]) if d2 in methods and parity in methods and len(cfg.seeds) > 1 else None
+    match = (
+        stats.lr_match(curves[d2], curves[parity])
+        if d2 in methods and parity in methods and len(cfg.seeds) > 1
+        else None
+    )
     if match:
         result["lr_match"] = match
         labels = {m: parse_method_spec(m, cfg).method_label for m in (d2, parity)}
-        text += "\n".join(["", "Does D2-LoRA(r) behave like LoRA(2r) at a larger learning rate (lr_match.py)?", "",
-                           lr_match.describe(result["lr_match"], labels[d2], labels[parity], len(cfg.seeds)) + ".", ""])  # fmt: skip
+        text += "\n".join(
+            [
+                "",
+                "Does D2-LoRA(r) behave like LoRA(2r) at a larger learning rate (stats.lr_match)?",
+                "",
+                stats.describe_lr_match(result["lr_match"], labels[d2], labels[parity], len(cfg.seeds)) + ".",
+                "",
+            ]
+        )
         pictures.append("tune_lr_match.png")
     write_text(out_dir / "results.md", text)
     write_json(out_dir / "tune.json", result)
@@ -174,7 +212,14 @@ def _tune(cfg, methods, grid, specs, out_dir, fresh, publish, t_start):
         folder.mkdir(parents=True, exist_ok=True)
         plots.plot_lr_sweep(points, folder / "tune_lr.png", chosen)
         if "lr_match" in result:
-            plots.plot_lr_match(points[d2], points[parity], result["lr_match"]["k"], folder / "tune_lr_match.png", labels[d2], labels[parity])
+            plots.plot_lr_match(
+                points[d2],
+                points[parity],
+                result["lr_match"]["k"],
+                folder / "tune_lr_match.png",
+                labels[d2],
+                labels[parity],
+            )
     if publish:
         write_text(PUBLISHED / "tune.md", text)
         published = {k: result[k] for k in ("lrs", "rule", "grid", "dev_seeds", "protocol", "n_validation", "command")}
@@ -182,8 +227,10 @@ def _tune(cfg, methods, grid, specs, out_dir, fresh, publish, t_start):
         for key in sorted(set(keys.values()) - set(published["lrs"])):
             print(f"{key}: no eligible learning rate, so none is published for it (compare runs it at the shared lr)")
         write_json(TUNED_FILE, published)
-    print(f"\n{text}\nchosen: {chosen}\nwritten: {out_dir}/results.md, tune.json, {', '.join(pictures)}"
-          + (f"; published to {PUBLISHED} and {TUNED_FILE}" if publish else "; add --publish to make them the defaults"))
+    print(
+        f"\n{text}\nchosen: {chosen}\nwritten: {out_dir}/results.md, tune.json, {', '.join(pictures)}"
+        + (f"; published to {PUBLISHED} and {TUNED_FILE}" if publish else "; add --publish to make them the defaults")
+    )
     return result
 
 
@@ -195,16 +242,22 @@ def kept_lrs(methods, cfg, chosen=None):
     mine = set(tuned_keys(methods, cfg).values())
     try:
         earlier = load_tuned(TUNED_FILE, required=False)
-    except UsageError as e:  # unreadable: a tune of every compared method replaces it, a partial one cannot merge with it
-        if mine >= set(tuned_keys(COMPARED, cfg).values()):
+    except (
+        UsageError
+    ) as e:  # unreadable: a tune of every compared method replaces it, a partial one cannot merge with it
+        if mine >= set(tuned_keys(tuple(roles(cfg.r).values()), cfg).values()):
             return {}
-        raise UsageError(f"{e}; --publish of a partial tune cannot merge into it: tune every compared method (leave out "
-                         f"--methods) or restore the file") from None  # fmt: skip
+        raise UsageError(
+            f"{e}; --publish of a partial tune cannot merge into it: tune every compared method (leave out "
+            f"--methods) or restore the file"
+        ) from None
     same = earlier.get("protocol") == protocol(cfg)
     keep = set(earlier["lrs"]) - mine
     if keep and not same:
-        raise UsageError(f"--publish would drop the tuned learning rates of {', '.join(sorted(keep))} from {TUNED_FILE}: they "
-                         f"were tuned under other settings. Tune them too (--methods ...), or leave out --publish")  # fmt: skip
+        raise UsageError(
+            f"--publish would drop the tuned learning rates of {', '.join(sorted(keep))} from {TUNED_FILE}: they "
+            f"were tuned under other settings. Tune them too (--methods ...), or leave out --publish"
+        )
     if chosen is not None and same:  # tuned here, but no learning rate was eligible: the earlier choice stays
         keep |= (mine - set(chosen)) & set(earlier["lrs"])
     return {k: earlier["lrs"][k] for k in sorted(keep)}
@@ -220,23 +273,31 @@ def tuned_keys(methods, cfg):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
+        prog="d2lora tune",
         description="Choose each method's learning rate on development seeds and validation items.",
-        epilog=__doc__ + "\nsettings (override with --section.field=value):\n" + "\n".join(config_help(CompareConfig())),
+        epilog=__doc__
+        + "\nsettings (override with --section.field=value):\n"
+        + "\n".join(config_help(CompareConfig())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--methods", help=f"method specs without lr, separated by spaces or commas (default: {' '.join(COMPARED)})")
+    parser.add_argument(
+        "--methods", help="method specs without lr, separated by commas or spaces (default: the four roles at r)"
+    )
     parser.add_argument("--seeds", help=f"development seeds (default: {','.join(map(str, DEV_SEEDS))})")
     parser.add_argument("--grid", help="learning rates, comma-separated (default: 7 points from 1e-3 to 3.16e-2)")
     parser.add_argument("--out", default="runs/tune", help="output folder")
     parser.add_argument("--fresh", action="store_true", help="recompute every run instead of reusing matching results")
-    parser.add_argument("--publish", action="store_true", help="write docs/results/tune.* and d2lora_min/train/tuned_lrs.json")
+    parser.add_argument(
+        "--publish", action="store_true", help="also write docs/results/tune.* and docs/results/tuned_lrs.json"
+    )
     args, overrides = parser.parse_known_args(argv)
 
     def body():
         for flag in ("methods", "seeds", "grid"):  # given but empty: an error, not the defaults (as in compare)
             if getattr(args, flag) is not None and not getattr(args, flag).strip():
                 raise UsageError(f"--{flag} is empty; leave it out for the default")
-        methods = tuple(split_methods(args.methods)) if args.methods else COMPARED
+        r = apply_overrides(CompareConfig(), overrides).r  # the roles' rank
+        methods = tuple(split_methods(args.methods)) if args.methods else tuple(roles(r).values())
         if any("lr=" in m for m in methods):
             raise UsageError("--methods for tune take no lr= (the grid sets it)")
         seeds = parse_value(args.seeds, (0,), "--seeds") if args.seeds else DEV_SEEDS

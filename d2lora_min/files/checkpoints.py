@@ -1,4 +1,4 @@
-"""Training checkpoints: what a killed run resumes from (trainer.py writes and reads them).
+"""Training checkpoints: what a killed run resumes from (train/trainer.py writes and reads them).
 
 A checkpoint holds the trainable tensors, the optimizer state, the losses and step times so far, the RNG state, the
 trainer's settings and the caller's run key. It is written atomically (serialised in memory, then one rename), as one
@@ -17,7 +17,7 @@ from dataclasses import asdict
 
 import torch
 
-from ..atomic import atomic_path
+from .io import atomic_path
 
 CHECKPOINT = "checkpoint.pt"
 # The first line of a checkpoint file: this text, the hex SHA-256 of the bytes after the line, and a newline.
@@ -60,21 +60,28 @@ def read_checkpoint_state(path):
     """The dict a checkpoint file holds, after its checksum; CheckpointMismatch for a file that is not one, is damaged,
     or holds anything but tensors and plain containers (weights_only=True: nothing else is unpickled)."""
     if not os.path.isfile(path):
-        raise CheckpointMismatch(f"checkpoint {path} is not a regular file (a folder?); delete it to start this run over")
+        raise CheckpointMismatch(
+            f"checkpoint {path} is not a regular file (a folder?); delete it to start this run over"
+        )
     with open(path, "rb") as f:
         data = f.read()
     start = HEADER_LEN  # the payload starts after MAGIC, 64 hex digits and a newline
     if not data.startswith(MAGIC) or len(data) < start or data[start - 1 : start] != b"\n":
-        raise CheckpointMismatch(f"checkpoint {path} is not a d2lora_min checkpoint (no checksum header); delete it to "
-                                 f"start this run over")  # fmt: skip
+        raise CheckpointMismatch(
+            f"checkpoint {path} is not a d2lora_min checkpoint (no checksum header); delete it to start this run over"
+        )
     if hashlib.sha256(data[start:]).hexdigest().encode() != data[len(MAGIC) : start - 1]:
-        raise CheckpointMismatch(f"checkpoint {path} does not match its checksum (a damaged or edited file); delete it "
-                                 f"to start this run over")  # fmt: skip
+        raise CheckpointMismatch(
+            f"checkpoint {path} does not match its checksum (a damaged or edited file); delete it "
+            f"to start this run over"
+        )
     try:
         return torch.load(io.BytesIO(data[start:]), map_location="cpu", weights_only=True)
     except Exception as e:  # holding objects other than tensors and plain containers
-        raise CheckpointMismatch(f"checkpoint {path} cannot be read as a plain-tensor checkpoint ({type(e).__name__}); "
-                                 f"delete it to start this run over") from None  # fmt: skip
+        raise CheckpointMismatch(
+            f"checkpoint {path} cannot be read as a plain-tensor checkpoint ({type(e).__name__}); "
+            f"delete it to start this run over"
+        ) from None
 
 
 class CheckpointMismatch(ValueError):
@@ -82,7 +89,17 @@ class CheckpointMismatch(ValueError):
 
 
 # Settings that change the numbers a run produces: a checkpoint is resumed only when they all match.
-RESUME_KEYS = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "betas", "grad_clip", "seed")
+RESUME_KEYS = (
+    "steps",
+    "batch_size",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "betas",
+    "grad_clip",
+    "seed",
+)
 
 
 def load_checkpoint(path, model, optimizer, result, cfg, key=None):
@@ -99,7 +116,9 @@ def load_checkpoint(path, model, optimizer, result, cfg, key=None):
     if state["key"] != key:
         differ.append("run key: the base, data or adapter settings")
     if differ:
-        raise CheckpointMismatch(f"checkpoint {path} was made with other settings ({', '.join(differ)}); delete it to start over")
+        raise CheckpointMismatch(
+            f"checkpoint {path} was made with other settings ({', '.join(differ)}); delete it to start over"
+        )
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not isinstance(state["trainable"], dict) or set(state["trainable"]) != set(params):
         diff = sorted(set(state["trainable"]) ^ set(params)) if isinstance(state["trainable"], dict) else "not a dict"
@@ -112,8 +131,12 @@ def load_checkpoint(path, model, optimizer, result, cfg, key=None):
     rng, cuda_rng = state["rng"], state.get("cuda_rng", [])
     if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape):
         raise CheckpointMismatch(f"checkpoint {path}: its RNG state is not one; delete it to start over")
-    if not (isinstance(cuda_rng, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda_rng)):
-        raise CheckpointMismatch(f"checkpoint {path}: its CUDA RNG states are not a list of them; delete it to start over")
+    if not (
+        isinstance(cuda_rng, list) and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda_rng)
+    ):
+        raise CheckpointMismatch(
+            f"checkpoint {path}: its CUDA RNG states are not a list of them; delete it to start over"
+        )
     with torch.no_grad():
         for n, t in state["trainable"].items():
             params[n].copy_(t)
@@ -131,7 +154,9 @@ def _check_tensor(path, what, t, like):
     """t is a finite tensor with like's shape and dtype, else a CheckpointMismatch naming `what`."""
     if not isinstance(t, torch.Tensor) or t.shape != like.shape or t.dtype != like.dtype:
         got = (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise CheckpointMismatch(f"checkpoint {path}, {what}: saved {got}, the model has {(tuple(like.shape), like.dtype)}")
+        raise CheckpointMismatch(
+            f"checkpoint {path}, {what}: saved {got}, the model has {(tuple(like.shape), like.dtype)}"
+        )
     if not torch.isfinite(t).all():
         raise CheckpointMismatch(f"checkpoint {path}, {what}: holds NaN or Inf; delete it to start over")
 
@@ -143,11 +168,20 @@ def _is_int(v):
 def _check_progress(path, state, step, cfg):
     """step, losses, step times and skipped updates agree with one another and with the budget."""
     losses, times, skipped = state["losses"], state["step_times"], state["skipped_updates"]
-    ok = (_is_int(step) and 0 < step <= cfg.steps and _is_int(skipped) and 0 <= skipped <= step
-          and isinstance(losses, list) and isinstance(times, list) and len(losses) == len(times) == step
-          and all(isinstance(v, float) and math.isfinite(v) for v in losses + times))  # fmt: skip
+    ok = (
+        _is_int(step)
+        and 0 < step <= cfg.steps
+        and _is_int(skipped)
+        and 0 <= skipped <= step
+        and isinstance(losses, list)
+        and isinstance(times, list)
+        and len(losses) == len(times) == step
+        and all(isinstance(v, float) and math.isfinite(v) for v in losses + times)
+    )
     if not ok:
-        raise CheckpointMismatch(f"checkpoint {path} has an inconsistent step count, losses or step times; delete it to start over")
+        raise CheckpointMismatch(
+            f"checkpoint {path} has an inconsistent step count, losses or step times; delete it to start over"
+        )
 
 
 def _check_optimizer(path, saved, optimizer):
@@ -157,8 +191,12 @@ def _check_optimizer(path, saved, optimizer):
     of other shapes can crash torch."""
     where = f"checkpoint {path}: the optimizer state"
     groups = optimizer.param_groups
-    if not (isinstance(saved, dict) and isinstance(saved.get("state"), dict) and isinstance(saved.get("param_groups"), list)
-            and len(saved["param_groups"]) == len(groups)):  # fmt: skip
+    if not (
+        isinstance(saved, dict)
+        and isinstance(saved.get("state"), dict)
+        and isinstance(saved.get("param_groups"), list)
+        and len(saved["param_groups"]) == len(groups)
+    ):
         raise CheckpointMismatch(f"{where} is not this optimizer's (its groups differ); delete it to start over")
     param_at = {}  # the saved state's parameter index -> the live parameter it belongs to
     for live, stored in zip(groups, saved["param_groups"]):
@@ -177,8 +215,12 @@ def _check_optimizer(path, saved, optimizer):
         for name in ("exp_avg", "exp_avg_sq"):
             _check_tensor(path, f"the optimizer's {name} of parameter {i}", entry[name], param_at[i])
         count = entry["step"]
-        if not (isinstance(count, torch.Tensor) and count.numel() == 1 and torch.isfinite(count).all() and count.item() >= 0):
-            raise CheckpointMismatch(f"{where}, parameter {i}: its step count is not a number >= 0; delete it to start over")
+        if not (
+            isinstance(count, torch.Tensor) and count.numel() == 1 and torch.isfinite(count).all() and count.item() >= 0
+        ):
+            raise CheckpointMismatch(
+                f"{where}, parameter {i}: its step count is not a number >= 0; delete it to start over"
+            )
 
 
 def _plain(value):

@@ -27,8 +27,34 @@ teach the format, while the knowledge and the skills come from pretraining.
 import random
 from dataclasses import dataclass, field
 
-CITIES = ["Brill", "Carrow", "Dunmore", "Elsby", "Fenwick", "Greyport", "Halden", "Ivel", "Jarrow", "Kestle", "Lowmoor", "Marsh"]
-JOBS = ["baker", "farmer", "teacher", "doctor", "painter", "sailor", "miner", "weaver", "singer", "builder", "cook", "guard"]
+CITIES = [
+    "Brill",
+    "Carrow",
+    "Dunmore",
+    "Elsby",
+    "Fenwick",
+    "Greyport",
+    "Halden",
+    "Ivel",
+    "Jarrow",
+    "Kestle",
+    "Lowmoor",
+    "Marsh",
+]
+JOBS = [
+    "baker",
+    "farmer",
+    "teacher",
+    "doctor",
+    "painter",
+    "sailor",
+    "miner",
+    "weaver",
+    "singer",
+    "builder",
+    "cook",
+    "guard",
+]
 PETS = ["cat", "dog", "horse", "goat", "parrot", "rabbit", "fox", "owl"]
 INSTRUMENTS = ["drum", "flute", "harp", "horn", "lute", "bell", "pipe", "fiddle"]
 OBJECTS = [
@@ -52,7 +78,14 @@ SCRIPTS = [
     ("caught a fish", "cooked it for dinner"), ("tore a shirt", "sewed it up"), ("saw a storm", "closed the shutters"),
     ("had a test", "studied all night"), ("found a puppy", "gave it a name"),
 ]  # fmt: skip
-STATES = [("clean", "dirty"), ("open", "closed"), ("full", "empty"), ("wet", "dry"), ("hot", "cold"), ("heavy", "light")]
+STATES = [
+    ("clean", "dirty"),
+    ("open", "closed"),
+    ("full", "empty"),
+    ("wet", "dry"),
+    ("hot", "cold"),
+    ("heavy", "light"),
+]
 ADJECTIVES = ["red", "blue", "green", "old", "new", "big", "small", "white", "black", "round"]
 WORDS = ["the", "a", "red", "old", "big", "small", "green", "quiet", "fast", "slow", "river", "hill", "road",
          "tree", "stone", "bird", "sun", "moon", "door", "bread", "water", "window", "garden", "table"]  # fmt: skip
@@ -151,8 +184,8 @@ def doc_negation(rng, world):
     if rng.random() < 0.5:  # "belongs to X, not to Y", then the true owners again
         k = rng.randint(2, 4)
         objs, names = rng.sample(OBJECTS, k), rng.sample(world.names, 2 * k)
-        intro = " ".join(f"The {o} belongs to {names[2*i]}, not to {names[2*i+1]}." for i, o in enumerate(objs))
-        recap = " ".join(f"The {objs[i]} belongs to {names[2*i]}." for i in rng.sample(range(k), k))
+        intro = " ".join(f"The {o} belongs to {names[2 * i]}, not to {names[2 * i + 1]}." for i, o in enumerate(objs))
+        recap = " ".join(f"The {objs[i]} belongs to {names[2 * i]}." for i in rng.sample(range(k), k))
         return intro + " " + recap
     story, _, taker, obj = elimination_story(rng, world)
     return f"{story} So {taker} took the {obj}."
