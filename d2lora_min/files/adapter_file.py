@@ -31,13 +31,6 @@ def base_sha256(weight):
     return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
-def base_sha256(weight):
-    """SHA-256 of a base weight's raw bytes (its dtype, row-major, in the CPU's byte order: little-endian on x86 and
-    ARM): which base weight an adapter belongs to."""
-    flat = weight.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 def adapter_sha256(config_text, tensors):
     """SHA-256 over the config's JSON text and {name: tensor}: for each name in sorted order, the JSON text
     [name, dtype, [numel]] (the length of the flattened tensor, not its shape: shapes are checked against the model on

@@ -29,7 +29,6 @@ import argparse
 import copy
 import os
 import platform
-import random
 import re
 import statistics
 import sys
@@ -45,6 +44,7 @@ from ..files.io import check_paths, check_writable, write_json, write_text
 from ..nn import METHODS, display_name, inject_adapters, merge_adapters, set_fused
 from .cli import UsageError, run_cli
 from .data import VOCAB_SIZE
+from .measure import interleaved, memory_of, paired_ratio
 from .settings import PUBLISHED, CompareConfig
 from .specs import TARGET_GROUPS
 from .trainer import TrainConfig, make_optimizer, pick_device
@@ -53,20 +53,21 @@ R = CompareConfig().r  # the compare rank: LoRA(r), LoRA(2r), DoRA(r), D2-LoRA(r
 ATTN = TARGET_GROUPS["attn"]  # what make compare adapts (q, k, v, o, as the paper)
 
 
+# D2-LoRA's default (the paper's form, tau fixed) and its variants: row label suffix -> options
+D2_VARIANTS = {
+    "": {},
+    " exact-norm": {"readd_delta": False},
+    " detach_norm": {"detach_norm": True},
+    " project=false": {"project": False},
+}
+
+
 def methods():
     """[(label, method, options)]: the compared roles, D2-LoRA's variants, the fused path's rows (every other row runs
     the plain forward() of its method file), and a row at rank r for any other registered method."""
-    rows = [
-        ("LoRA(r)", "lora", {"r": R}),
-        ("LoRA(2r)", "lora", {"r": 2 * R}),
-        ("DoRA(r)", "dora", {"r": R}),
-        ("D2-LoRA(r)", "d2lora", {"r": R}),
-        ("D2-LoRA(r) exact-norm", "d2lora", {"r": R, "readd_delta": False}),
-        ("D2-LoRA(r) detach_norm", "d2lora", {"r": R, "detach_norm": True}),
-        ("D2-LoRA(r) project=false", "d2lora", {"r": R, "project": False}),
-        ("DoRA(r) fused", "dora", {"r": R}),
-        ("D2-LoRA(r) fused", "d2lora", {"r": R}),
-    ]
+    rows = [("LoRA(r)", "lora", {"r": R}), ("LoRA(2r)", "lora", {"r": 2 * R}), ("DoRA(r)", "dora", {"r": R})]
+    rows += [(f"D2-LoRA(r){label}", "d2lora", {"r": R, **opts}) for label, opts in D2_VARIANTS.items()]
+    rows += [("DoRA(r) fused", "dora", {"r": R}), ("D2-LoRA(r) fused", "d2lora", {"r": R})]
     return rows + [(f"{display_name(m)}(r)", m, {"r": R}) for m in METHODS if m not in {row[1] for row in rows}]
 
 
@@ -82,64 +83,6 @@ def shapes(quick):
     ]
 
 
-def timed(fn, device, inner=1):
-    """Seconds per call of fn, over `inner` consecutive calls."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    sync()
-    return (time.perf_counter() - t0) / inner
-
-
-def interleaved(fns, device, reps, inner, seed=0):
-    """{name: [seconds per call, one per repetition]}: each repetition times every fn once, in a fresh random order."""
-    rng, order, times = random.Random(seed), list(fns), {k: [] for k in fns}
-    for _ in range(reps):
-        rng.shuffle(order)
-        for k in order:
-            times[k].append(timed(fns[k], device, inner))
-    return times
-
-
-def saved_bytes(model, x, y):
-    """Bytes of the tensors autograd saves for backward in one forward pass (each storage counted once; parameters
-    and buffers are not activation memory)."""
-    seen = {}
-
-    def pack(t):
-        if t.device.type != "meta":
-            seen[(t.untyped_storage().data_ptr(), t.device)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, y)
-    weights = {(p.untyped_storage().data_ptr(), p.device) for p in list(model.parameters()) + list(model.buffers())}
-    return sum(v for k, v in seen.items() if k not in weights)
-
-
-def memory_of(model, step, x, y, device):
-    """Saved activations, trainable state (parameters, gradients, 2 Adam moments), the step footprint (where a step
-    peaks, at the start of backward), and on CUDA the peak allocated during one step."""
-    n_trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    weights = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-    act = saved_bytes(model, x, y)
-    memory = {
-        "saved_activation_bytes": act,
-        "trainable_state_bytes": 3 * n_trainable,
-        "weight_bytes": weights,
-        "step_footprint_bytes": weights + 3 * n_trainable + act,
-    }
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        memory["cuda_peak_step_bytes"] = torch.cuda.max_memory_allocated() - before
-    return memory
-
-
 def make_models(config, device, peft_ok, targets):
     """{label: model} for the base and every method (each its own copy), plus PEFT's LoRA and DoRA."""
     torch.manual_seed(0)
@@ -147,9 +90,8 @@ def make_models(config, device, peft_ok, targets):
     for label, method, opts in methods():
         opts = dict(opts)
         r = opts.pop("r")
-        models[label] = inject_adapters(
-            copy.deepcopy(models["base"]), method, r=r, alpha=2 * r, targets=targets, **opts
-        )
+        model = copy.deepcopy(models["base"])
+        models[label] = inject_adapters(model, method, r=r, alpha=2 * r, targets=targets, **opts)
         set_fused(models[label], label.endswith(" fused"))
     if peft_ok:
         from peft import LoraConfig, inject_adapter_in_model
@@ -188,65 +130,42 @@ def bench_shape(name, config, batch, seq, inner, device, reps, peft_ok, targets)
     with torch.no_grad():
         evals = {"base": models["base"]}
         for label, _, _ in methods():
-            evals[f"{label} unmerged"], evals[f"{label} merged"] = (
-                models[label],
-                merge_adapters(copy.deepcopy(models[label])),
-            )
+            evals[f"{label} unmerged"] = models[label]
+            evals[f"{label} merged"] = merge_adapters(copy.deepcopy(models[label]))
         for m in evals.values():
             m.eval()(x)  # warm-up
         eval_times = interleaved({k: (lambda m=m: m(x)) for k, m in evals.items()}, device, reps, 3 * inner)
-    return {
-        "name": name,
-        "batch": batch,
-        "seq": seq,
-        "d_model": config.d_model,
-        "n_layer": config.n_layer,
-        "train_step_s": {k: statistics.median(v) for k, v in step_times.items()},
-        "eval_tokens_per_s": {k: batch * seq / statistics.median(v) for k, v in eval_times.items()},
-        "memory": memory,
-        "train_step_reps_s": step_times,
-        "eval_reps_s": eval_times,
-    }
+    result = dict(name=name, batch=batch, seq=seq, d_model=config.d_model, n_layer=config.n_layer, memory=memory)
+    result["train_step_s"] = {k: statistics.median(v) for k, v in step_times.items()}
+    result["eval_tokens_per_s"] = {k: batch * seq / statistics.median(v) for k, v in eval_times.items()}
+    return {**result, "train_step_reps_s": step_times, "eval_reps_s": eval_times}  # per repetition: paired ratios
 
 
 def sequence_sweep(device, reps, batch=8, seqs=(64, 128, 256, 512)):
     """DoRA's and D2-LoRA's step time over LoRA(r)'s at a fixed batch of sequences of each length, default model."""
     torch.manual_seed(0)
     base = GPT(GPTConfig(vocab_size=VOCAB_SIZE, block_size=max(seqs), n_layer=2, n_head=4, d_model=128)).to(device)
-    models = {
-        f"{display_name(m)}(r)": inject_adapters(copy.deepcopy(base), m, r=R, alpha=2 * R, targets=ATTN)
-        for m in ("lora", "dora", "d2lora")
-    }
+    models = {f"{display_name(m)}(r)": copy.deepcopy(base) for m in ("lora", "dora", "d2lora")}
+    for label, model in models.items():
+        inject_adapters(
+            model, {"LoRA(r)": "lora", "DoRA(r)": "dora"}.get(label, "d2lora"), r=R, alpha=2 * R, targets=ATTN
+        )
     rows = []
     for seq in seqs:
-        x = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq)).to(
-            device
-        )
+        g = torch.Generator().manual_seed(seq)
+        x = torch.randint(0, base.config.vocab_size, (batch, seq), generator=g).to(device)
         steps = {k: train_step(m, x, x) for k, m in models.items()}
         for step in steps.values():
             step()
         times = interleaved(steps, device, reps, inner=3, seed=seq)
-        rows.append(
-            {
-                "seq": seq,
-                "tokens": batch * seq,
-                "LoRA(r) step ms": 1000 * statistics.median(times["LoRA(r)"]),
-                **{f"{k} / LoRA(r)": paired_ratio(times, k, "LoRA(r)") for k in ("DoRA(r)", "D2-LoRA(r)")},
-            }
-        )
+        row = {"seq": seq, "tokens": batch * seq, "LoRA(r) step ms": 1000 * statistics.median(times["LoRA(r)"])}
+        rows.append({**row, **{f"{k} / LoRA(r)": paired_ratio(times, k, "LoRA(r)") for k in ("DoRA(r)", "D2-LoRA(r)")}})
     return rows
-
-
-def paired_ratio(times, k, ref):
-    """Median over repetitions of times[k] / times[ref], both measured in the same repetition."""
-    return statistics.median(a / b for a, b in zip(times[k], times[ref]))
 
 
 def ratios(result):
     st, ev = result["train_step_reps_s"], result["eval_reps_s"]
-    out = {
-        k: {"vs LoRA(r)": paired_ratio(st, k, "LoRA(r)"), "vs LoRA(2r)": paired_ratio(st, k, "LoRA(2r)")} for k in st
-    }
+    out = {k: {f"vs {ref}": paired_ratio(st, k, ref) for ref in ("LoRA(r)", "LoRA(2r)")} for k in st}
     for k, label in (("PEFT LoRA(r)", "LoRA(r)"), ("PEFT DoRA(r)", "DoRA(r)")):
         if k in st:
             out[label]["ours / PEFT"] = paired_ratio(st, label, k)
@@ -258,135 +177,104 @@ def ratios(result):
     return out
 
 
+HEAD = (
+    "method | train step (ms) | × LoRA(r) | × LoRA(2r) | ours / PEFT | fused / plain | saved activations (MB) | "
+    "step footprint (MB) | footprint × LoRA(2r) | eval tok/s unmerged | merged | merged / base"
+)
+
+
 def markdown(results, facts, sweep=None):
-    head = [
-        "method",
-        "train step (ms)",
-        "× LoRA(r)",
-        "× LoRA(2r)",
-        "ours / PEFT",
-        "fused / plain",
-        "saved activations (MB)",
-        "step footprint (MB)",
-        "footprint × LoRA(2r)",
-        "eval tok/s unmerged",
-        "merged",
-        "merged / base",
-    ]
     lines = [f"machine: {facts}", ""]
     for r in results:
         rat, ev, mem = ratios(r), r["eval_tokens_per_s"], r["memory"]
-        lines += [
-            f"### {r['name']} (batch {r['batch']} x seq {r['seq']})",
-            "",
-            "| " + " | ".join(head) + " |",
-            "|---" * len(head) + "|",
-        ]
+        lines += [f"### {r['name']} (batch {r['batch']} x seq {r['seq']})", "", f"| {HEAD} |", "|---" * 12 + "|"]
         for k, t in r["train_step_s"].items():
             merged, foot = ev.get(f"{k} merged"), mem[k]["step_footprint_bytes"]
-            ratio = lambda name: f"{rat[k][name]:.2f}" if name in rat[k] else "–"  # noqa: E731
-            cells = [
-                k,
-                f"{1000 * t:.1f}",
-                ratio("vs LoRA(r)"),
-                ratio("vs LoRA(2r)"),
-                ratio("ours / PEFT"),
-                ratio("fused / plain"),
-                f"{mem[k]['saved_activation_bytes'] / 2**20:.1f}",
-                f"{foot / 2**20:.1f}",
-                f"{foot / mem['LoRA(2r)']['step_footprint_bytes']:.2f}",
-                f"{ev[f'{k} unmerged']:,.0f}" if merged else "–",
-                f"{merged:,.0f}" if merged else "–",
-                ratio("merged / base"),
+            ratios_of = [
+                f"{rat[k][n]:.2f}" if n in rat[k] else "–" for n in ("vs LoRA(r)", "vs LoRA(2r)", "ours / PEFT")
             ]
+            ratios_of.append(f"{rat[k]['fused / plain']:.2f}" if "fused / plain" in rat[k] else "–")
+            sizes = [
+                mem[k]["saved_activation_bytes"] / 2**20,
+                foot / 2**20,
+                foot / mem["LoRA(2r)"]["step_footprint_bytes"],
+            ]
+            speed = (
+                [f"{ev[f'{k} unmerged']:,.0f}", f"{merged:,.0f}", f"{rat[k]['merged / base']:.2f}"]
+                if merged
+                else ["–"] * 3
+            )
+            cells = [k, f"{1000 * t:.1f}", *ratios_of, f"{sizes[0]:.1f}", f"{sizes[1]:.1f}", f"{sizes[2]:.2f}", *speed]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", f"base model eval: {ev['base']:,.0f} tok/s", ""]
     if sweep:
+        lines += ["", "### fixed batch of 8 sequences, default model (tokens per step grow with the sequence)", ""]
         lines += [
-            "",
-            "### fixed batch of 8 sequences, default model (tokens per step grow with the sequence)",
-            "",
             "| seq | tokens/step | LoRA(r) step (ms) | DoRA(r) / LoRA(r) | D2-LoRA(r) / LoRA(r) |",
             "|---|---|---|---|---|",
         ]
-        lines += [
-            f"| {s['seq']} | {s['tokens']} | {s['LoRA(r) step ms']:.1f} | {s['DoRA(r) / LoRA(r)']:.2f} | "
-            f"{s['D2-LoRA(r) / LoRA(r)']:.2f} |"
-            for s in sweep
-        ]
+        for row in sweep:
+            cells = [row["seq"], row["tokens"], f"{row['LoRA(r) step ms']:.1f}", f"{row['DoRA(r) / LoRA(r)']:.2f}"]
+            lines.append("| " + " | ".join(map(str, cells + [f"{row['D2-LoRA(r) / LoRA(r)']:.2f}"])) + " |")
     return "\n".join(lines) + "\n"
+
+
+def check_args(args):
+    """Every flag, before anything is measured or written (a report of nothing would replace the last one)."""
+    names = [name for name, *_ in shapes(args.quick)]
+    if args.only is not None and not any(args.only.strip() and args.only in n for n in [*names, "sweep"]):
+        raise UsageError(f"--only {args.only!r} matches nothing to measure; shapes: {'; '.join(names)}, and 'sweep'")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
+        raise UsageError(f"--name takes a folder name of ASCII letters, digits, _ and -, got {args.name!r}")
+    if args.reps < 1 or args.device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--reps must be >= 1 and --device auto, cpu or cuda, got {args.reps} and {args.device!r}")
+    folders = [Path("runs") / args.name] + ([PUBLISHED / args.name] if args.publish else [])
+    for folder in folders:
+        check_paths(folder.parent, files=[folder / "bench.json", folder / "bench.md"], folders=[folder])
+        check_writable(folder)
+    return folders
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="d2lora bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--reps", type=int, default=15, help="interleaved repetitions per measurement (median reported)"
-    )
+    parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions (medians reported)")
     parser.add_argument("--quick", action="store_true", help="3 repetitions and a smaller compute-bound batch")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument(
-        "--only", default=None, help="run only the shapes whose name contains this text ('sweep': the sweep)"
-    )
-    parser.add_argument(
-        "--name", default="bench", help="the report's folder under runs/ (and docs/results/ with --publish)"
-    )
+    parser.add_argument("--only", help="only the shapes whose name contains this text ('sweep': the sweep)")
+    parser.add_argument("--name", default="bench", help="the report's folder in runs/ (and in docs/results/)")
     parser.add_argument("--publish", action="store_true", help="also write the report to docs/results/<name>/")
     args = parser.parse_args(argv)
 
     def body():
-        names = [name for name, *_ in shapes(args.quick)]
-        if args.only is not None and not args.only.strip():  # before anything is written: a report of nothing would
-            raise UsageError(
-                "--only is empty; leave it out to measure every shape and the sequence sweep"
-            )  # replace one
-        if args.only is not None and not any(args.only in name for name in names) and args.only not in "sweep":
-            raise UsageError(
-                f"--only {args.only!r} matches nothing to measure; shapes: {'; '.join(names)}, and 'sweep' "
-                f"(the sequence sweep)"
-            )
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
-            raise UsageError(f"--name takes a folder name of ASCII letters, digits, _ and -, got {args.name!r}")
-        if args.reps < 1:
-            raise UsageError(f"--reps must be >= 1, got {args.reps}")
-        if args.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"--device must be auto, cpu or cuda, got {args.device!r}")
-        folders = [Path("runs") / args.name] + ([PUBLISHED / args.name] if args.publish else [])
-        for folder in folders:  # now, not after all the measurements
-            check_paths(folder.parent, files=[folder / "bench.json", folder / "bench.md"], folders=[folder])
-            check_writable(folder)
+        folders = check_args(args)
         device, reps = pick_device(args.device), 3 if args.quick else args.reps
         try:
             import peft  # noqa: F401  (only whether it is installed)
-
-            peft_ok = True
         except ImportError:
-            peft_ok = False
+            peft = None
             print("peft not installed: skipping the comparison with PEFT (pip install -e '.[peft]')")
-        facts = (
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, device {device}"
-            + (f" ({torch.cuda.get_device_name()})" if device == "cuda" else "")
-            + f", {reps} interleaved reps, medians"
-        )
+        gpu = f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""
+        facts = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        facts += f"{torch.get_num_threads()} threads, device {device}{gpu}, {reps} interleaved reps, medians"
         print(facts, flush=True)
-        results, sweep = [], None
+        results = []
         for name, config, batch, seq, inner, targets in shapes(args.quick):
             if not args.only or args.only in name:
                 t0 = time.time()
-                results.append(bench_shape(name, config, batch, seq, inner, device, reps, peft_ok, targets))
+                results.append(bench_shape(name, config, batch, seq, inner, device, reps, peft is not None, targets))
                 print(f"{name}: {time.time() - t0:.0f} s", flush=True)
-        if not args.only or args.only in "sweep":
-            sweep = sequence_sweep(device, reps)
-        text = markdown(results, facts, sweep)
+        sweep = sequence_sweep(device, reps) if not args.only or args.only in "sweep" else None
+        report = {"machine": facts, "results": results, "ratios": [ratios(r) for r in results], "sequence_sweep": sweep}
         for folder in folders:
-            write_json(
-                folder / "bench.json",
-                {"machine": facts, "results": results, "ratios": [ratios(r) for r in results], "sequence_sweep": sweep},
-            )
-            write_text(folder / "bench.md", text)
-        print("\n" + text + f"\nwritten: {', '.join(f'{f}/bench.json, bench.md' for f in folders)}")
+            write_json(folder / "bench.json", report)
+            write_text(folder / "bench.md", markdown(results, facts, sweep))
+        print(
+            "\n"
+            + markdown(results, facts, sweep)
+            + f"\nwritten: {', '.join(f'{f}/bench.json, bench.md' for f in folders)}"
+        )
         return 0
 
     return run_cli(parser, body)

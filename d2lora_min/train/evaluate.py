@@ -8,7 +8,6 @@ how many of them are padding.
 """
 
 import math
-import statistics
 import time
 from typing import NamedTuple
 
@@ -282,24 +281,6 @@ def retention(model, tokenizer, probe):
     tokens, items = probe
     facts = mc_accuracy(model, tokenizer, items)[0]
     return {"heldout_loss": validation_loss(model, tokens, model.config.block_size), "facts_probe": facts}
-
-
-THROUGHPUT_REPS = 7  # interleaved forward passes per model; the median is reported
-
-
-@torch.no_grad()
-def forward_throughput(models, x, reps=THROUGHPUT_REPS):
-    """{name: tokens/s} of each model's forward pass on batch x: interleaved repetitions, median."""
-    x = x.to(next(next(iter(models.values())).parameters()).device)
-    times = {k: [] for k in models}
-    for m in models.values():
-        m(x)  # warm-up
-    for _ in range(reps):
-        for k, m in models.items():
-            t0 = time.perf_counter()
-            m(x)
-            times[k].append(time.perf_counter() - t0)
-    return {k: x.numel() / statistics.median(v) for k, v in times.items()}
 
 
 LOGIT_PROBE_PER_TASK = 16  # test prompts per task on which unmerged and merged logits are compared

@@ -4,11 +4,9 @@
     d2lora pretrain --corpus.text_file=my.txt --out runs/my_base
     d2lora pretrain --out base --replace_shipped           # replace the shipped base, on purpose
 
-The default base ships in the repository (base/: model.safetensors, tokenizer.json, base.json with the
-configs, the SHA-256 of each file and one over weights, tokenizer and model config, the validation loss and the
-look-up probe score). `make compare`
-starts from it. A changed model or corpus config pretrains a new base instead, cached under
-runs/bases/<key>/ where <key> is a hash of the configs.
+The default base ships in the repository (base/: the weights, the tokenizer, and base.json with the configs, the
+SHA-256 of each file and of the whole, the validation loss and the look-up probe's score); `make compare` starts from
+it. A changed model or corpus config pretrains a new base instead, cached under runs/bases/<hash of the configs>/.
 """
 
 import argparse
@@ -29,18 +27,15 @@ from tqdm.auto import tqdm
 
 from tiny_gpt import GPT, GPTConfig
 
+from ..files import io
 from ..files.io import (
     LOCK_FILE,
     REBUILD_HINT,
     atomic_path,
-    base_fingerprint,
-    check_base_files,
     check_paths,
     check_writable,
     output_lock,
     read_json,
-    repo_root,
-    sha256_file,
     write_json,
 )
 from ..synthetic.world import World, corpus_documents, lookup_probe, skill_probes
@@ -50,27 +45,19 @@ from .evaluate import mc_accuracy, validation_loss
 from .tasks import MCItem
 from .trainer import TrainConfig, check_train_config, init_distributed, pick_device, rank_and_world, train
 
-SHIPPED_BASE = repo_root() / "base"
+SHIPPED_BASE = io.repo_root() / "base"
 PROBE_ITEMS, PROBE_SEED = 300, 12345
 
 
 def default_train_config():
-    return TrainConfig(
-        steps=8000,
-        batch_size=32,
-        lr=3e-3,
-        min_lr_ratio=0.1,
-        warmup_steps=200,
-        weight_decay=0.1,
-        checkpoint_every=250,
-        desc="pretrain",
-    )
+    settings = dict(steps=8000, batch_size=32, lr=3e-3, min_lr_ratio=0.1, warmup_steps=200, weight_decay=0.1)
+    return TrainConfig(**settings, checkpoint_every=250, desc="pretrain")
 
 
 @dataclass
 class PretrainConfig:
     model: GPTConfig = field(
-        default_factory=lambda: GPTConfig(vocab_size=VOCAB_SIZE, block_size=128, n_layer=2, n_head=4, d_model=128)
+        default_factory=lambda: GPTConfig(VOCAB_SIZE, block_size=128, n_layer=2, n_head=4, d_model=128)
     )
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     train: TrainConfig = field(default_factory=default_train_config)
@@ -78,11 +65,8 @@ class PretrainConfig:
     def key(self):
         """A short hash of everything that changes the resulting weights: the configs (not progress bars or
         checkpoint intervals) and a fingerprint of the corpus text itself, so that an edited world.py counts too."""
-        t = {
-            k: v
-            for k, v in asdict(self.train).items()
-            if k not in ("progress", "desc", "checkpoint_every", "device", "amp")
-        }
+        not_the_weights = ("progress", "desc", "checkpoint_every", "device", "amp")
+        t = {k: v for k, v in asdict(self.train).items() if k not in not_the_weights}
         blob = {
             "model": asdict(self.model),
             "corpus": asdict(self.corpus),
@@ -92,25 +76,24 @@ class PretrainConfig:
         return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Each setting's range, in the order they are checked (vocab_size: the 256 bytes and the end-of-text token at least).
+PRETRAIN_RANGES = {"model.n_layer": (1, 64), "model.n_head": (1, 1024), "model.d_model": (1, 16384),
+                   "model.block_size": (8, 65536), "model.vocab_size": (1, None), "model.dropout": (0.0, 0.99),
+                   "corpus.n_people": (20, 100_000), "corpus.n_docs": (1, 100_000_000), "corpus.n_val_docs": (1, 10_000_000),
+                   "corpus.vocab_size": (257, 1_000_000), "corpus.world_seed": (0, 2**32 - 1), "corpus.seed": (0, 2**32 - 1)}  # fmt: skip
+
+
 def check_pretrain_config(cfg: PretrainConfig, prefix=""):
     """Every pretraining setting in range, before any work (a corpus takes a minute to build); a UsageError naming
     the first one that is not."""
-    p = f"{prefix}." if prefix else ""
-    m, c = cfg.model, cfg.corpus
-    check_range(f"{p}model.n_layer", m.n_layer, 1, 64)
-    check_range(f"{p}model.n_head", m.n_head, 1, 1024)
-    check_range(f"{p}model.d_model", m.d_model, 1, 16384)
-    if m.d_model % m.n_head:
-        raise UsageError(f"{p}model.n_head={m.n_head} must divide {p}model.d_model={m.d_model}")
-    check_range(f"{p}model.block_size", m.block_size, 8, 65536)
-    check_range(f"{p}model.vocab_size", m.vocab_size, 1)
-    check_range(f"{p}model.dropout", m.dropout, 0.0, 0.99, kind=float)
-    check_range(f"{p}corpus.n_people", c.n_people, 20, 100_000)
-    check_range(f"{p}corpus.n_docs", c.n_docs, 1, 100_000_000)
-    check_range(f"{p}corpus.n_val_docs", c.n_val_docs, 1, 10_000_000)
-    check_range(f"{p}corpus.vocab_size", c.vocab_size, 257, 1_000_000)  # the 256 bytes and the end-of-text token
-    check_range(f"{p}corpus.world_seed", c.world_seed, 0, 2**32 - 1)
-    check_range(f"{p}corpus.seed", c.seed, 0, 2**32 - 1)
+    p, m, c = f"{prefix}." if prefix else "", cfg.model, cfg.corpus
+    for name, (low, high) in PRETRAIN_RANGES.items():
+        section, field_name = name.split(".")
+        check_range(
+            p + name, getattr(getattr(cfg, section), field_name), low, high, kind=float if high == 0.99 else int
+        )
+        if name == "model.d_model" and m.d_model % m.n_head:
+            raise UsageError(f"{p}model.n_head={m.n_head} must divide {p}model.d_model={m.d_model}")
     if c.text_file is not None and not os.path.isfile(c.text_file):
         what = "is not a regular file (a folder or a device)" if os.path.exists(c.text_file) else "does not exist"
         raise UsageError(f"{p}corpus.text_file {c.text_file!r} {what}")
@@ -128,7 +111,7 @@ def corpus_fingerprint(corpus_cfg, n_docs=500):
 def _fingerprint(corpus_json, n_docs):
     corpus_cfg = CorpusConfig(**json.loads(corpus_json))
     if corpus_cfg.text_file:
-        return sha256_file(corpus_cfg.text_file)
+        return io.sha256_file(corpus_cfg.text_file)
     world = World(seed=corpus_cfg.world_seed, n_people=corpus_cfg.n_people)
     docs = corpus_documents(world, n_docs, seed=corpus_cfg.seed)
     return hashlib.sha256(json.dumps([world.facts, docs], sort_keys=True).encode()).hexdigest()
@@ -150,7 +133,7 @@ def save_base(folder, model, tokenizer, meta):
         save_model(model, tmp)
     with atomic_path(folder / "tokenizer.json") as tmp:
         tokenizer.save(tmp)
-    files, sha = base_fingerprint(folder, meta)
+    files, sha = io.base_fingerprint(folder, meta)
     meta = {**meta, "files": files, "sha256": sha}
     write_json(folder / "base.json", meta)
     return meta
@@ -170,7 +153,7 @@ def load_base(folder=SHIPPED_BASE, device="cpu", check_hash=True):
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # read_json's errors are ValueErrors
         raise ValueError(f"{folder}/base.json is unreadable ({type(e).__name__}: {e}); {REBUILD_HINT}") from None
     if check_hash:
-        check_base_files(folder, meta)  # weights, tokenizer and model config, against their recorded SHA-256
+        io.check_base_files(folder, meta)  # weights, tokenizer and model config, against their recorded SHA-256
     model = GPT(model_config)
     try:
         load_model(model, folder / "model.safetensors", device=str(device))
@@ -245,17 +228,13 @@ def _pretrain(cfg, out_dir, eval_every, key, t_start):
     meta = {
         "config": {"model": asdict(cfg.model), "corpus": asdict(cfg.corpus), "train": asdict(cfg.train)},
         "key": key,
-        "val_loss": final["val_loss"],
-        "probe_accuracy": final.get("probe"),
-        "probe_items": PROBE_ITEMS if probes else 0,
-        "skill_probes": {k: final[k] for k in probes if k != "probe"},
-        "tokens_seen": cfg.train.steps * tokens_per_step,
-        "train_seconds_this_run": round(time.time() - t_start, 1),
-        "resumed_from_step": result.resumed_from,
-        "log": log,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
     }
+    meta.update(val_loss=final["val_loss"], probe_accuracy=final.get("probe"), probe_items=PROBE_ITEMS if probes else 0)
+    meta.update(
+        skill_probes={k: final[k] for k in probes if k != "probe"}, tokens_seen=cfg.train.steps * tokens_per_step
+    )
+    meta.update(train_seconds_this_run=round(time.time() - t_start, 1), resumed_from_step=result.resumed_from, log=log)
+    meta.update(torch=torch.__version__, threads=torch.get_num_threads())
     model.cpu()
     meta = save_base(out_dir, model, tokenizer, meta)
     if dist.is_initialized():
@@ -310,16 +289,9 @@ def main(argv=None):
         if cfg.train.device == "cpu":
             print(f"pretraining on CPU with {torch.get_num_threads()} threads into {out}", flush=True)
         meta = pretrain(cfg, out, eval_every=args.eval_every)
+        shown = ("val_loss", "probe_accuracy", "tokens_seen", "train_seconds_this_run", "sha256")
         if rank == 0:
-            print(
-                json.dumps(
-                    {
-                        k: meta[k]
-                        for k in ("val_loss", "probe_accuracy", "tokens_seen", "train_seconds_this_run", "sha256")
-                    },
-                    indent=2,
-                )
-            )
+            print(json.dumps({k: meta[k] for k in shown}, indent=2))
         return 0
 
     return run_cli(parser, body)

@@ -8,7 +8,6 @@ import math
 import shutil
 import statistics
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch

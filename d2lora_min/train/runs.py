@@ -30,7 +30,8 @@ from ..nn import (
 )
 from .data import EOT, finetune_batches
 from .settings import PUBLISHED
-from .evaluate import evaluate_items, forward_throughput, logit_probe_batch, real_logits, retention, task_scores
+from .evaluate import evaluate_items, logit_probe_batch, real_logits, retention, task_scores
+from .measure import forward_throughput
 from .trainer import TrainingDiverged, rank_and_world, train
 
 SLUG_CHARS = 48  # of a spec's readable part in file names (a long spec would overflow the 255 bytes a name may have)
@@ -41,12 +42,6 @@ def slug(text):
     ('tau_init=-0.5' and 'tau_init=+0.5' read alike once the signs are replaced, their hashes do not)."""
     readable = "".join(c if c.isascii() and c.isalnum() else "_" for c in text)[:SLUG_CHARS]
     return f"{readable}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
-def result_path(out_dir, spec, seed, key):
-    """Where a run's JSON lives: named by spec, seed and key, so that a rerun with other settings writes beside it
-    and never replaces a finished result of the earlier settings."""
-    return out_dir / "runs" / f"{slug(spec.text)}_seed{seed}_{key}.json"
 
 
 def result_path(out_dir, spec, seed, key):

@@ -135,17 +135,9 @@ class Settings:
 
 def protocol(cfg):
     """The settings a tuned lr holds for: compare notes when it runs under others."""
-    return {
-        "tasks": list(cfg.tasks),
-        "n_train": cfg.n_train,
-        "epochs": cfg.epochs,
-        "batch_size": cfg.train.batch_size,
-        "targets": list(cfg.targets),
-        "r": cfg.r,
-        "alpha_over_r": cfg.alpha_over_r,
-        "packed": cfg.packed,
-        "base": cfg.pretrain.key(),
-    }
+    budget = dict(tasks=list(cfg.tasks), n_train=cfg.n_train, epochs=cfg.epochs, batch_size=cfg.train.batch_size)
+    return {**budget, "targets": list(cfg.targets), "r": cfg.r, "alpha_over_r": cfg.alpha_over_r, "packed": cfg.packed,
+            "base": cfg.pretrain.key()}  # fmt: skip
 
 
 # Upper bounds of the settings whose huge values would hang or allocate for minutes before failing.
@@ -153,20 +145,18 @@ MAX_ITEMS = 100_000  # n_train and n_test per task
 MAX_EPOCHS = 1_000
 MAX_SEED = 2**32 - 1  # seeds are combined with step and epoch numbers into 64-bit generator seeds
 RANGES = {
-    "n_train": (1, MAX_ITEMS),
-    "epochs": (1, MAX_EPOCHS),
-    "n_test": (1, MAX_ITEMS),
-    "n_validation": (1, MAX_ITEMS),
-    "checkpoints": (1, MAX_EPOCHS),
+    "n_train": MAX_ITEMS,
+    "epochs": MAX_EPOCHS,
+    "n_test": MAX_ITEMS,
+    "n_validation": MAX_ITEMS,
+    "checkpoints": MAX_EPOCHS,
 }
 CHOICES = {"lr_source": ("tuned", "shared"), "split": ("test", "validation"), "scoring": ("task", "sum", "mean")}
 
 
 def resolve(cfg: CompareConfig):
     """Check every setting of a comparison before any work -> Settings; a UsageError naming the first one wrong."""
-    check_pretrain_config(
-        cfg.pretrain, "pretrain"
-    )  # the base the runs start from (a new one is pretrained if it differs)
+    check_pretrain_config(cfg.pretrain, "pretrain")  # the base the runs start from (pretrained anew if it differs)
     check_lists(cfg)
     check_range("r", cfg.r, 1, cfg.pretrain.model.d_model)  # before any spec builds a layer of that rank
     for name, choices in CHOICES.items():
@@ -184,25 +174,23 @@ def resolve(cfg: CompareConfig):
     if cfg.alpha_over_r <= 0:
         raise UsageError(f"alpha_over_r must be > 0, got {cfg.alpha_over_r}")
     skeleton = model_skeleton(cfg.pretrain.model)  # the base's module names, to check every target against
-    for where, targets in [("targets", cfg.targets)] + [
+    targets_of = [("targets", cfg.targets)] + [
         (f"targets in {s.text!r}", s.targets) for s in specs if s.name in METHODS
-    ]:
+    ]
+    for where, targets in targets_of:
         try:
             find_targets(skeleton, targets)
         except (ValueError, TypeError) as e:
             raise UsageError(f"{where}: {e}") from None
-    for name, (low, high) in RANGES.items():
-        check_range(name, getattr(cfg, name), low, high)
+    for name, high in RANGES.items():
+        check_range(name, getattr(cfg, name), 1, high)
     check_range("warmup_frac", cfg.warmup_frac, 0.0, 0.5, kind=float)
     check_range("full_lr", cfg.full_lr, kind=float)
     if cfg.full_lr <= 0:
         raise UsageError(f"full_lr must be > 0, got {cfg.full_lr}")
     default = TrainConfig()
-    if (cfg.train.steps, cfg.train.warmup_steps, cfg.train.checkpoint_every) != (
-        default.steps,
-        default.warmup_steps,
-        default.checkpoint_every,
-    ):
+    derived = ("steps", "warmup_steps", "checkpoint_every")
+    if any(getattr(cfg.train, k) != getattr(default, k) for k in derived):
         raise UsageError(
             "train.steps, train.warmup_steps and train.checkpoint_every follow from the budget: set --n_train, "
             "--epochs, --warmup_frac, --checkpoints"
@@ -218,9 +206,8 @@ def resolve(cfg: CompareConfig):
             f"an epoch's last step has {last} items, fewer than the {processes} processes: choose n_train or "
             f"batch_size so that every process gets a row"
         )
-    return Settings(
-        cfg, specs, train, pick_device(cfg.train.device), processes, tuned, corpus_fingerprint(cfg.pretrain.corpus)
-    )
+    device, corpus = pick_device(cfg.train.device), corpus_fingerprint(cfg.pretrain.corpus)
+    return Settings(cfg, specs, train, device, processes, tuned, corpus)
 
 
 def check_lists(cfg: CompareConfig):
@@ -248,15 +235,15 @@ def check_lists(cfg: CompareConfig):
         raise UsageError(f"a task is listed twice: {list(cfg.tasks)}")
 
 
+LR_FROM = {"spec": "", "tuned": " at its tuned lr", "shared": " at the shared lr", "full_lr": " at full_lr"}
+
+
 def check_listed_once(specs):
     """No method twice by what it runs, however written: the same method twice would compare a run with itself."""
     listed = {}  # identity -> the first spec with it
     for s in specs:
         if s.identity in listed:
-            source = {"spec": "", "tuned": " at its tuned lr", "shared": " at the shared lr", "full_lr": " at full_lr"}[
-                s.lr_from
-            ]
-            source = "" if s.name == "base" else source  # not trained: no lr
+            source = "" if s.name == "base" else LR_FROM[s.lr_from]  # the base is not trained: no lr
             raise UsageError(
                 f"a method is listed twice: {listed[s.identity]!r} and {s.text!r} are the same method, settings "
                 f"and learning rate ({s.label}{source})"
@@ -316,6 +303,4 @@ def load_tuned(path, required=True):
 
 def model_skeleton(model_cfg):
     """A GPT with the base's layers and names but 1-wide tensors: what targets are checked against, at no cost."""
-    return GPT(
-        GPTConfig(vocab_size=2, block_size=2, n_layer=model_cfg.n_layer, n_head=1, d_model=1, bias=model_cfg.bias)
-    )
+    return GPT(GPTConfig(2, block_size=2, n_layer=model_cfg.n_layer, n_head=1, d_model=1, bias=model_cfg.bias))

@@ -33,6 +33,7 @@ from .report import cost_line
 from .runs import check_run_outputs
 from .settings import DEV_SEEDS, PUBLISHED, TUNED_FILE, CompareConfig, load_tuned, protocol, resolve
 from .specs import parse_method_spec, roles, split_methods, with_lr
+from .tables import table
 from .trainer import rank_and_world
 
 GRID = tuple(
@@ -102,47 +103,44 @@ def summarise(cfg, runs, setup, methods, grid):
     return points, flagged, chosen, robustness(points, chosen, flagged), curves
 
 
-def table(points, flagged, chosen, spans):
+def lr_table(points, flagged, chosen, spans):
     lrs = sorted({p[0] for pts in points.values() for p in pts})
-    head = (
-        "| method | "
-        + " | ".join(f"lr {lr:.3g}" for lr in lrs)
-        + " | chosen | within 1 pp of the best | lost one step below / above (pp) |"
-    )
-    lines = [head, "|---|" + "---|" * (len(lrs) + 3)]
+    head = [
+        "method",
+        *[f"lr {lr:.3g}" for lr in lrs],
+        "chosen",
+        "within 1 pp of the best",
+        "lost one step below / above (pp)",
+    ]
+    body = []
     for method, pts in points.items():
-        at = {p[0]: p for p in pts}
-        cells = []
+        at, cells = {p[0]: p for p in pts}, [method]
         for lr in lrs:
-            if lr not in at:
-                cells.append("–")
-                continue
-            mark = "**" if chosen.get(method) == lr else ""
-            note = " (diverged)" if flagged[method].get(lr) else ""
-            cells.append(f"{mark}{100 * at[lr][1]:.1f}{mark} [{100 * at[lr][2]:.1f}, {100 * at[lr][3]:.1f}]{note}")
+            mark, note = "**" * (chosen.get(method) == lr), " (diverged)" * bool(flagged[method].get(lr))
+            cells.append(
+                f"{mark}{100 * at[lr][1]:.1f}{mark} [{100 * at[lr][2]:.1f}, {100 * at[lr][3]:.1f}]{note}"
+                if lr in at
+                else "–"
+            )
         lo, hi, decades, below, above = spans.get(method, (None,) * 5)
         span = f"{lo:.3g} - {hi:.3g} ({decades:.2f} decades)" if lo else "–"
         steps = " / ".join("–" if d is None else f"{100 * d:.1f}" for d in (below, above)) if lo else "–"
-        choice = f"{chosen[method]:.3g}" if method in chosen else "none eligible"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {choice} | {span} | {steps} |")
-    return "\n".join(lines)
+        body.append(cells + [f"{chosen[method]:.3g}" if method in chosen else "none eligible", span, steps])
+    return table(head, body)
 
 
 def tune(cfg, methods, grid, out_dir="runs/tune", fresh=False, publish=False):
     t_start = time.time()
     out_dir = Path(out_dir)
     if any(s < min(DEV_SEEDS) for s in cfg.seeds):
-        raise UsageError(
-            f"tune runs on development seeds (>= {min(DEV_SEEDS)}); seeds below are reported seeds: {list(cfg.seeds)}"
-        )
+        reported = f"seeds below are reported seeds: {list(cfg.seeds)}"
+        raise UsageError(f"tune runs on development seeds (>= {min(DEV_SEEDS)}); {reported}")
     if cfg.split != "validation":
         raise UsageError("tune scores validation items only (split=validation)")
     settings = resolve(cfg)
     check_writable(out_dir)
     figures = ("tune_lr.png", "tune_lr_match.png")
-    check_run_outputs(
-        settings, out_dir, ("results.md", "tune.json", *figures), ["tune.md", *figures] if publish else []
-    )
+    check_run_outputs(settings, out_dir, ("results.md", "tune.json", *figures), ["tune.md", *figures] * publish)
     if publish:
         check_paths(TUNED_FILE.parent, files=[TUNED_FILE], hint="leave out --publish")
     rank, _ = rank_and_world()
@@ -160,51 +158,25 @@ def _tune(settings, methods, grid, out_dir, fresh, publish, t_start):
         return None
     points, flagged, chosen, spans, curves = summarise(cfg, runs, setup, methods, grid)
     wall = f"{time.time() - t_start:.0f} s ({reused} of {len(runs)} runs reused)"
-    text = "\n".join(
-        [
-            f"make tune: {len(methods)} methods x {len(grid)} learning rates x development seeds {list(cfg.seeds)}, "
-            f"scored on {cfg.n_validation} validation items per task; wall {wall}",
-            cost_line(runs),
-            "",
-            "Mean validation accuracy over the multiple-choice tasks (%, 95 % CI over development seeds and items; the choice in bold):",
-            "",
-            table(points, flagged, chosen, spans),
-            "",
-            f"Rule: {RULE}.",
-            "",
-        ]
+    what = f"{len(methods)} methods x {len(grid)} learning rates x development seeds {list(cfg.seeds)}"
+    text = (
+        f"make tune: {what}, scored on {cfg.n_validation} validation items per task; wall {wall}\n{cost_line(runs)}\n\n"
     )
+    text += "Mean validation accuracy over the multiple-choice tasks (%, 95 % CI over development seeds and items; the "
+    text += f"choice in bold):\n\n{lr_table(points, flagged, chosen, spans)}\n\nRule: {RULE}.\n"
     keys = tuned_keys(methods, cfg)  # what compare looks a method's lr up by: "lora", "lora:r=8", ...
-    result = {
-        "lrs": {keys[m]: lr for m, lr in chosen.items()},
-        "rule": RULE,
-        "grid": list(grid),
-        "dev_seeds": list(cfg.seeds),
-        "protocol": protocol(cfg),
-        "points": points,
-        "within_1pp": spans,
-        "n_validation": cfg.n_validation,
-        "command": "make tune ARGS=--publish",
-    }
+    result = dict(lrs={keys[m]: lr for m, lr in chosen.items()}, rule=RULE, grid=list(grid), dev_seeds=list(cfg.seeds))
+    result.update(protocol=protocol(cfg), points=points, within_1pp=spans, n_validation=cfg.n_validation)
+    result["command"] = "make tune ARGS=--publish"
     d2, parity = "d2lora", f"lora:r={2 * cfg.r}"  # D2-LoRA(r) and LoRA(2r), the first-order picture's pair
     pictures = ["tune_lr.png"]
-    match = (
-        stats.lr_match(curves[d2], curves[parity])
-        if d2 in methods and parity in methods and len(cfg.seeds) > 1
-        else None
-    )
+    pair = d2 in methods and parity in methods and len(cfg.seeds) > 1
+    match = stats.lr_match(curves[d2], curves[parity]) if pair else None
     if match:
         result["lr_match"] = match
         labels = {m: parse_method_spec(m, cfg).method_label for m in (d2, parity)}
-        text += "\n".join(
-            [
-                "",
-                "Does D2-LoRA(r) behave like LoRA(2r) at a larger learning rate (stats.lr_match)?",
-                "",
-                stats.describe_lr_match(result["lr_match"], labels[d2], labels[parity], len(cfg.seeds)) + ".",
-                "",
-            ]
-        )
+        described = stats.describe_lr_match(match, labels[d2], labels[parity], len(cfg.seeds))
+        text += f"\nDoes D2-LoRA(r) behave like LoRA(2r) at a larger learning rate?\n\n{described}.\n"
         pictures.append("tune_lr_match.png")
     write_text(out_dir / "results.md", text)
     write_json(out_dir / "tune.json", result)
