@@ -1,7 +1,7 @@
 """A tiny command-line override parser for the config dataclasses: `--section.field=value` (or `--section.field value`).
 
-    python -m d2lora_min.train.pretrain --train.steps=2000 --model.n_layer=3
-    python -m d2lora_min.train.compare --train.lr=5e-3 --methods "lora d2lora:project=false"
+    d2lora pretrain --train.steps=2000 --model.n_layer=3
+    d2lora compare --lr_source=shared --train.lr=5e-3 --methods lora,d2lora:project=false
 
 Values are parsed with the type of the field's default, so tests build the same configs in code. Every error
 names the setting; `run_cli` turns them into usage errors (exit status 2, no traceback).

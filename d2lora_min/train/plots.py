@@ -136,7 +136,7 @@ def plot_forest(groups, path, reference_label, paper=None):
 
 def plot_lr_match(d2, lora, k, path, d2_label, lora_label):
     """d2, lora: [(lr, mean, lo, hi)] -> LoRA(2r)'s validation accuracy against lr, and D2-LoRA's twice: at its own lr
-    (faint) and moved to k times it, k fitted by lr_match.py."""
+    (faint) and moved to k times it, k fitted by stats.lr_match."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for pts, scale, label, style in (

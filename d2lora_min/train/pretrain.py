@@ -64,7 +64,7 @@ class PretrainConfig:
 
     def key(self):
         """A short hash of everything that changes the resulting weights: the configs (not progress bars or
-        checkpoint intervals) and a fingerprint of the corpus text itself, so that an edited world.py counts too."""
+        checkpoint intervals) and a fingerprint of the corpus text itself, so that an edited synthetic/world.py counts too."""
         not_the_weights = ("progress", "desc", "checkpoint_every", "device", "amp")
         t = {k: v for k, v in asdict(self.train).items() if k not in not_the_weights}
         blob = {
