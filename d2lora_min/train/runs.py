@@ -69,10 +69,8 @@ def check_run_outputs(settings, out_dir, names, published=()):
     stems = tuple(f"{slug(spec.text)}_seed{seed}_" for spec, seed in settings.runs())  # + the key
     folders = {name: out_dir / name for name in ("runs", "adapters", "work")}
     check_paths(out_dir, files=[out_dir / name for name in (*names, LOCK_FILE)], folders=folders.values())
-    ours = {
-        name: [f / e for e in sorted(os.listdir(f)) if e.startswith(stems)] if f.is_dir() else []
-        for name, f in folders.items()
-    }
+    entries = lambda f: [f / e for e in sorted(os.listdir(f)) if e.startswith(stems)] if f.is_dir() else []  # noqa: E731
+    ours = {name: entries(f) for name, f in folders.items()}
     check_paths(out_dir, files=ours["runs"], folders=ours["adapters"] + ours["work"])
     check_paths(out_dir, files=[e / ADAPTER_FILE for e in ours["adapters"]] + [e / CHECKPOINT for e in ours["work"]])
     check_paths(PUBLISHED, files=[PUBLISHED / name for name in published], hint="leave out --publish")
@@ -87,6 +85,11 @@ def read_result(path, settings, setup, spec, seed, key):
     return read_run(path, expected, kinds, n_items, trained=spec.name != "base", tested=cfg.split == "test")
 
 
+# The comparison's settings that change a run's numbers (with the run's own, below): part of every run key.
+KEYED = ("r", "alpha_over_r", "split", "n_test", "n_validation", "tasks", "n_train", "epochs", "scoring", "warmup_frac",
+         "full_lr", "packed", "fused")  # fmt: skip
+
+
 def run_key(settings, spec, seed, base_sha, full_merge, by_settings=False):
     """Everything that changes a run's numbers; a cached run is reused only when this matches. by_settings=True
     names the method by what it runs (name, rank, alpha, dropout, lr, targets, options) instead of by how its spec
@@ -94,36 +97,14 @@ def run_key(settings, spec, seed, base_sha, full_merge, by_settings=False):
     cfg = settings.cfg
     options = {**(METHODS[spec.name].OPTIONS if spec.name in METHODS else {}), **spec.options}  # defaults written out
     what = (
-        {"name": spec.name, "r": spec.r, "alpha": spec.alpha, "dropout": spec.dropout, "options": options}
+        dict(name=spec.name, r=spec.r, alpha=spec.alpha, dropout=spec.dropout, options=options)
         if by_settings
         else spec.text
     )
-    blob = {
-        "spec": what,
-        "seed": seed,
-        "device": settings.device,
-        "processes": settings.processes,
-        "r": cfg.r,
-        "alpha_over_r": cfg.alpha_over_r,
-        "targets": list(spec.targets),
-        "lr": spec.lr,
-        "split": cfg.split,
-        "n_test": cfg.n_test,
-        "n_validation": cfg.n_validation,
-        "tasks": list(cfg.tasks),
-        "n_train": cfg.n_train,
-        "epochs": cfg.epochs,
-        "scoring": cfg.scoring,
-        "warmup_frac": cfg.warmup_frac,
-        "full_lr": cfg.full_lr,
-        "full_merge": full_merge,
-        "packed": cfg.packed,
-        "fused": cfg.fused,
-        "train": {k: v for k, v in asdict(settings.train).items() if k not in ("progress", "desc")},
-        "base": base_sha,
-        "world": settings.corpus,
-        "version": 3,
-    }
+    blob = {k: getattr(cfg, k) for k in KEYED}  # (tuples are written as the lists they were)
+    blob.update(spec=what, seed=seed, device=settings.device, processes=settings.processes, targets=list(spec.targets))
+    blob.update(lr=spec.lr, full_merge=full_merge, base=base_sha, world=settings.corpus, version=3)
+    blob["train"] = {k: v for k, v in asdict(settings.train).items() if k not in ("progress", "desc")}
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
