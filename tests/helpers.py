@@ -1,5 +1,6 @@
 """What the tests share: tolerances (stated once, per dtype), devices, strategies over every registered method,
-adapter perturbation, and rows built to nearly cancel or to be zero."""
+adapter perturbation, rows built to nearly cancel or to be zero, each method's first-order form, small GPTs and a
+tiny training task, and a snapshot of a model that a refused call must leave as it was."""
 
 import copy
 
@@ -7,7 +8,14 @@ import torch
 import torch.nn as nn
 from hypothesis import strategies as st
 
-from d2lora_min.nn import METHODS, adapter_layers
+from d2lora_min.nn import METHODS, adapter_layers, row_norm
+from d2lora_min.nn.registry import method_name
+from d2lora_min.train.trainer import TrainConfig
+from tiny_gpt import GPT, GPTConfig
+
+# The methods the method-generic tests run over: every registered one. tests/nn/test_registry.py runs those tests on a
+# toy method alone (tests/nn/toy_method.py sets this to its name).
+TESTED_METHODS = tuple(METHODS)
 
 # Tolerances relative to the output's scale: |a - b| <= RTOL[dtype] * max(1, max|b|) (times a stated factor).
 # float64/float32: a few units of rounding over short sums. bfloat16 (8-bit mantissa, u = 3.9e-3) and float16
@@ -52,10 +60,11 @@ def option_strategy(cls):
 
 
 @st.composite
-def layer_cases(draw, methods=tuple(METHODS), dtypes=tuple(DTYPES), rows=("random", "cancel", "zero")):
-    """One adapter-layer case: method, options, shapes (1-wide and non-square included), rank, alpha, bias, dtype,
-    device, and which special rows W0 gets (none, rows that nearly cancel the update, zero rows)."""
-    method = draw(st.sampled_from(methods))
+def layer_cases(draw, methods=None, dtypes=tuple(DTYPES), rows=("random", "cancel", "zero")):
+    """One adapter-layer case: method (of TESTED_METHODS unless `methods` says), options, shapes (1-wide and non-square
+    included), rank, alpha, bias, dtype, device, and which special rows W0 gets (none, rows that nearly cancel the
+    update, zero rows)."""
+    method = draw(st.sampled_from(methods or TESTED_METHODS))
     return dict(
         method=method,
         options=draw(option_strategy(METHODS[method])),
@@ -175,3 +184,91 @@ def random_input(case, batch=(3, 5)):
     g = torch.Generator().manual_seed(case["seed"] + 1)
     x = torch.randn(*batch, case["in_features"], generator=g, dtype=torch.float64)
     return x.to(device=case["device"], dtype=case["dtype"])
+
+
+# --- what each method does, to first order ---------------------------------------------------------------------------
+
+
+def _d2lora_first_order(layer, W0, u, tan, rad):
+    if not layer.project:
+        return W0 + tan + rad, True  # a rank-2r LoRA: W0 + dW, exactly
+    return (W0 + 2 * tan + rad if layer.readd_delta else W0 + tan), False
+
+
+# method name -> f(layer, W0, u, tan, rad) -> (the weight it applies to first order in its update, whether exactly):
+#   LoRA, D2-LoRA without projection   W0 + tan + rad   (exactly: W0 + dW)
+#   D2-LoRA, the paper's form          W0 + 2 tan + rad
+#   D2-LoRA, the exact-norm form       W0 + tan
+#   DoRA                               W0 + tan + (magnitude - norm(W0)) u
+# A new method states its form here (tests/nn/test_adapters.py::test_first_order_form_of_every_method asks for it).
+FIRST_ORDER = {
+    "lora": lambda layer, W0, u, tan, rad: (W0 + tan + rad, True),
+    "dora": lambda layer, W0, u, tan, rad: (W0 + tan + (layer.magnitude - row_norm(W0))[:, None] * u, False),
+    "d2lora": _d2lora_first_order,
+}
+
+
+def first_order_weight(layer):
+    """(the weight a layer applies to first order in its update, whether that form is exact) from FIRST_ORDER
+    (docs/DESIGN.md, "What each method does, to first order"). Per row, u_i = W0_i / norm(W0_i), rad_i = (dW_i . u_i) u_i
+    stretches the row, tan_i = dW_i - rad_i turns it."""
+    name = method_name(layer)
+    if name not in FIRST_ORDER:
+        raise NotImplementedError(f"state the first-order form of {name!r} in FIRST_ORDER (tests/helpers.py)")
+    W0, dW = layer.base.weight, layer.delta_weight()  # (out, in) each
+    u = W0 / row_norm(W0)[:, None]  # (out, in): unit rows
+    rad = (dW * u).sum(1, keepdim=True) * u  # (out, in): the part of each row's update along the row
+    return FIRST_ORDER[name](layer, W0, u, tan=dW - rad, rad=rad)  # tan: the part across it
+
+
+# --- small models, a tiny training task, and what a refused call leaves alone ---------------------------------------
+
+SMALL = GPTConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=16)  # two blocks, 16 wide
+NARROW = GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, d_model=8)  # one block, 8 wide
+
+
+def small_gpt(seed=0, device="cpu", dtype=torch.float32, config=SMALL):
+    torch.manual_seed(seed)
+    return GPT(config).to(device=device, dtype=dtype)
+
+
+def narrow_gpt(seed=0):
+    return small_gpt(seed, config=NARROW)
+
+
+def counting(step):
+    """A batch of 4 counting sequences for narrow_gpt ('k, k+1, ...' mod 32 from a random start), by step."""
+    g = torch.Generator().manual_seed(step)
+    seq = (torch.randint(0, 32, (4, 1), generator=g) + torch.arange(9)) % 32
+    return seq[:, :-1], seq[:, 1:]
+
+
+def quiet(**kw):
+    """A TrainConfig for tiny runs: no progress bar, lr 1e-2, one warmup step."""
+    return TrainConfig(**{"progress": False, "lr": 1e-2, "warmup_steps": 1, **kw})
+
+
+def snapshot(model):
+    """Everything a failed call must leave alone: module types, parameter values and requires_grad flags."""
+    return ([type(m).__name__ for m in model.modules()],
+            {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})  # fmt: skip
+
+
+def assert_untouched(model, before):
+    types, params = snapshot(model)
+    assert types == before[0]
+    assert params.keys() == before[1].keys()
+    for n, (t, flag) in params.items():
+        assert torch.equal(t, before[1][n][0]) and flag == before[1][n][1], n
+
+
+class Conv1D(nn.Module):
+    """Stands in for transformers.pytorch_utils.Conv1D (GPT-2's layer): weight (in, out), x @ weight + bias."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias

@@ -13,6 +13,8 @@ import torch.nn as nn
 
 from d2lora_min.nn import METHODS, adapter_layers, inject_adapters
 
+from .helpers import Conv1D  # stands in for transformers' Conv1D
+
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed: pip install transformers")
@@ -107,18 +109,6 @@ def test_conv1d_to_linear_keeps_logits_with_nonzero_biases(recipe):
 
 
 # --- without transformers: the refusal goes by class name --------------------------------------------------------
-
-
-class Conv1D(nn.Module):
-    """Stands in for transformers.pytorch_utils.Conv1D: weight (in, out), x @ weight + bias."""
-
-    def __init__(self, nf, nx):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(nx, nf))
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x):
-        return x @ self.weight + self.bias
 
 
 def test_any_module_named_conv1d_is_refused_with_the_conversion():

@@ -1,29 +1,18 @@
-"""d2lora_min/train/outputs.py: before any work, nothing but real folders and regular files where a command writes
-(a symbolic link is refused, never written through, the same way for every output), and one writer at a time in an
-output folder."""
+"""What lies where a command writes (d2lora_min/files/io.py: check_paths, output_lock): before any work, nothing but
+real folders and regular files (a symbolic link is refused, never written through, the same way for every output of
+every command), and one writer at a time in an output folder."""
 
 import json
 import os
+import shutil
 import stat
 
 import pytest
 
-import d2lora_min.train.compare as compare_mod
 import d2lora_min.train.tune as tune_mod
+from d2lora_min.files.io import LOCK_FILE, Refused, check_paths, output_lock
 from d2lora_min.train.cli import UsageError
 from d2lora_min.train.compare import main as compare_main
-from d2lora_min.train.data import heldout_text
-from d2lora_min.train.outputs import LOCK_FILE, check_paths, output_lock
-from d2lora_min.train.tasks import retention_probe
-
-TINY = ["--seeds=0", "--tasks=who", "--n_train=8", "--epochs=1", "--n_test=8", "--train.batch_size=4",
-        "--checkpoints=1", "--train.progress=false"]  # fmt: skip
-
-
-@pytest.fixture
-def small_probes(monkeypatch):
-    monkeypatch.setattr(compare_mod, "retention_probe", lambda world: retention_probe(world, n_items=20))
-    monkeypatch.setattr(compare_mod, "heldout_text", lambda world, tok, **kw: heldout_text(world, tok, n_docs=20, **kw))
 
 
 def refused(main, argv, capsys):
@@ -74,8 +63,9 @@ def test_anything_but_folders_and_regular_files_where_a_command_writes_is_refuse
         "file_on_the_way": lambda: (out / "adapters" / "x").write_text(""),
         "link_at_a_folder": lambda: (out / "work").symlink_to(user),
     }[kind]()
-    with pytest.raises(UsageError, match=match.replace("(", r"\(")):
+    with pytest.raises(Refused, match=match.replace("(", r"\(")) as refusal:
         check_paths(out, files=[out / "results.md", out / "adapters" / "x" / "adapter.safetensors"], folders=[out / "work"])
+    assert issubclass(UsageError, Refused) and type(refusal.value) is Refused  # at a command line: a usage error (exit 2)
     assert (user / "mine.md").read_text() == "the user's own\n" and sorted(p.name for p in user.iterdir()) == ["mine.md"]
 
 
@@ -88,12 +78,12 @@ def test_the_output_folder_itself_may_be_a_link_and_missing_paths_are_fine(tmp_p
     check_paths(out, files=[out / "runs" / "a.json", out / "adapters" / "x" / "adapter.safetensors"], folders=[out / "work" / "y"])
 
 
-# --- every output of compare and tune, the same way -----------------------------------------------------------------
+# --- every output of compare, tune, pretrain and tour, the same way -----------------------------------------------
 
 
-def test_a_link_in_the_way_of_any_output_of_compare_is_refused_before_any_work(tmp_path, small_probes, capsys):
+def test_a_link_in_the_way_of_any_output_of_compare_is_refused_before_any_work(tmp_path, tiny, capsys):
     out, user = tmp_path / "out", tmp_path / "user"
-    argv = TINY + ["--methods", "lora", "--out", str(out)]
+    argv = tiny.argv("--methods", "lora", out=out)
     assert compare_main(argv) == 0
     capsys.readouterr()
     (run,) = (out / "runs").glob("*.json")
@@ -125,6 +115,31 @@ def test_a_link_in_the_way_of_any_output_of_compare_is_refused_before_any_work(t
     assert "1 of 1 runs reused" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", ["symlink_to_folder", "fifo_result", "dev_zero_result", "file_for_a_folder"])
+def test_a_special_file_in_the_way_of_a_runs_output_is_refused_before_any_work(tmp_path, tiny, capsys, kind):
+    out = tmp_path / "out"
+    argv = tiny.argv("--methods", "lora", out=out)
+    assert compare_main(argv) == 0
+    (result_file,) = (out / "runs").glob("*.json")
+    adapter = out / json.loads(result_file.read_text())["adapter"] / "adapter.safetensors"
+    if kind == "symlink_to_folder":
+        adapter.unlink()
+        (tmp_path / "elsewhere").mkdir()
+        adapter.symlink_to(tmp_path / "elsewhere")
+    elif kind == "fifo_result":
+        result_file.unlink()
+        os.mkfifo(result_file)
+    elif kind == "dev_zero_result":
+        result_file.unlink()
+        result_file.symlink_to("/dev/zero")
+    else:  # a file where the adapter's folder belongs
+        shutil.rmtree(adapter.parent)
+        adapter.parent.write_text("")
+    capsys.readouterr()
+    err = refused(compare_main, argv, capsys)
+    assert "is in the way of a run's output" in err
+
+
 def test_a_link_in_the_way_of_a_tune_output_is_refused_before_any_work(tmp_path, capsys):
     out = tmp_path / "tune"
     out.mkdir()
@@ -135,27 +150,9 @@ def test_a_link_in_the_way_of_a_tune_output_is_refused_before_any_work(tmp_path,
     assert (tmp_path / "mine.png").read_bytes() == b"png"
 
 
-# --- one writer at a time -------------------------------------------------------------------------------------------
-
-
-def test_a_second_compare_into_a_busy_output_folder_is_refused(tmp_path, small_probes, capsys):
-    out = tmp_path / "out"
-    argv = TINY + ["--methods", "lora", "--out", str(out)]
-    out.mkdir()
-    with output_lock(out):  # as another compare holds it while it runs
-        err = refused(compare_main, argv, capsys)
-        assert f"{out} is in use: another command is writing into it" in err
-        assert not (out / "runs").exists()
-        err = refused(tune_mod.main, ["--methods", "lora", "--seeds", "100", "--grid", "0.01", "--out", str(out)], capsys)
-        assert f"{out} is in use" in err
-    assert compare_main(argv) == 0  # free again
-    with output_lock(out):  # and the compare released it when it ended
-        pass
-
-
 def test_pretrain_and_tour_refuse_a_link_in_the_way_and_pretrain_a_busy_folder(tmp_path, monkeypatch, capsys):
     import d2lora_min.train.pretrain as pretrain_mod
-    import d2lora_min.train.tour as tour_mod
+    import d2lora_min.tour as tour_mod
 
     monkeypatch.setattr(pretrain_mod, "build_corpus", lambda *a, **k: pytest.fail("started work"))
     monkeypatch.setattr(tour_mod, "draw", lambda *a, **k: pytest.fail("started work"))
@@ -172,3 +169,21 @@ def test_pretrain_and_tour_refuse_a_link_in_the_way_and_pretrain_a_busy_folder(t
     err = refused(tour_mod.main, ["--out", str(out)], capsys)
     assert "tour_turn.png is in the way of a run's output (a symbolic link" in err
     assert (tmp_path / "mine.json").read_text() == "{}"
+
+
+# --- one writer at a time -------------------------------------------------------------------------------------------
+
+
+def test_a_second_compare_into_a_busy_output_folder_is_refused(tmp_path, tiny, capsys):
+    out = tmp_path / "out"
+    argv = tiny.argv("--methods", "lora", out=out)
+    out.mkdir()
+    with output_lock(out):  # as another compare holds it while it runs
+        err = refused(compare_main, argv, capsys)
+        assert f"{out} is in use: another command is writing into it" in err
+        assert not (out / "runs").exists()
+        err = refused(tune_mod.main, ["--methods", "lora", "--seeds", "100", "--grid", "0.01", "--out", str(out)], capsys)
+        assert f"{out} is in use" in err
+    assert compare_main(argv) == 0  # free again
+    with output_lock(out):  # and the compare released it when it ended
+        pass

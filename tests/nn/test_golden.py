@@ -13,16 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-
-from d2lora_min.nn.fused import set_fused
 from safetensors.torch import load_file
 
 from d2lora_min import reference as ref
 from d2lora_min.nn import METHODS
-
+from d2lora_min.nn.fused import set_fused
 from scripts.make_golden import CASES, TOLERANCE, TOLERANCE_RULE, check_against_reference, outputs, reference_inputs, reference_options
 
-FOLDER = Path(__file__).parent / "golden"
+FOLDER = Path(__file__).resolve().parents[1] / "golden"
 
 
 def load_case(name):

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from d2lora_min import reference as ref
 from d2lora_min.nn import METHODS
 
-from .helpers import cancellation_ratio, layer_cases, make_layer, random_input
+from ..helpers import cancellation_ratio, layer_cases, make_layer, random_input
 
 
 def numpy_params(layer):

@@ -3,19 +3,29 @@
 The bar: against a float64 computation, the fused path's error stays within a small factor of the plain path's
 error in the same dtype - for every shape and dtype, on rows that nearly cancel (norm(V_i) down to 1e-3 of
 norm(W0_i) + norm(dW_i)) and on zero rows: outputs and every gradient; and the hand-written backward against
-torch.autograd.gradcheck in float64.
+torch.autograd.gradcheck in float64. The plain path is the default, and set_fused switches with a bool only.
 """
 
 import copy
 
 import pytest
-
 import torch
-
-from d2lora_min.nn.fused import set_fused
+import torch.nn as nn
 from hypothesis import given
 
-from .helpers import CANCEL_UNITS, RTOL, cancellation_ratio, layer_cases, make_layer, random_input
+from d2lora_min.nn import METHODS, D2LoRALinear, adapter_layers, d2lora, dora, inject_adapters
+from d2lora_min.nn.fused import is_fused, set_fused
+
+from ..helpers import (
+    CANCEL_UNITS,
+    RTOL,
+    cancellation_ratio,
+    layer_cases,
+    make_layer,
+    narrow_gpt,
+    perturb_adapters,
+    random_input,
+)
 
 WORSE_BY_AT_MOST = 10  # the fused path may be this many times less accurate than the plain one, never more
 
@@ -62,8 +72,6 @@ def test_fused_path_is_as_accurate_as_the_plain_path(case):
 def test_a_bias_that_dominates_the_output_keeps_the_gradient_of_the_factor_exact():
     # DoRA keeps y and recovers h = (y - b) / c for dL/dc; where the bias is far larger than c * h that would lose
     # most digits of c * h (float32: 35 % off for bias 10, magnitude 1e-4), so the fused path keeps h there.
-    import torch.nn as nn
-
     from d2lora_min.nn import DoRALinear
 
     torch.manual_seed(0)
@@ -108,9 +116,7 @@ def test_the_hand_written_backward_passes_gradcheck_in_float64(readd, branches, 
 
 def test_evaluation_keeps_nothing_for_backward(monkeypatch):
     # under torch.no_grad the fused path does no backward-only work (the bias check, V @ A.T), as a plain layer would
-    import torch.nn as nn
-
-    from d2lora_min.nn import D2LoRALinear, DoRALinear, fused
+    from d2lora_min.nn import DoRALinear, fused
 
     def forbidden(*args):
         raise AssertionError("backward-only work in evaluation")
@@ -128,12 +134,6 @@ def test_evaluation_keeps_nothing_for_backward(monkeypatch):
 def test_a_second_derivative_is_right_on_the_plain_path_and_refused_by_the_fused_one(method):
     # A gradient penalty differentiates the gradient: the plain path's autograd does it right (checked against the
     # dense merged weight's), the fused backward is written for one derivative only and says so rather than answer.
-    import torch.nn as nn
-
-    from d2lora_min.nn import METHODS
-
-    from .helpers import perturb_adapters
-
     torch.manual_seed(0)
     layer = METHODS[method](nn.Linear(6, 4).double(), r=2, alpha=4.0)
     perturb_adapters(layer, 0)
@@ -151,3 +151,56 @@ def test_a_second_derivative_is_right_on_the_plain_path_and_refused_by_the_fused
     set_fused(layer, True)
     with pytest.raises(RuntimeError, match="first derivatives only"):
         penalty_gradient(layer)
+
+
+# The fused path keeps the layer's output for backward ------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, options", [("d2lora", {"readd_delta": False}), ("dora", {})])
+def test_an_inplace_change_of_a_fused_output_is_a_loud_error(method, options):
+    torch.manual_seed(0)
+    layer = METHODS[method](nn.Linear(4, 3), r=1, alpha=1.0, **options)
+    set_fused(layer, True)
+    y = layer(torch.randn(2, 4))
+    y.relu_()  # documented: the output is kept for backward, so it must not be changed in place
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
+
+
+def test_the_paper_form_keeps_h_so_its_output_may_change_in_place():
+    torch.manual_seed(0)
+    layer = D2LoRALinear(nn.Linear(4, 3), r=1, alpha=1.0)  # the paper's form: h is kept, not y
+    set_fused(layer, True)
+    perturb_adapters(layer, 0)
+    x = torch.randn(2, 4)
+    expected = torch.autograd.grad(layer(x).relu().sum(), layer.lora_B_pos)[0]
+    y = layer(x)
+    y.relu_()
+    assert torch.equal(torch.autograd.grad(y.sum(), layer.lora_B_pos)[0], expected)
+
+
+# The plain path is the default, and the only one a learner's edit of a method file needs to change -------------------
+
+
+def test_a_new_layer_runs_the_plain_forward_of_its_method_file(monkeypatch):
+    # the library's default, outside compare: a freshly wrapped layer computes what its file's forward() says
+    # (train/test_compare.py: and so does a tiny `make compare`)
+    torch.manual_seed(0)
+    x = torch.randn(3, 6)
+    layers = [dora.DoRALinear(torch.nn.Linear(6, 4), r=2, alpha=4.0), d2lora.D2LoRALinear(torch.nn.Linear(6, 4), r=2, alpha=4.0)]
+    for layer in layers:
+        perturb_adapters(layer, 0)
+    before = [layer(x) for layer in layers]
+    monkeypatch.setattr(dora, "row_factor", lambda target, V, detach: 0.5 * target / V.norm(dim=1))
+    monkeypatch.setattr(d2lora, "row_factor", lambda target, V, detach: 0.5 * target / V.norm(dim=1))
+    after = [layer(x) for layer in layers]
+    assert all(not torch.allclose(a, b) for a, b in zip(before, after))
+
+
+def test_set_fused_takes_a_bool_not_the_string_false():
+    model = inject_adapters(narrow_gpt(), "d2lora", r=2, alpha=4)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        set_fused(model, "false")
+    assert not any(is_fused(layer) for _, layer in adapter_layers(model))  # the plain path is the default
+    assert all(is_fused(layer) for _, layer in adapter_layers(set_fused(model, True)))
+    assert not any(is_fused(layer) for _, layer in adapter_layers(set_fused(model, False)))

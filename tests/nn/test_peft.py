@@ -26,7 +26,7 @@ from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 
 from d2lora_min.nn import D2LoRALinear, DoRALinear, LoRALinear  # noqa: E402
 
-from .helpers import perturb_adapters  # noqa: E402
+from ..helpers import perturb_adapters  # noqa: E402
 
 shapes = st.fixed_dictionaries(
     {"n_in": st.integers(1, 16), "n_out": st.integers(1, 16), "r": st.integers(1, 4),

@@ -1,17 +1,15 @@
-"""make determinism: two fresh runs of a seeded comparison, compared run by run and item by item."""
+"""make determinism (scripts/determinism.py): two fresh runs of a seeded comparison, compared run by run and item by item."""
 
 import json
 
 import pytest
 
-from .test_plain_path import _tiny_runs
+from scripts.determinism import compare_folders, main
 
 
-def test_a_seeded_compare_repeats_to_the_last_bit_and_determinism_says_so(tmp_path, monkeypatch):
-    from d2lora_min.train.determinism import compare_folders
-
+def test_a_seeded_compare_repeats_to_the_last_bit_and_determinism_says_so(tmp_path, tiny):
     for name in ("first", "second"):
-        _tiny_runs(tmp_path / name, "d2lora", monkeypatch)
+        assert tiny("--methods", "lora d2lora", "--reference=lora", out=tmp_path / name) == 0
     table, summary = compare_folders(tmp_path / "first", tmp_path / "second")
     assert summary.startswith("2 of 2 runs identical")
     run = next((tmp_path / "second" / "runs").glob("d2lora*.json"))
@@ -24,8 +22,6 @@ def test_a_seeded_compare_repeats_to_the_last_bit_and_determinism_says_so(tmp_pa
 
 def test_determinism_refuses_one_folder_given_twice(tmp_path, capsys):
     # a folder compared with itself always agrees: "21 of 21 runs identical" would be no evidence
-    from d2lora_min.train.determinism import main
-
     (tmp_path / "out" / "runs").mkdir(parents=True)
     for second in (tmp_path / "out", tmp_path / "." / "out" / "runs" / ".."):
         with pytest.raises(SystemExit) as exit_:

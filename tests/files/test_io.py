@@ -1,14 +1,20 @@
-"""d2lora_min/atomic.py: an atomic write leaves the old file or the new one (the new bytes on disk before they take the
-name) and nothing of its own when it fails; read_json reads a regular file of bounded size and nothing else."""
+"""Atomic writes and bounded reads (d2lora_min/files/io.py): an atomic write leaves the old file or the new one (the
+new bytes on disk before they take the name) and nothing of its own when it fails; read_json reads a regular file of
+bounded size and nothing else; and a kill at any write of a comparison leaves a state that resumes to the same result."""
 
 import errno
+import json
 import os
 import stat
 
 import pytest
+from safetensors.torch import load_file
 
-from d2lora_min import atomic
-from d2lora_min.atomic import atomic_path, read_json, write_json, write_text
+from d2lora_min.files import io as io_mod
+from d2lora_min.files.adapter_file import ADAPTER_FILE
+from d2lora_min.files.checkpoints import read_checkpoint_state
+from d2lora_min.files.io import atomic_path, read_json, write_json, write_text
+from d2lora_min.train.compare import main as compare_main
 
 
 def test_the_new_bytes_are_flushed_to_disk_before_they_take_the_files_name(tmp_path, monkeypatch):
@@ -55,7 +61,7 @@ def full_disk_open(real_open):
 def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
     target = tmp_path / "results.md"
     target.write_text("old\n")
-    monkeypatch.setattr(atomic, "open", full_disk_open(open), raising=False)
+    monkeypatch.setattr(io_mod, "open", full_disk_open(open), raising=False)
     with pytest.raises(OSError) as e:
         write_text(target, "new\n")
     assert e.value.errno == errno.ENOSPC
@@ -109,3 +115,57 @@ def test_read_json_takes_limit_bytes_and_refuses_one_more(tmp_path):
     assert read_json(at_limit, limit=limit) == int("7" * limit)
     with pytest.raises(ValueError, match=f"holds more than {limit} bytes"):
         read_json(over, limit=limit)
+
+
+# --- kills at every write: the old complete state or the new one, never a mix ------------------------------------
+
+
+class Killed(BaseException):
+    """Stands for a kill: raised at a write, before the file takes its name."""
+
+
+def consistent(out):
+    """Every finished file parses, and every finished run points at an adapter that exists and loads."""
+    for p in out.rglob("*"):
+        if p.is_file() and not p.name.startswith("."):
+            if p.suffix == ".json":
+                json.loads(p.read_text())
+            elif p.suffix == ".safetensors":
+                load_file(p)
+            elif p.suffix == ".pt":
+                read_checkpoint_state(p)
+    for run in (out / "runs").glob("*.json") if (out / "runs").exists() else []:
+        result = json.loads(run.read_text())
+        load_file(out / result["adapter"] / ADAPTER_FILE)
+
+
+def test_a_kill_at_any_write_leaves_a_consistent_state_that_resumes_to_the_same_result(tmp_path, tiny, monkeypatch):
+    # (tiny: small retention probes; this test is about the order of the writes, and it runs 2 x (writes + 1) compares)
+    argv = lambda out: tiny.argv("--methods", "d2lora", out=out, epochs=2, checkpoints=2)  # noqa: E731
+    real_replace = os.replace
+    compare_main(argv(tmp_path / "clean"))
+    clean = json.loads(next((tmp_path / "clean" / "runs").glob("*.json")).read_text())
+    calls = {"n": 0, "kill_at": None}
+
+    def replace(src, dst):
+        calls["n"] += 1
+        if calls["n"] == calls["kill_at"]:
+            raise Killed
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    calls["kill_at"] = -1
+    compare_main(argv(tmp_path / "count"))
+    n_writes = calls["n"]
+    assert n_writes >= 5  # checkpoints, adapter, run JSON, results.md, results.json, plot
+    for k in range(1, n_writes + 1):
+        out = tmp_path / f"kill{k}"
+        calls.update(n=0, kill_at=k)
+        with pytest.raises(Killed):
+            compare_main(argv(out))
+        consistent(out)
+        calls.update(n=0, kill_at=None)
+        compare_main(argv(out))  # the rerun resumes or recomputes what is missing
+        consistent(out)
+        resumed = json.loads(next((out / "runs").glob("*.json")).read_text())
+        assert resumed["losses"] == clean["losses"] and resumed["scores"] == clean["scores"], k

@@ -1,10 +1,12 @@
-"""Property tests of the layer-level invariants (docs/DESIGN.md, "Invariants"), for every method in METHODS.
+"""Property tests of the layer-level invariants (docs/DESIGN.md, "Invariants"), for every method in METHODS, and
+the layers' answers to bad input.
 
 Each test draws random shapes (1-wide and non-square included), ranks, alphas, bias on/off, all four dtypes,
 devices, method options, and - except where the property is about initialisation - random non-zero adapter
 tensors, with rows of W0 that nearly cancel the update or are zero. Both implementations run: the plain one
 written out in each method file (the default) and the opt-in fused one in fused.py (`fused` parametrises every
-test).
+test that runs a layer). The tests that draw from every method run over helpers.TESTED_METHODS: tests/nn/test_registry.py
+runs them on a toy method too.
 """
 
 import copy
@@ -14,14 +16,24 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from d2lora_min.nn.fused import set_fused
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from d2lora_min.nn import METHODS, D2LoRALinear, DoRALinear, LoRALinear, row_norm
+from d2lora_min.nn.fused import set_fused
 
-from .helpers import CANCEL_UNITS, RTOL, assert_close, cancellation_ratio, layer_cases, make_layer, perturb_adapters, random_input
+from ..helpers import (
+    CANCEL_UNITS,
+    RTOL,
+    TESTED_METHODS,
+    assert_close,
+    cancellation_ratio,
+    first_order_weight,
+    layer_cases,
+    make_layer,
+    perturb_adapters,
+    random_input,
+)
 
 FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 
@@ -183,27 +195,6 @@ def test_d2lora_paper_form_is_the_projection_plus_the_update(case):
     assert_close(W[zero], dW[zero], factor=2)
 
 
-def first_order_weight(layer):
-    """The weight a layer applies, to first order in its update (docs/DESIGN.md, "What each method does, to first
-    order"). Per row, u_i = W0_i / norm(W0_i), rad_i = (dW_i . u_i) u_i stretches the row, tan_i = dW_i - rad_i turns it:
-      LoRA, D2-LoRA without projection   W0 + tan + rad   (exactly: W0 + dW)
-      D2-LoRA, the paper's form          W0 + 2 tan + rad
-      D2-LoRA, the exact-norm form       W0 + tan
-      DoRA                               W0 + tan + (magnitude - norm(W0)) u
-    """
-    W0, dW = layer.base.weight, layer.delta_weight()  # (out, in) each
-    u = W0 / row_norm(W0)[:, None]  # (out, in): unit rows
-    rad = (dW * u).sum(1, keepdim=True) * u  # (out, in): the part of each row's update along the row
-    tan = dW - rad  # (out, in): the part across it
-    if isinstance(layer, DoRALinear):
-        return W0 + tan + (layer.magnitude - row_norm(W0))[:, None] * u
-    if isinstance(layer, D2LoRALinear) and layer.project:
-        return W0 + 2 * tan + rad if layer.readd_delta else W0 + tan
-    if isinstance(layer, (LoRALinear, D2LoRALinear)):
-        return W0 + tan + rad
-    raise NotImplementedError(f"state the first-order form of {type(layer).__name__} here")
-
-
 @torch.no_grad()
 def _scaled_update(layer, size):
     """The layer with its update scaled so that the largest norm(dW_i) / norm(W0_i) is `size` (every B scaled; DoRA's
@@ -223,19 +214,20 @@ def _scaled_update(layer, size):
 def test_first_order_form_of_every_method(case):
     # What each method does to a row, to first order: the remainder W - first_order_weight falls about 4x when the
     # update is halved (second order), where W0 + dW, LoRA's form, is off by a first-order term (it only halves).
+    # (each method's form: helpers.FIRST_ORDER)
     _, layer = make_layer(case)
     assume((row_norm(layer.delta_weight()) > 0).any())  # an update to scale
     remainder, naive = [], []
     for size in (1e-2, 5e-3):
         scaled = _scaled_update(layer, size)
         with torch.no_grad():
-            W, first = scaled.merged_weight(), first_order_weight(scaled)
+            W, (first, exact) = scaled.merged_weight(), first_order_weight(scaled)
             W0_dW = scaled.base.weight + scaled.delta_weight()
         scale = row_norm(scaled.base.weight).max().item()
         remainder.append((W - first).abs().max().item() / scale)
         naive.append((W - W0_dW).abs().max().item() / scale)
     # exact: W = W0 + dW (LoRA, no projection); with one input a row cannot turn, and every form is exact
-    if isinstance(layer, LoRALinear) or (isinstance(layer, D2LoRALinear) and not layer.project) or case["in_features"] == 1:
+    if exact or case["in_features"] == 1:
         assert max(remainder) <= 1e-14, remainder
         return
     assert remainder[0] <= 4e-3 and 3.5 <= remainder[0] / remainder[1] <= 4.5, remainder  # second order
@@ -427,37 +419,11 @@ def test_only_adapter_tensors_get_gradients(fused, case):
             assert p.grad is not None, n
 
 
-# The fused path keeps the layer's output for backward ------------------------------------------------------
-
-
-@pytest.mark.parametrize("method, options", [("d2lora", {"readd_delta": False}), ("dora", {})])
-def test_an_inplace_change_of_a_fused_output_is_a_loud_error(method, options):
-    torch.manual_seed(0)
-    layer = METHODS[method](nn.Linear(4, 3), r=1, alpha=1.0, **options)
-    set_fused(layer, True)
-    y = layer(torch.randn(2, 4))
-    y.relu_()  # documented: the output is kept for backward, so it must not be changed in place
-    with pytest.raises(RuntimeError, match="inplace"):
-        y.sum().backward()
-
-
-def test_the_paper_form_keeps_h_so_its_output_may_change_in_place():
-    torch.manual_seed(0)
-    layer = D2LoRALinear(nn.Linear(4, 3), r=1, alpha=1.0)  # the paper's form: h is kept, not y
-    set_fused(layer, True)
-    perturb_adapters(layer, 0)
-    x = torch.randn(2, 4)
-    expected = torch.autograd.grad(layer(x).relu().sum(), layer.lora_B_pos)[0]
-    y = layer(x)
-    y.relu_()
-    assert torch.equal(torch.autograd.grad(y.sum(), layer.lora_B_pos)[0], expected)
-
-
 # Mixed precision: every adapter returns what nn.Linear would --------------------------------------------------
 
 
 @FUSED
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", TESTED_METHODS)
 def test_bf16_autocast_output_dtype_finiteness_and_closeness(method, fused):
     torch.manual_seed(0)
     plain_linear = nn.Linear(16, 8)
@@ -523,7 +489,7 @@ def test_a_float16_factor_beyond_its_range_keeps_a_zero_row_zero(fused):
     assert torch.isfinite(y).all() and torch.equal(y[:, 1], base.bias[1].expand(5))
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", TESTED_METHODS)
 def test_lora_A_is_drawn_like_nn_linear_weights_not_smaller(method):
     # Kaiming-uniform with a = sqrt(5) is U(-1/sqrt(in), 1/sqrt(in)): the largest |A| is near the bound and the
     # standard deviation is bound / sqrt(3) (a factor drawn 1000x too small would pass an upper bound alone)
@@ -537,10 +503,33 @@ def test_lora_A_is_drawn_like_nn_linear_weights_not_smaller(method):
             assert abs(p.std().item() - bound / math.sqrt(3)) <= 0.05 * bound / math.sqrt(3), name
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("method", TESTED_METHODS)
 def test_the_options_table_matches_the_constructors_defaults(method):
     import inspect
 
     cls = METHODS[method]
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k in cls.OPTIONS}
     assert defaults == cls.OPTIONS  # every option is a keyword with the default the table states
+
+
+# Bad input to a layer: a clear error, or the empty output an empty batch asks for --------------------------------------
+
+
+@pytest.mark.parametrize("method", TESTED_METHODS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_an_empty_batch_gives_an_empty_output_and_a_wrong_width_names_the_features(method, fused):
+    layer = METHODS[method](nn.Linear(4, 3), r=2, alpha=4.0)
+    set_fused(layer, fused)
+    for lead in [(0,), (2, 0), (0, 5)]:
+        x = torch.zeros(*lead, 4, requires_grad=True)
+        y = layer(x)
+        y.sum().backward()
+        assert y.shape == (*lead, 3) and x.grad.shape == x.shape
+    with pytest.raises((ValueError, RuntimeError), match="features in its last dimension|shapes cannot be multiplied"):
+        layer(torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("method", TESTED_METHODS)
+def test_wrapping_something_else_than_linear_is_a_type_error(method):
+    with pytest.raises(TypeError, match="nn.Linear"):
+        METHODS[method](nn.Conv1d(4, 4, 1), r=1, alpha=1.0)

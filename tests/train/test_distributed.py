@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from d2lora_min.train.resume import read_checkpoint_state
+from d2lora_min.files.checkpoints import read_checkpoint_state
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
 
 
@@ -31,7 +31,7 @@ def test_two_processes_match_one_and_only_rank0_writes(tmp_path):
     dumps = {}
     for n in (1, 2):
         (tmp_path / f"out{n}").mkdir()
-        torchrun(n, "tests/ddp_worker.py", tmp_path / f"out{n}", tmp_path)
+        torchrun(n, "tests/train/ddp_worker.py", tmp_path / f"out{n}", tmp_path)
         dumps[n] = [torch.load(tmp_path / f"rank{r}_of{n}.pt", weights_only=True) for r in range(n)]
     single, (rank0, rank1) = dumps[1][0], dumps[2]
     assert rank0["world"] == rank1["world"] == 2

@@ -1,7 +1,7 @@
-"""Run by tests/test_distributed.py under `torchrun --nproc_per_node=N`: fine-tune a tiny model with the
+"""Run by tests/train/test_distributed.py under `torchrun --nproc_per_node=N`: fine-tune a tiny model with the
 shared trainer, then dump this process's final weights and how many files it wrote.
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUT_DIR DUMP_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/train/ddp_worker.py OUT_DIR DUMP_DIR
 """
 
 import sys
