@@ -123,6 +123,7 @@ def test_adapter_magnitude_and_tau_are_not_weight_decayed():
 
 
 # --- a run resumes from its own checkpoint; what the trainer cannot train on is refused before the first step -----
+# (on helpers.narrow_gpt and its counting task)
 
 
 class WithAnUnusedParameter(nn.Module):
