@@ -73,10 +73,10 @@ bench: $(EXTRAS)
 	$(VENV)/bin/d2lora bench $(ARGS)
 
 results: $(BASE)
-	$(PY) scripts/results_page.py
+	$(PY) -m scripts.results_page
 
 determinism: $(BASE)
-	$(PY) scripts/determinism.py $(ARGS)
+	$(PY) -m scripts.determinism $(ARGS)
 
 golden: $(BASE)
 	$(PY) -m scripts.make_golden

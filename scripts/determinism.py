@@ -1,8 +1,8 @@
 """`make determinism`: does a seeded comparison give the same numbers twice? It runs `make compare` twice from scratch
 (--fresh, into two folders) and compares every run's per-item results and training losses.
 
-    python scripts/determinism.py                   # two fresh default compares, then the comparison (make determinism)
-    python scripts/determinism.py --only DIR DIR    # compare two finished compare folders (no runs)
+    python -m scripts.determinism                   # two fresh default compares, then the comparison (make determinism)
+    python -m scripts.determinism --only DIR DIR    # compare two finished compare folders (no runs)
 
 A run is "identical" when its training losses and every per-item result (each choice's log-likelihood, each
 correctness flag, each generated answer) are equal to the last bit. With --publish the table goes to
@@ -77,7 +77,7 @@ def compare_folders(first, second):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="scripts/determinism.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m scripts.determinism", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--only", nargs=2, metavar="DIR", help="compare these two finished compare folders; run nothing"
@@ -95,7 +95,7 @@ def main(argv=None):
             first, second = args.only
             if Path(first).resolve() == Path(second).resolve():  # a folder compared with itself always agrees
                 raise UsageError(f"--only names one folder twice ({first}, {second}): give two compare folders")
-            command = f"python scripts/determinism.py --only {first} {second}"
+            command = f"python -m scripts.determinism --only {first} {second}"
         else:
             first, second = (str(Path(args.out) / name) for name in ("first", "second"))
             check_paths(args.out, folders=[first, second])  # each compare then checks what it writes below its folder

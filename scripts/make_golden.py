@@ -13,7 +13,7 @@ docs/PORTING.md, section 10). Tensors:
 
 The values come from the torch layers (the plain path, the default; float32 and bfloat16 cases hold exactly what the
 layer produces in that dtype) and are checked against d2lora_min.reference (NumPy, written separately from the torch
-code) before anything is written; tests/test_peft.py checks the same layers against PEFT.
+code) before anything is written; tests/nn/test_peft.py checks the same layers against PEFT.
 
 adapter_file/ holds a reference adapter file (what save_adapters writes: tensors, config, checksum) and the base
 weights it belongs to, so that a port can check its reading of the file, its checksum and its base_sha256.
@@ -35,7 +35,7 @@ from d2lora_min.files.adapter_file import ADAPTER_FILE, CHECKSUM_KEY
 
 FOLDER = Path(__file__).resolve().parents[1] / "tests" / "golden"  # where the golden files live
 # The basic layer is SQUARE (out == in): a port that takes the norm over the wrong axis gets no shape error there,
-# only wrong numbers (tests/test_golden.py checks that it fails). r = 2 divides neither side.
+# only wrong numbers (tests/nn/test_golden.py checks that it fails). r = 2 divides neither side.
 BASIC = dict(
     out_features=5, in_features=5, r=2, alpha=3.0, batch=(3,), bias=True, dtype="float64", dropout=0.0, mode="eval"
 )

@@ -1,4 +1,4 @@
-"""`make results` (python scripts/results_page.py): docs/RESULTS.md, written from the reports under docs/results/ (each the output of the command named
+"""`make results` (python -m scripts.results_page): docs/RESULTS.md, written from the reports under docs/results/ (each the output of the command named
 with it, with ARGS=--publish), so that the page cannot drift from them: every table is copied, not retyped.
 tests/test_docs.py fails when the committed page differs from what this writes.
 """

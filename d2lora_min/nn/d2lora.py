@@ -16,7 +16,7 @@ norm(dW_i)^2 / norm(W0_i):
     DoRA                        W = W0 + tan + (m - norm(W0)) u
 So the paper's form is a LoRA of rank 2r that turns each row twice as far as its update alone would, and stretches
 it as far. Under Adam, whose steps do not grow with the gradient's scale, doubling the turning part of an update acts
-like a larger learning rate for it (tests/test_adapters.py checks these forms; `make tune` measures how far
+like a larger learning rate for it (tests/nn/test_adapters.py checks these forms; `make tune` measures how far
 D2-LoRA's accuracy-vs-lr curve sits from LoRA(2r)'s, docs/RESULTS.md). The bound |norm(W_i) - norm(W0_i)| <= norm(dW_i) holds here, but LoRA meets it
 too (triangle inequality): it does not tell the methods apart.
 """

@@ -1,7 +1,7 @@
 """The fused path of DoRA and D2-LoRA, opt-in: the same math as the plain forward() in dora.py and d2lora.py, as
 one autograd function per layer whose backward is written out by hand. Read those files first: the plain path is
 what runs; set_fused(model, True) (or `--fused=true` for make compare) swaps in the subclasses at the end of this
-file, and the method files never import it. tests/test_fused.py checks outputs and every gradient against the plain
+file, and the method files never import it. tests/nn/test_fused.py checks outputs and every gradient against the plain
 path (and torch.autograd.gradcheck checks the hand-written backward in float64). What it buys is activation memory,
 for DoRA most of all: it keeps for backward only what its backward needs (`make bench` measures both paths side by
 side). It computes first derivatives only: a second one (create_graph=True) is refused with a clear error.

@@ -5,10 +5,13 @@ Adding a method:
      merged_weight() and forward(), and sets OPTIONS = {option: default} if it has options (lora.py is the shortest
      example, dora.py one with an option);
   2. one line in METHODS below (and, if you like, its display name in DISPLAY; the name itself is used otherwise);
-  3. its first-order form in tests/test_adapters.py (first_order_weight), which the property tests ask for.
-inject_adapters, adapter files, `make compare ARGS='--methods yours'`, make tune, make bench, make tour and the property
-tests (which iterate over METHODS) pick it up; tests/test_registry.py registers a toy method and checks each. The
-presets name the methods the paper compares: a choice of what to run, not a second registry.
+  3. its first-order form, an entry of FIRST_ORDER in tests/helpers.py, which the property tests ask for;
+  4. its golden cases for porters: its math in d2lora_min/reference.py and its cases in scripts/make_golden.py, then
+     `make golden` (tests/nn/test_golden.py requires cases for every registered method).
+inject_adapters, adapter files, `d2lora compare --methods yours`, tune, bench, tour and the property tests (which
+iterate over METHODS) pick it up; tests/nn/test_registry.py adds a toy method (tests/nn/toy_method.py) exactly so and
+runs the method-generic tests on it. The presets name the methods the paper compares: a choice of what to run, not a
+second registry.
 """
 
 from .d2lora import D2LoRALinear

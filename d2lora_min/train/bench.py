@@ -222,7 +222,9 @@ def markdown(results, facts, sweep=None):
 def check_args(args):
     """Every flag, before anything is measured or written (a report of nothing would replace the last one)."""
     names = [name for name, *_ in shapes(args.quick)]
-    if args.only is not None and not any(args.only.strip() and args.only in n for n in [*names, "sweep"]):
+    if args.only is not None and not args.only.strip():
+        raise UsageError("--only is empty; leave it out to measure every shape and the sequence sweep")
+    if args.only is not None and not any(args.only in n for n in [*names, "sweep"]):
         raise UsageError(f"--only {args.only!r} matches nothing to measure; shapes: {'; '.join(names)}, and 'sweep'")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", args.name):
         raise UsageError(f"--name takes a folder name of ASCII letters, digits, _ and -, got {args.name!r}")

@@ -140,13 +140,15 @@ def announce(settings, setup):
     )
     print(learning_rates_line(settings.specs), flush=True)
     tuned = settings.tuned if any(s.lr_from == "tuned" for s in settings.specs) else {}
-    if tuned and tuned.get("protocol") != protocol(cfg):
-        differ = [k for k, v in protocol(cfg).items() if tuned.get("protocol", {}).get(k) != v]
-        print(
-            f"note: the tuned learning rates were chosen under other settings ({', '.join(differ)}); they are used as "
-            f"they are",
-            flush=True,
-        )
+    tuned_under = tuned.get("protocol", {})
+    if tuned and tuned_under != protocol(cfg):
+        differ = ", ".join(k for k, v in protocol(cfg).items() if tuned_under.get(k) != v)
+        print(f"note: the tuned learning rates were chosen under other settings ({differ}); they are used as they are")
+    own = [s for s in settings.specs if s.lr_from == "tuned" and s.targets != tuple(cfg.targets)]  # a spec's targets=
+    moved = [s.label for s in own if list(s.targets) != tuned_under.get("targets")]
+    if tuned and moved:  # they run at their method's lr, tuned on other targets
+        tuned_on = "+".join(tuned_under.get("targets") or [])
+        print(f"note: {', '.join(moved)} run at a learning rate tuned with the targets {tuned_on}", flush=True)
 
 
 def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="default", publish=False, settings=None):

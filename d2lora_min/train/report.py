@@ -128,7 +128,7 @@ def learning_rates_line(specs):
 
 
 def cost_line(runs):
-    """Where the time went (training and evaluation seconds over every run, as each run recorded them) and how
+    """Where the time went (training and evaluation seconds over every run computed, as each recorded them) and how
     much of the compute was padding (positions that hold no token), in fine-tuning and in evaluation."""
 
     def share(key):
@@ -136,10 +136,11 @@ def cost_line(runs):
         total = sum(c["positions"] for c in counts)
         return f"{100 * sum(c['padding'] for c in counts) / total:.1f} %" if total else "–"
 
-    train = sum(r.get("train_seconds", 0.0) for r in runs)
-    evaluation = sum(r.get("eval_seconds", 0.0) for r in runs)
+    computed = [r for r in runs if "same_run_as" not in r]  # a run under two names was trained and scored once
+    train = sum(r.get("train_seconds", 0.0) for r in computed)
+    evaluation = sum(r.get("eval_seconds", 0.0) for r in computed)
     return (
-        f"time over {len(runs)} runs: training {train:.0f} s, evaluation {evaluation:.0f} s; padding: "
+        f"time over {len(computed)} runs: training {train:.0f} s, evaluation {evaluation:.0f} s; padding: "
         f"{share('train_positions')} of the positions computed in fine-tuning, {share('eval_positions')} in evaluation"
     )
 

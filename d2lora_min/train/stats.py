@@ -87,7 +87,7 @@ def paired_bootstrap(a, b, clusters, n_boot=N_BOOT, seed=0):
     per-item differences). Seeds: the sample variance of the per-seed differences over S. The interval is
     diff +- t * sqrt(both), with t from Student's distribution at the Welch-Satterthwaite degrees of freedom, since
     the seed part rests on only S - 1 of them. (A bootstrap that also resamples the seeds is too narrow at 3 seeds:
-    83 % coverage instead of 95 % in tests/test_report.py's simulation; this interval covers 92-95 %.)
+    83 % coverage instead of 95 % in tests/train/test_stats.py's simulation; this interval covers 92-95 %.)
     Returns {"diff", "lo", "hi", "se", "df", "per_task": {task: (diff, lo, hi)}}.
     """
     rng = np.random.default_rng(seed)
