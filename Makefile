@@ -1,6 +1,6 @@
 # Every target builds the virtual environment .venv/ on first use, so a fresh clone needs nothing else. The runs need
 # torch and a few small packages; make test and make bench add pytest, pytest-timeout, hypothesis and PEFT (with
-# transformers). Each user target calls the `d2lora` console command (pyproject.toml); `make help` lists them.
+# transformers). The run targets call the `d2lora` console command (pyproject.toml); `make help` lists them.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,9 +26,9 @@ help:
 	@echo "  make ablate       D2-LoRA's open design questions (form, tau, detached norm, targets), 16 seeds"
 	@echo "  make bench        speed and memory of every method, as ratios (writes runs/bench/)"
 	@echo "  make tour         the pictures of docs/TOUR.md"
-	@echo "  make pretrain     pretrain the default base model into runs/pretrain/ (about 20 minutes on 2 CPU cores)"
+	@echo "  make pretrain     pretrain the default base model into runs/pretrain/"
 	@echo "  make venv         build .venv/ with everything (make test's extras too); make clean removes it and runs/"
-	@echo "For maintainers (scripts/):"
+	@echo "For maintainers:"
 	@echo "  make results      docs/RESULTS.md from the reports under docs/results/"
 	@echo "  make determinism  make compare twice from scratch, and whether every number repeats"
 	@echo "  make golden       regenerate the golden vectors under tests/golden/"
@@ -83,7 +83,7 @@ golden: $(BASE)
 
 format: $(BASE)
 	$(PIP) ruff
-	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff format d2lora_min scripts tests examples tiny_gpt.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

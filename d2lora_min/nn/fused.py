@@ -14,37 +14,23 @@ Both methods compute, for x (..., in) and xd = dropout(x) (x itself without drop
     c   = target / max(norm(V), eps)     (out,)       target = DoRA's magnitude or D2-LoRA's t = norm(W0)
     y   = c * h + b            (+ low with D2-LoRA's readd_delta: the paper's form, y = x @ (P(V) + dW).T + b)
 
-(the plain forward() writes the same y as c * (x @ W0.T) + z @ (s c' B).T + b, c' = c + 1 or c: one form of the
-merged weight c W0 + c' dW).
+(the plain forward() writes the same y on the merged weight's form c W0 + c' dW, c' = c + 1 or c).
 
 D2-LoRA passes its two branches, stacked inside: A = [A_pos; A_neg] (2r, in), B = [B_pos, -tau * B_neg] (out, 2r).
 
-What the fused function saves, and why it stays exact (the same values up to rounding):
-- Autograd nodes. Plain autograd records a dozen small operations per layer, each a backward node that keeps its
-  inputs; the fused function is one node that keeps only what its backward needs. (It makes about as many operator
-  calls: `make bench` counts them.)
-- New activation-sized tensors. Each new (N, out) tensor is a pass over memory that is not in cache. In the paper's
-  form forward turns x @ W0.T into h in place and low into y in place: two new (N, out) tensors. The order of the
-  additions differs from the plain path's, so the two round differently, within the tolerances the tests hold both
-  to. In 16-bit, c stays float32 and y's last step adds c * h (or c * x @ W0.T) to a sum that varies from token to
-  token, so that a factor near 1 is not rounded away (as in the plain path).
-- A weight-sized tensor. The norm needs V (out, in). The plain path keeps it for backward (with an attached norm);
-  here it is formed without gradient tracking in forward, used for its row norms and for V @ A.T (out, k), which is
-  kept, and dropped. V is formed explicitly, W0 + s * B @ A, as in the plain path (in float32 for float16/bfloat16
-  weights, where the plain path adds in the weights' dtype), so the norms - also of rows that nearly cancel - carry
-  the plain path's rounding, not more
-  (the expansion norm(V_i)^2 = norm(W0_i)^2 + 2s<B_i, (W0 A^T)_i> + s^2 B_i A A^T B_i^T, which needs no V, loses
-  digits there: it subtracts numbers of size norm(W0_i)^2 to get a small one). Backward needs V only through that
-  V @ A.T and through (k B).T @ V, which the factors give: (k B).T @ W0 + s ((k B).T @ B) @ A.
-- dL/dc = sum over tokens of G * h needs h (..., out). The paper's form keeps h. DoRA and the exact-norm form keep
-  y instead and recover h = (y - b) / c where c != 0 (where c == 0: D2-LoRA's t_i = 0, whose dL/dc_i is multiplied
-  by dc_i/dnorm_i = -t_i / norm_i^2 = 0 and is not needed; a DoRA magnitude of exactly 0 keeps h). Keeping y costs
-  no memory where the next operation keeps y anyway (q, k, v feed attention, which saves them; fc_in feeds GELU,
-  which saves its input); after o_proj and fc_out (a dropout and a residual add follow) y is one (..., out)
-  tensor more, as h would be. y - b loses c * h's digits where the bias dominates a row's output, so a layer whose
-  bias exceeds BIAS_DOMINATES times some row's mean |c * h| keeps h for that call; the paper's form cannot recover h
-  from y at all (y - b = c * h + low loses c * h's digits wherever low dominates), so it always keeps h. Keeping y
-  has a price: an in-place change of the layer's output before backward raises an autograd error (tested).
+What it saves, and why it stays exact (the same values up to rounding; the tests hold both paths to one tolerance):
+- Autograd state: one node per layer that keeps only what its backward needs, and few new (N, out) tensors (in the
+  paper's form x @ W0.T becomes h in place, low becomes y in place). It adds in another order than the plain path.
+- The weight-sized V: formed explicitly (W0 + s * B @ A, in float32 for 16-bit weights, as the plain path's norms
+  need) without gradient tracking, used for its row norms and for V @ A.T (out, k), which is kept, and dropped.
+  Backward needs V only through V @ A.T and (k B).T @ V = (k B).T @ W0 + s ((k B).T @ B) @ A.
+- h for dL/dc = sum over tokens of G * h: DoRA and the exact-norm form keep y instead (which the next operation often
+  keeps anyway) and recover h = (y - b) / c where c != 0 (D2-LoRA's t_i = 0 needs no dL/dc_i; a DoRA magnitude of
+  exactly 0 keeps h), unless the bias dominates a row's output (BIAS_DOMINATES), where y - b would lose c * h's digits.
+  The paper's form keeps h. Keeping y has a price: an in-place change of the layer's output before backward raises
+  an autograd error (tested).
+In 16-bit, c stays float32 and y's last step adds c * h to a sum that varies from token to token, so that a factor near
+1 is not rounded away (as in the plain path).
 
 The backward, for G = dL/dy flattened to (N, out), x and xd to (N, in) (docs/PORTING.md, section 5):
 
@@ -124,16 +110,14 @@ class RowScaledLowRank(torch.autograd.Function):
         x2 = x.reshape(-1, n_in)  # (N, in)
         xd2 = x2 if xd is None else xd.reshape(-1, n_in)  # (N, in)
         s_z = F.linear(xd2, _to(A, dt)).mul_(s)  # s * z = s * xd @ A.T: (N, k), the scaling on the small side
-        # Every new (..., out) tensor costs a pass over fresh memory, so few are formed: in the paper's form x @ W0.T
-        # becomes h in place and low becomes y in place. low is formed with the leading dimensions (linear folds them),
-        # so that y is not a view of something else.
+        # few new (..., out) tensors (each is a pass over fresh memory); low keeps x's leading dimensions, so that y
+        # (made in its memory) is not a view of something else
         h0 = F.linear(x2, _to(W0, dt)).view(*lead, n_out)  # x @ W0.T: (..., out)
         low = F.linear(s_z.view(*lead, s_z.shape[-1]), _to(B, dt))  # s * z @ B.T = x @ dW.T: (..., out)
         V = torch.addmm(_to(W0, ndt), _to(B, ndt), _to(A, ndt), alpha=s)  # (out, in), dropped after its norms
         norm = torch.linalg.vector_norm(V, dim=1)  # L2 over in_features -> (out,)
         c = _to(target, ndt) / norm.clamp_min(NORM_EPS)  # (out,)
-        # c stays in float32 for 16-bit activations, and the last step adds c * x @ W0.T to a sum that varies from token
-        # to token: y is rounded off h's grid, so a c near 1 is not lost (as in base.rescale_add)
+        # c stays float32 for 16-bit activations: the last step rounds once (a c near 1 is kept, as in base.rescale_add)
         b = None if bias is None else _to(bias, dt)  # (out,)
         if settings.readd:  # the paper's form: y = (low + b) + c * h, formed in low's memory (low is not needed again)
             h = h0.add_(low)  # x @ W0.T + low = x @ V.T: (..., out)
@@ -144,25 +128,17 @@ class RowScaledLowRank(torch.autograd.Function):
         del h0
 
         needs = dict(zip(INPUTS, ctx.needs_input_grad))
-        need_factors = settings.grad and any(
-            needs[k] for k in ("A", "B", "A_neg", "B_neg", "tau")
-        )  # a factor's gradient?
-        need_gc = settings.grad and (needs["target"] or (not settings.detach_norm and need_factors))  # is dL/dc needed?
+        # which gradients backward computes: a factor's, and dL/dc (for the magnitude, or through an attached norm)
+        need_factors = settings.grad and any(needs[k] for k in ("A", "B", "A_neg", "B_neg", "tau"))
+        need_gc = settings.grad and (needs["target"] or (not settings.detach_norm and need_factors))
         keep_h = settings.keep_h or (need_gc and bias_dominates(h, c, bias))
         kept = (h if keep_h else y) if need_gc else None  # h itself, or y to recover it from
-        VA = (
-            F.linear(V, _to(A, ndt)) if need_gc and need_factors and not settings.detach_norm else None
-        )  # V @ A.T: (out, k)
-        ctx.save_for_backward(
-            x2, None if xd is None else xd2, s_z, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau
-        )
-        ctx.settings, ctx.x_shape, ctx.need_factors, ctx.need_gc, ctx.keep_h = (
-            settings,
-            x.shape,
-            need_factors,
-            need_gc,
-            keep_h,
-        )
+        through_norm = need_gc and need_factors and not settings.detach_norm
+        VA = F.linear(V, _to(A, ndt)) if through_norm else None  # V @ A.T: (out, k)
+        xd_kept = None if xd is None else xd2
+        ctx.save_for_backward(x2, xd_kept, s_z, W0, bias, A, B, target, c, norm, kept, VA, B_neg, tau)
+        ctx.settings, ctx.x_shape = settings, x.shape
+        ctx.need_factors, ctx.need_gc, ctx.keep_h = need_factors, need_gc, keep_h
         return y
 
     @staticmethod
@@ -221,9 +197,8 @@ def bias_dominates(h, c, bias):
     digits, and h is kept instead of y)."""
     if bias is None:
         return False
-    mean_h = torch.linalg.vector_norm(h.reshape(-1, h.shape[-1]), ord=1, dim=0) / max(
-        1, h.numel() // h.shape[-1]
-    )  # (out,)
+    tokens = max(1, h.numel() // h.shape[-1])
+    mean_h = torch.linalg.vector_norm(h.reshape(-1, h.shape[-1]), ord=1, dim=0) / tokens  # (out,)
     return bool((_to(bias, c.dtype).abs() > BIAS_DOMINATES * c.abs() * _to(mean_h, c.dtype)).any())
 
 
@@ -247,7 +222,7 @@ def through_the_norm(g_c, c, norm, W0, A, B, VA, s):
     ndt = c.dtype
     s_k = (
         (g_c * c).div_(norm.clamp_min(NORM_EPS).square()).mul_(-s).masked_fill_(norm < NORM_EPS, 0)[:, None]
-    )  # s * k: (out, 1)
+    )  # (out, 1)
     A_n, B_n, W0_n = _to(A, ndt), _to(B, ndt), _to(W0, ndt)
     s_kB_t = (B_n * s_k).t()  # (s k B).T: (k, out)
     d_A = torch.addmm(torch.mm(s_kB_t, W0_n), torch.mm(s_kB_t, B_n), A_n, alpha=s)  # s * (k B).T @ V: (k, in)
@@ -265,9 +240,8 @@ def row_scaled_low_rank(layer, x, A, B, target, detach_norm, keep_h=False, readd
     if autocast:
         x = x.to(torch.get_autocast_dtype(device))
     xd = None if isinstance(layer.lora_dropout, torch.nn.Identity) else layer.lora_dropout(x)
-    settings = Settings(
-        s=layer.scaling, detach_norm=detach_norm, readd=readd, keep_h=keep_h or readd, grad=torch.is_grad_enabled()
-    )
+    grad = torch.is_grad_enabled()
+    settings = Settings(s=layer.scaling, detach_norm=detach_norm, readd=readd, keep_h=keep_h or readd, grad=grad)
     args = (x, xd, layer.base.weight, layer.base.bias, A, B, target, *negative, settings)
     if not autocast:
         return RowScaledLowRank.apply(*args)
@@ -299,15 +273,9 @@ class FusedD2LoRALinear(D2LoRALinear):
         if not self.project or not base_is_frozen(self):
             return super().forward(x)
         negative = (self.lora_A_neg, self.lora_B_neg, self.tau)  # stacked inside: B = [B_pos, -tau * B_neg]
+        pos = (self.lora_A_pos, self.lora_B_pos)
         return row_scaled_low_rank(
-            self,
-            x,
-            self.lora_A_pos,
-            self.lora_B_pos,
-            self.target_norm,
-            self.detach_norm,
-            readd=self.readd_delta,
-            negative=negative,
+            self, x, *pos, self.target_norm, self.detach_norm, readd=self.readd_delta, negative=negative
         )
 
 

@@ -22,7 +22,7 @@ Train, validation and test items come from different seeds (and, for facts and c
 scripts; for update, from disjoint question wordings); no prompt is in two splits. Anything chosen from results (a
 learning rate) is chosen on validation items; test items are only reported. Items
 that share an entity (a person for facts and update, a script for continuation) carry it as their `cluster`,
-so that the statistics (report.py) do not count them as independent.
+so that the statistics (train/stats.py) do not count them as independent.
 
 The updated facts are drawn here, from the world's seed, not written into the pretraining corpus: the base
 was pretrained on the old facts, so a knowledge update is something only fine-tuning can teach.

@@ -6,55 +6,27 @@ pretraining. The corpus is built so that *reading one's own context* pays early 
 within minutes of pretraining, and name-first look-up not at all):
 
   facts       biographies of people, in several wordings                 (world knowledge)
-  lookup      "The cup belongs to Mira." ... then the same facts restated in another order and wording,
-              always key first (the object, then its owner; or the person, then what they have: "Mira
-              has the red cup."): the restatement is predictable only by looking the key up in context
-  negation    "The cup belongs to Mira, not to Kalo." and elimination stories ("Kalo did not take the
-              cup. ... So Tomo took the cup.")
+  lookup      "The cup belongs to Mira." ... then the same facts restated in another order and wording, always key
+              first ("Mira has the red cup."): predictable only by looking the key up in context
+  negation    "The cup belongs to Mira, not to Kalo." and elimination stories ("Kalo did not take the cup. ...")
   states      "The cup is clean. The hat is dirty. ..." then restated: a look-up of one of two states
   points      "Points: 7 Kalo, 3 Mira, 5 Tomo. Most points: Kalo. Fewest points: Mira." (comparison; the
               question word comes before the answer, and each number just before its name)
   scripts     "Kalo was hungry, so Kalo ate some bread." (plausible continuations)
-  repeat      a random word sequence, then the same sequence again: copying is the first in-context
-              skill a small transformer learns, and the look-up circuit builds on it
-  dialogue    people asking each other about the above, one line each ("Kalo asked who owns the cup.
-              / Mira said that Tomo owns the cup."): the words the fine-tuning questions use
+  repeat      a random word sequence, then the same sequence again: copying is the first in-context skill a
+              small transformer learns, and the look-up circuit builds on it
+  dialogue    people asking each other about the above ("Kalo asked who owns the cup. / Mira said that Tomo owns
+              the cup."): the words the fine-tuning questions use
 
-No document uses the "Q: ...\nA: ..." format of the fine-tuning tasks (tasks.py): fine-tuning has to
-teach the format, while the knowledge and the skills come from pretraining.
+No document uses the "Q: ...\nA: ..." format of the tasks (tasks.py): fine-tuning teaches the format, pretraining
+the knowledge and the skills.
 """
 
 import random
 from dataclasses import dataclass, field
 
-CITIES = [
-    "Brill",
-    "Carrow",
-    "Dunmore",
-    "Elsby",
-    "Fenwick",
-    "Greyport",
-    "Halden",
-    "Ivel",
-    "Jarrow",
-    "Kestle",
-    "Lowmoor",
-    "Marsh",
-]
-JOBS = [
-    "baker",
-    "farmer",
-    "teacher",
-    "doctor",
-    "painter",
-    "sailor",
-    "miner",
-    "weaver",
-    "singer",
-    "builder",
-    "cook",
-    "guard",
-]
+CITIES = "Brill Carrow Dunmore Elsby Fenwick Greyport Halden Ivel Jarrow Kestle Lowmoor Marsh".split()
+JOBS = "baker farmer teacher doctor painter sailor miner weaver singer builder cook guard".split()
 PETS = ["cat", "dog", "horse", "goat", "parrot", "rabbit", "fox", "owl"]
 INSTRUMENTS = ["drum", "flute", "harp", "horn", "lute", "bell", "pipe", "fiddle"]
 OBJECTS = [
@@ -277,16 +249,9 @@ def doc_repeat(rng, world):
 
 
 # Share of documents of each kind in the corpus.
-DOC_KINDS = {
-    "facts": (doc_facts, 0.18),
-    "lookup": (doc_lookup, 0.20),
-    "states": (doc_states, 0.06),
-    "negation": (doc_negation, 0.08),
-    "points": (doc_points, 0.10),
-    "scripts": (doc_scripts, 0.06),
-    "repeat": (doc_repeat, 0.20),
-    "dialogue": (doc_dialogue, 0.12),
-}
+DOC_KINDS = {"facts": (doc_facts, 0.18), "lookup": (doc_lookup, 0.20), "states": (doc_states, 0.06),
+             "negation": (doc_negation, 0.08), "points": (doc_points, 0.10), "scripts": (doc_scripts, 0.06),
+             "repeat": (doc_repeat, 0.20), "dialogue": (doc_dialogue, 0.12)}  # fmt: skip
 
 
 def corpus_documents(world, n_docs, seed):

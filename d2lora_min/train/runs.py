@@ -111,7 +111,7 @@ def run_key(settings, spec, seed, base_sha, full_merge, by_settings=False):
 def run_one(spec, seed, key, full_merge, settings, setup, out_dir):
     """Fine-tune `spec` from a copy of the base with `seed`, evaluate every item of cfg.split -> result dict.
 
-    Training checkpoints go to train_dir so that a killed run resumes. On the test split the run also measures
+    Training checkpoints go to work_dir(out_dir, spec, seed, key) so that a killed run resumes. On the test split the run also measures
     retention, saves its adapter and checks the merge: the merged model is evaluated on every item when full_merge
     (the first seed), else compared with the unmerged one on the logit probe only. On the validation split (tuning)
     it only scores. Under torchrun every process trains its shard; only rank 0 evaluates and writes (the others

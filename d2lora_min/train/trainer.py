@@ -11,7 +11,7 @@ inject_adapters freezes the base, and the same loop serves both.
 
 Batches come from `get_batch(step) -> (x, y, *extra)`, a pure function of the step number, so that a resumed run
 sees exactly the batches an uninterrupted one would have seen; the model is called as `model(x, y, *extra)` (packed
-fine-tuning batches pass position ids and an attention mask as extra tensors, see batches.finetune_batches).
+fine-tuning batches pass position ids and an attention mask as extra tensors, see data.finetune_batches).
 
 Data-parallel: started under `torchrun --nproc_per_node=N`, every process draws the same global batch and
 keeps its rows rank, rank + N, ...; DistributedDataParallel averages the gradients (of the adapter tensors
