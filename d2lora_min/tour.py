@@ -275,11 +275,10 @@ def draw(out, n_train):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="d2lora tour", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="d2lora tour", description=__doc__, formatter_class=raw)
     parser.add_argument(
-        "--out", default=str(ROOT / "docs"), help="where the pictures go (default: docs/, the committed ones)"
+        "--out", default=str(ROOT / "docs"), help="where the pictures go (default: the committed docs/)"
     )
     parser.add_argument("--n_train", type=int, default=64, help="training items per task for the GPT pictures")
     args = parser.parse_args(argv)

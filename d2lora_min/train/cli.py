@@ -91,16 +91,18 @@ def overridden(overrides):
     return {item.split("=", 1)[0].lstrip("-") for item in pair_up(list(overrides)) if "=" in item}
 
 
-def config_help(config, prefix=""):
-    """One line per setting: --section.field=default."""
+def config_help(config, prefix="", derived=()):
+    """One line per setting, written as the parser takes it back: --section.field=default (bools true/false, lists
+    comma-separated). derived: the paths the command sets itself (not listed)."""
     lines = []
     for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
+        value, path = getattr(config, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
-            lines += config_help(value, prefix + f.name + ".")
-        else:
-            shown = str(value).lower() if isinstance(value, bool) else value  # as parse_value takes it back
-            lines.append(f"  --{prefix}{f.name}={shown}")
+            lines += config_help(value, path + ".", derived)
+        elif path not in derived:
+            shown = str(value).lower() if isinstance(value, bool) else value
+            shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else shown
+            lines.append(f"  --{path}={shown}")
     return lines
 
 

@@ -37,7 +37,7 @@ from .data import heldout_text
 from .pretrain import resolve_base
 from .report import learning_rates_line, write_report
 from .runs import check_run_outputs, read_result, result_path, run_key, run_one, work_dir
-from .settings import PRESETS, CompareConfig, preset, protocol, resolve
+from .settings import DERIVED, PRESETS, CompareConfig, preset, protocol, resolve
 from .specs import split_methods
 from .tasks import build_splits, of_kind
 from .trainer import init_distributed, rank_and_world
@@ -183,7 +183,7 @@ def main(argv=None):
         description="Fine-tune LoRA, DoRA and D2-LoRA from the same base and compare them.",
         epilog=__doc__
         + "\nsettings (override with --section.field=value):\n"
-        + "\n".join(config_help(CompareConfig())),
+        + "\n".join(config_help(CompareConfig(), derived=DERIVED)),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--methods", help="method specs separated by commas or spaces (default: the preset's)")

@@ -1,8 +1,7 @@
 """Pretraining the base model, and loading it.
 
-    d2lora pretrain                                        # the default base, into runs/pretrain/<key>/
-    d2lora pretrain --corpus.text_file=my.txt --out runs/my_base
-    d2lora pretrain --out base --replace_shipped           # replace the shipped base, on purpose
+    d2lora pretrain                                # the default base, into runs/pretrain/<key>/
+    d2lora pretrain --out base --replace_shipped   # replace the shipped base, on purpose
 
 The default base ships in the repository (base/: the weights, the tokenizer, and base.json with the configs, the
 SHA-256 of each file and of the whole, the validation loss and the look-up probe's score); `make compare` starts from

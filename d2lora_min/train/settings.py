@@ -40,11 +40,8 @@ def preset(name, r=4):
     if name == "default":
         return {"methods": ("base", *compared), "reference": parity}
     if name == "replicate":  # the claims at tuned lrs, and the same methods at the shared lr (the sensitivity table)
-        return {
-            "methods": compared + tuple(roles(r, SHARED_LR).values()),
-            "reference": parity,
-            "seeds": tuple(range(28)),
-        }
+        shared = tuple(roles(r, SHARED_LR).values())
+        return {"methods": compared + shared, "reference": parity, "seeds": tuple(range(28))}
     # ablate: D2-LoRA's open design questions, each against the default (the paper's form, tau 0.5 fixed, attached
     # norm, q, k, v, o): one variant per question
     variants = (
@@ -144,14 +141,13 @@ def protocol(cfg):
 MAX_ITEMS = 100_000  # n_train and n_test per task
 MAX_EPOCHS = 1_000
 MAX_SEED = 2**32 - 1  # seeds are combined with step and epoch numbers into 64-bit generator seeds
-RANGES = {
-    "n_train": MAX_ITEMS,
-    "epochs": MAX_EPOCHS,
-    "n_test": MAX_ITEMS,
-    "n_validation": MAX_ITEMS,
-    "checkpoints": MAX_EPOCHS,
-}
+RANGES = dict(n_train=MAX_ITEMS, epochs=MAX_EPOCHS, n_test=MAX_ITEMS, n_validation=MAX_ITEMS, checkpoints=MAX_EPOCHS)
 CHOICES = {"lr_source": ("tuned", "shared"), "split": ("test", "validation"), "scoring": ("task", "sum", "mean")}
+
+
+# What a comparison derives itself, and so refuses as a setting (its help leaves them out): the budget's steps
+# and intervals, and each run's seed.
+DERIVED = ("train.steps", "train.warmup_steps", "train.checkpoint_every", "train.seed", "train.desc")
 
 
 def resolve(cfg: CompareConfig):
@@ -213,24 +209,19 @@ def resolve(cfg: CompareConfig):
 def check_lists(cfg: CompareConfig):
     """The methods, the reference, the seeds and the tasks: given, each once, within range (the methods each once by
     what they run, however written: check_listed_once, once they are parsed)."""
-    if not cfg.methods:
-        raise UsageError("no methods given")
+    for name in ("methods", "seeds", "tasks"):
+        if not getattr(cfg, name):
+            raise UsageError(f"no {name} given")
     if cfg.reference not in cfg.methods:
-        raise UsageError(
-            f"the reference {cfg.reference!r} is not among the methods {list(cfg.methods)}: add it to --methods "
-            f"or choose one of them with --reference"
-        )
-    if not cfg.seeds:
-        raise UsageError("no seeds given")
+        choose = "add it to --methods or choose one of them with --reference"
+        raise UsageError(f"the reference {cfg.reference!r} is not among the methods {list(cfg.methods)}: {choose}")
     for seed in cfg.seeds:
         check_range("seeds", seed, 0, MAX_SEED)
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise UsageError(f"a seed is listed twice: {list(cfg.seeds)} (a repeated seed would fake a narrow interval)")
-    if not cfg.tasks:
-        raise UsageError("no tasks given")
-    for t in cfg.tasks:
-        if t not in TASKS:
-            raise UsageError(f"unknown task {t!r}; valid tasks: {', '.join(TASKS)}")
+    unknown = [t for t in cfg.tasks if t not in TASKS]
+    if unknown:
+        raise UsageError(f"unknown task {unknown[0]!r}; valid tasks: {', '.join(TASKS)}")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise UsageError(f"a task is listed twice: {list(cfg.tasks)}")
 

@@ -31,7 +31,7 @@ from .cli import UsageError, apply_overrides, config_help, parse_value, run_cli
 from .compare import announce, prepare, run_all
 from .report import cost_line
 from .runs import check_run_outputs
-from .settings import DEV_SEEDS, PUBLISHED, TUNED_FILE, CompareConfig, load_tuned, protocol, resolve
+from .settings import DERIVED, DEV_SEEDS, PUBLISHED, TUNED_FILE, CompareConfig, load_tuned, protocol, resolve
 from .specs import parse_method_spec, roles, split_methods, with_lr
 from .tables import table
 from .trainer import rank_and_world
@@ -249,7 +249,7 @@ def main(argv=None):
         description="Choose each method's learning rate on development seeds and validation items.",
         epilog=__doc__
         + "\nsettings (override with --section.field=value):\n"
-        + "\n".join(config_help(CompareConfig())),
+        + "\n".join(config_help(tune_config(), derived=DERIVED + ("methods", "seeds", "split", "lr_source"))),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
