@@ -35,7 +35,8 @@ from ..synthetic.world import World
 from .cli import UsageError, apply_overrides, config_help, overridden, parse_value, run_cli
 from .data import heldout_text
 from .pretrain import resolve_base
-from .report import learning_rates_line, write_report
+from .measure import Eta
+from .report import learning_rates_line, terminal, write_report
 from .runs import check_run_outputs, read_result, result_path, run_key, run_one, work_dir
 from .settings import PRESETS, CompareConfig, preset, protocol, resolve
 from .specs import split_methods
@@ -76,6 +77,7 @@ def run_all(settings, setup, out_dir, fresh=False):
     rank, n_procs = rank_and_world()
     sha, first_seed = setup.base_meta["sha256"], settings.cfg.seeds[0]
     runs, reused, done = [], 0, {}  # done: the runs of this comparison by what they run (run_key by_settings)
+    eta = Eta(sum(spec.name != "base" for spec, _ in settings.runs()))  # "about N min left" after each trained run
     for spec, seed in settings.runs():
         key = run_key(settings, spec, seed, sha, full_merge=seed == first_seed)
         same = run_key(settings, spec, seed, sha, full_merge=seed == first_seed, by_settings=True)
@@ -102,12 +104,15 @@ def run_all(settings, setup, out_dir, fresh=False):
             runs.append(cached)
             done.setdefault(same, cached)
             reused += 1
+            eta.skip(spec.name != "base")
             continue
         if fresh and rank == 0:
             shutil.rmtree(work_dir(out_dir, spec, seed, key), ignore_errors=True)
         if n_procs > 1:
             dist.barrier()
+        eta.start()
         result = run_one(spec, seed, key, seed == first_seed, settings, setup, out_dir)
+        left = eta.finished(spec.name != "base")
         if rank == 0:
             write_json(path, sealed({**result, "key": key}))  # written last: its presence marks the run as finished
             shutil.rmtree(work_dir(out_dir, spec, seed, key), ignore_errors=True)  # the result is safe
@@ -117,7 +122,7 @@ def run_all(settings, setup, out_dir, fresh=False):
             took = f", {result['train_seconds']:.0f} s training" if "train_seconds" in result else ""
             print(
                 f"{spec.label} seed {seed}{status}: mean {settings.cfg.split} accuracy {100 * mean:.1f}{took}, "
-                f"{result['eval_seconds']:.0f} s evaluation",
+                f"{result['eval_seconds']:.0f} s evaluation" + (f"; {left}" if left else ""),
                 flush=True,
             )
             runs.append({**result, "key": key})
@@ -170,8 +175,8 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="def
         if rank != 0:
             return None
         wall = f"{time.time() - t_start:.0f} s ({reused} of {len(runs)} runs reused)"
-        text, summary = write_report(settings, setup, runs, wall, out_dir, preset, publish)
-    print(f"\n{text}\nwritten: {out_dir}/{', '.join(names)}")
+        _, summary = write_report(settings, setup, runs, wall, out_dir, preset, publish)
+    print("\n" + terminal(settings, summary["rows"], runs, wall, out_dir))  # 100 columns; every table in results.md
     return summary
 
 

@@ -31,7 +31,7 @@ from ..nn import (
 from .data import EOT, finetune_batches
 from .settings import PUBLISHED
 from .evaluate import evaluate_items, logit_probe_batch, real_logits, retention, task_scores
-from .measure import forward_throughput
+from .measure import forward_throughput, memory_record, saved_in_step, start_peak
 from .trainer import TrainingDiverged, rank_and_world, train
 
 SLUG_CHARS = 48  # of a spec's readable part in file names (a long spec would overflow the 255 bytes a name may have)
@@ -175,9 +175,9 @@ def fine_tune(model, spec, seed, settings, setup, train_dir, key):
         n_shards=n_procs,
     )
     out["train_positions"] = positions_in(get_batch, tcfg.steps, pad)
-    start = [
-        p.detach().clone() for p in model.parameters() if p.requires_grad
-    ]  # to tell whether training moved anything
+    start = [p.detach().clone() for p in model.parameters() if p.requires_grad]  # did training move anything?
+    saved = saved_in_step(model, get_batch(0), setup.device, tcfg.amp)  # one step's activations (train() reseeds)
+    start_peak(setup.device)
     t0 = time.perf_counter()
     try:
         trained = train(model, get_batch, tcfg, out_dir=train_dir, key=key)
@@ -198,6 +198,7 @@ def fine_tune(model, spec, seed, settings, setup, train_dir, key):
         )
     warm = len(trained.step_times) // 10  # the first tenth warms up the allocator and caches: left out
     # no step time at all only when the loss was not finite at the very first step: NaN then (the run is flagged diverged)
+    out["memory"] = memory_record(setup.device, saved)
     out.update(
         train_seconds=time.perf_counter() - t0,
         steps=tcfg.steps,
