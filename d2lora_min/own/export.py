@@ -1,8 +1,10 @@
 """Hugging Face folders out of this project (`d2lora export`): the shipped base as a standard transformers checkpoint,
-and a run's adapter as a PEFT adapter (LoRA, DoRA) or a merged model (D2-LoRA, which PEFT lacks).
+a run's adapter as a PEFT adapter (LoRA, DoRA) or a merged model (D2-LoRA, which PEFT lacks), and the embedded tasks
+as a --tasks folder.
 
     d2lora export base --out runs/hf_base          # base/ as an OPTForCausalLM folder
     d2lora export adapter --model DIR --adapter runs/compare/adapters/<run> --out runs/my_adapter
+    d2lora export tasks --out runs/tasks           # the embedded tasks as JSONL files (own/tasks.py)
 
 The base. tiny_gpt has OPT's parts: separate biased q, k, v and output projections, learned absolute positions,
 pre-LayerNorm blocks, a GELU MLP of width 4 d, a final LayerNorm and a head tied to the token embedding. So it is an
@@ -169,8 +171,13 @@ def export_adapter(model_dir, adapter_dir, out, context=1024):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tasks"]:  # the embedded tasks' writer takes compare's settings: its own parser (own/tasks.py)
+        from .tasks import main as tasks_main
+
+        return tasks_main(argv[1:])
     parser = argparse.ArgumentParser(prog="d2lora export", epilog=__doc__,
-                                     description="Hugging Face folders: the shipped base as OPT, an adapter for PEFT.",
+                                     description="The shipped base as OPT, an adapter for PEFT, the embedded tasks as JSONL.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="what", required=True)
     base = sub.add_parser("base", help="the shipped base (or --base DIR) as an OPTForCausalLM folder")
@@ -180,6 +187,7 @@ def main(argv=None):
     adapter.add_argument("--model", required=True, help="the model folder the adapter was trained on")
     adapter.add_argument("--adapter", required=True, help="the run's adapter folder (runs/compare/adapters/...)")
     adapter.add_argument("--out", required=True)
+    sub.add_parser("tasks", help="the embedded tasks as a --tasks folder (d2lora export tasks --help)")
     args = parser.parse_args(argv)
 
     def body():

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from ..files.io import check_writable, output_lock, write_json
 from ..files.run_results import sealed
-from ..synthetic.tasks import TASKS, retention_probe, updated_facts
+from ..synthetic.tasks import retention_probe, updated_facts
 from ..synthetic.world import World
 from .cli import UsageError, apply_overrides, config_help, overridden, parse_value, run_cli
 from .data import heldout_text
@@ -38,7 +38,7 @@ from .pretrain import resolve_base
 from .measure import Eta
 from .report import learning_rates_line, terminal, write_report
 from .runs import check_run_outputs, read_result, result_path, run_key, run_one, work_dir
-from .settings import PRESETS, CompareConfig, preset, protocol, resolve
+from .settings import PRESETS, CompareConfig, preset, resolve
 from .specs import split_methods
 from .tasks import build_splits, of_kind
 from .trainer import init_distributed, rank_and_world
@@ -61,13 +61,22 @@ class Setup:
 def prepare(settings):
     """Load the base (pretraining a new one only when the settings' pretrain config differs from the shipped base's)
     and draw the task splits and the retention probe."""
+    if settings.own:  # your model, task folder or held-out text
+        from ..own.session import prepare as prepare_own
+
+        return Setup(**prepare_own(settings))
     cfg = settings.cfg
     base_model, tokenizer, base_meta, base_dir = resolve_base(cfg.pretrain)
     world = World(seed=cfg.pretrain.corpus.world_seed, n_people=cfg.pretrain.corpus.n_people)
-    tasks = {name: TASKS[name] for name in cfg.tasks}
-    splits = build_splits(world, tasks, cfg.n_train, cfg.n_test, cfg.n_validation, seed=0)
-    probe = (heldout_text(world, tokenizer, exclude_names=tuple(updated_facts(world))), retention_probe(world))
-    return Setup(base_model.to(settings.device), tokenizer, base_meta, base_dir, tasks, splits, probe, settings.device)
+    splits = build_splits(world, settings.tasks, cfg.n_train, cfg.n_test, cfg.n_validation, seed=0)
+    probe = embedded_probe(world, tokenizer)
+    return Setup(base_model.to(settings.device), tokenizer, base_meta, base_dir, settings.tasks, splits, probe,
+                 settings.device)  # fmt: skip
+
+
+def embedded_probe(world, tokenizer):
+    """The retention probe of the embedded world: its held-out text (tokens) and its facts probe (items)."""
+    return heldout_text(world, tokenizer, exclude_names=tuple(updated_facts(world))), retention_probe(world)
 
 
 def run_all(settings, setup, out_dir, fresh=False):
@@ -138,15 +147,17 @@ def announce(settings, setup):
     cfg, meta, tcfg = settings.cfg, setup.base_meta, settings.train
     print(
         f"base: {setup.base_dir} (probe {meta.get('probe_accuracy')}, sha256 {meta['sha256'][:12]}) | device "
-        f"{settings.device} | {torch.get_num_threads()} threads | {settings.processes} process(es) | {len(cfg.tasks)} "
-        f"tasks x {cfg.n_train} items x {cfg.epochs} epochs = {tcfg.steps} steps of {tcfg.batch_size} | scored on "
+        f"{settings.device} | {torch.get_num_threads()} threads | {settings.processes} process(es) | "
+        f"{settings.describe()} x {cfg.epochs} epochs = {tcfg.steps} steps of {tcfg.batch_size} | scored on "
         f"{cfg.split} items",
         flush=True,
     )
     print(learning_rates_line(settings.specs), flush=True)
+    for note in settings.own.notes if settings.own else ():  # where your model's learning rates came from
+        print(note, flush=True)
     tuned = settings.tuned if any(s.lr_from == "tuned" for s in settings.specs) else {}
-    if tuned and tuned.get("protocol") != protocol(cfg):
-        differ = [k for k, v in protocol(cfg).items() if tuned.get("protocol", {}).get(k) != v]
+    if tuned and tuned.get("protocol") != settings.protocol:
+        differ = [k for k, v in settings.protocol.items() if tuned.get("protocol", {}).get(k) != v]
         print(
             f"note: the tuned learning rates were chosen under other settings ({', '.join(differ)}); they are used as "
             f"they are",
@@ -219,6 +230,9 @@ def main(argv=None):
             if args.out is not None
             else ("runs/compare" if args.preset == "default" else f"runs/{args.preset}")
         )
+        from ..own.session import defaults  # --model DIR, --tasks DIR: what depends on the settings given
+
+        cfg = defaults(cfg, overrides, publish=args.publish)
         settings = resolve(cfg)  # before joining a process group or loading anything
         init_distributed()  # under torchrun: join the process group; otherwise a no-op
         if settings.processes == 1 and rank_and_world()[1] > 1:  # joined just now: the budget's check per process

@@ -154,9 +154,10 @@ def write_report(settings, setup, runs, wall, out_dir, preset, publish=False):
     ref = settings.reference
     base_row = next((r for r in rows if r["method"] == "base"), None)
     steps, sha = settings.train.steps, setup.base_meta["sha256"]
-    n_items = cfg.n_test if cfg.split == "test" else cfg.n_validation
+    n_items = "-".join(str(n) for n in sorted({min(c[cfg.split] for c in settings.counts.values()),
+                                               max(c[cfg.split] for c in settings.counts.values())}))  # fmt: skip
     header = (
-        f"base {sha[:12]}; {len(tasks)} tasks x {cfg.n_train} training items x {cfg.epochs} epochs "
+        f"base {sha[:12]}; {settings.describe()} x {cfg.epochs} epochs "
         f"= {steps} steps of {cfg.train.batch_size}; {n_items} {cfg.split} items per task; seeds {list(cfg.seeds)}; "
         f"targets {'+'.join(cfg.targets)}; scoring {cfg.scoring}; {'fused' if cfg.fused else 'plain'} path; device "
         f"{settings.device}, {torch.get_num_threads()} threads; wall {wall}"

@@ -79,7 +79,7 @@ def check_run_outputs(settings, out_dir, names, published=()):
 def read_result(path, settings, setup, spec, seed, key):
     """The finished result of this run at `path`, or None (none there, or not this run's: then it is recomputed)."""
     cfg = settings.cfg
-    n_items = cfg.n_test if cfg.split == "test" else cfg.n_validation
+    n_items = {name: counts[cfg.split] for name, counts in settings.counts.items()}  # per task (a file task: its own)
     expected = {"method": spec.text, "seed": seed, "key": key}
     kinds = {name: task.kind for name, task in setup.tasks.items()}
     return read_run(path, expected, kinds, n_items, trained=spec.name != "base", tested=cfg.split == "test")
@@ -105,6 +105,7 @@ def run_key(settings, spec, seed, base_sha, full_merge, by_settings=False):
     blob.update(spec=what, seed=seed, device=settings.device, processes=settings.processes, targets=list(spec.targets))
     blob.update(lr=spec.lr, full_merge=full_merge, base=base_sha, world=settings.corpus, version=3)
     blob["train"] = {k: v for k, v in asdict(settings.train).items() if k not in ("progress", "desc")}
+    blob.update(settings.own.key if settings.own else {})  # your model, task files, held-out text (own/session.py)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -108,6 +108,8 @@ def cost_table(rows, base_row, speed_reference):
         rel = row["step_time"] / ref["step_time"] if ref and row["step_time"] and ref["step_time"] else None
         if row["heldout_loss"] is None:  # (validation runs measure no retention)
             d_loss, probe = None, "–"
+        elif row["facts_probe"] is None:  # held-out text of your own: no facts probe
+            d_loss, probe = row["heldout_loss"] - (base_row["heldout_loss"] if base_row else 0.0), "–"
         elif base_row:
             d_loss = row["heldout_loss"] - base_row["heldout_loss"]
             probe = f"{100 * base_row['facts_probe']:.1f} → {100 * row['facts_probe']:.1f}"
