@@ -111,3 +111,18 @@ def test_an_adapter_onto_another_base_or_into_a_full_folder_is_refused_in_one_li
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert exit_info.value.code == 2 and ("--adapter" in err if out.name == "x" else "not an empty folder" in err)
 
+
+def test_the_documented_way_to_load_an_adapter_and_generate_runs(tmp_path, capsys):
+    pytest.importorskip("peft", reason="peft is not installed: pip install -e '.[peft]'")
+    folder, model, tokenizer = adapted(tmp_path, "llama", "dora")
+    save_adapters(model, tmp_path / "adapter")
+    assert export_adapter("--model", folder, "--adapter", tmp_path / "adapter", "--out", tmp_path / "p") == 0
+    design = (ROOT / "docs" / "DESIGN.md").read_text()
+    snippet = re.search(r"```python\n(model_dir, adapter_dir = .*?)```", design, re.S).group(1)
+    here = f"model_dir, adapter_dir = {str(folder)!r}, {str(tmp_path / 'p')!r}"
+    snippet = re.sub(r"model_dir, adapter_dir = .*", here, snippet)
+    capsys.readouterr()
+    exec(compile(snippet, "DESIGN.md", "exec"), {})
+    prompt = re.search(r'prompt = "(.*?)"', snippet).group(1).encode().decode("unicode_escape")
+    expected = greedy_generate(model, tokenizer, [prompt], 10)[0][0]
+    assert capsys.readouterr().out.strip() == expected.strip()
