@@ -73,10 +73,13 @@ def check_folder(folder):
 
 @functools.lru_cache(maxsize=8)
 def read_config(folder):
-    from transformers import AutoConfig
-
+    path = check_folder(folder)  # (every reader of the folder reads its config first: the checks come first)
     try:
-        return AutoConfig.from_pretrained(check_folder(folder), local_files_only=True)
+        from transformers import AutoConfig
+    except ImportError:
+        raise UsageError("--model needs transformers: pip install -e '.[hf]' (make compare installs it)") from None
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, KeyError, OSError) as e:  # an unknown model_type, a broken config.json
         raise UsageError(
             f"--model {folder}: config.json is not a config transformers reads ({str(e).splitlines()[0][:200]})"
@@ -131,9 +134,9 @@ def order_projections(model):
 def skeleton(folder):
     """The model's modules with no weights (on the meta device), Conv1D converted: what targets are checked against
     before anything is loaded."""
+    config = read_config(folder)
     from transformers import AutoModelForCausalLM
 
-    config = read_config(folder)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     conv1d_to_linear(model)

@@ -1,6 +1,8 @@
 """A local Hugging Face causal LM as the base (`--model DIR`, d2lora_min/own/model.py): every architecture with default
 targets loads, packs and decodes as tiny_gpt does; bad model folders and an architecture without default targets are
-refused in one line before any work."""
+refused in one line before any work, and so is --model without transformers."""
+
+import sys
 
 import pytest
 
@@ -68,3 +70,9 @@ def test_an_architecture_without_default_targets_lists_its_linear_modules(tmp_pa
     assert "no default targets for model type 'phi'" in msg and "q_proj" in msg and "fc1" in msg and "dense" in msg
     assert compare_main(argv + ["--targets=q_proj,v_proj", "--methods", "lora", "--reference=lora", "--seeds=0",
                                 "--epochs=1", "--train.progress=false", "--checkpoints=1"]) == 0  # fmt: skip
+
+
+def test_without_transformers_a_model_is_a_usage_error_that_says_what_to_install(tmp_path, capsys, monkeypatch):
+    folder = model_folder(tmp_path / "llama")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an environment without it gives: ImportError
+    assert "--model needs transformers: pip install -e '.[hf]'" in refused(["--model", str(folder)], capsys)
