@@ -177,7 +177,7 @@ def main(argv=None):
 
         return tasks_main(argv[1:])
     parser = argparse.ArgumentParser(prog="d2lora export", epilog=__doc__,
-                                     description="The shipped base as OPT, an adapter for PEFT, the embedded tasks as JSONL.",
+                                     description="The shipped base as OPT, an adapter for PEFT, the tasks as JSONL.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="what", required=True)
     base = sub.add_parser("base", help="the shipped base (or --base DIR) as an OPTForCausalLM folder")

@@ -187,10 +187,11 @@ def resolve(cfg: CompareConfig):
     check_range("alpha_over_r", cfg.alpha_over_r, kind=float)
     if cfg.alpha_over_r <= 0:
         raise UsageError(f"alpha_over_r must be > 0, got {cfg.alpha_over_r}")
+    skeleton = model_skeleton(cfg.pretrain.model) if skeleton is None else skeleton
     targets_of = [(f"targets in {s.text!r}", s.targets) for s in specs if s.name in METHODS]
     for where, targets in [("targets", cfg.targets)] + targets_of:
         try:
-            find_targets(skeleton or model_skeleton(cfg.pretrain.model), targets)
+            find_targets(skeleton, targets)
         except (ValueError, TypeError) as e:
             raise UsageError(f"{where}: {e}") from None
     for name, high in RANGES.items():
