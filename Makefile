@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --progress-bar off -c constraints.txt
 BASE := $(VENV)/.installed-base
 EXTRAS := $(VENV)/.installed-test
+HF := $(VENV)/.installed-hf
+# --model DIR (a local Hugging Face model) needs transformers: the targets that take it install it when ARGS names one
+NEEDS := $(BASE) $(if $(findstring --model,$(ARGS)),$(HF))
 # TORCH_INDEX=URL takes torch from that package index, e.g. the CPU build on Linux:
 #   make compare TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
@@ -20,6 +23,7 @@ D2LORA = $(if $(filter 1,$(NPROC)),$(VENV)/bin/d2lora,$(VENV)/bin/torchrun --sta
 help:
 	@echo "For users:"
 	@echo "  make compare      fine-tune LoRA(r), LoRA(2r), DoRA(r), D2-LoRA(r) on the shipped base and print the table"
+	@echo "                    ARGS='--model DIR --tasks DIR': on your own Hugging Face model and JSONL tasks"
 	@echo "  make test         run the test suite (pytest + hypothesis)"
 	@echo "  make tune         each method's learning rate, on development seeds and validation items"
 	@echo "  make replicate    the paper's claims at this scale, 28 seeds, at tuned and at the shared learning rate"
@@ -42,6 +46,10 @@ $(BASE): pyproject.toml constraints.txt
 	$(PIP) -e .
 	touch $(BASE)
 
+$(HF): $(BASE)
+	$(PIP) -e ".[hf]"
+	touch $(HF)
+
 $(EXTRAS): $(BASE)
 	$(PIP) -e ".[test,peft]"
 	touch $(EXTRAS)
@@ -51,16 +59,16 @@ venv: $(EXTRAS)
 test: $(EXTRAS)
 	$(PY) -m pytest
 
-compare: $(BASE)
+compare: $(NEEDS)
 	$(D2LORA) compare $(ARGS)
 
-tune: $(BASE)
+tune: $(NEEDS)
 	$(D2LORA) tune $(ARGS)
 
-ablate: $(BASE)
+ablate: $(NEEDS)
 	$(D2LORA) compare --preset ablate $(ARGS)
 
-replicate: $(BASE)
+replicate: $(NEEDS)
 	$(D2LORA) compare --preset replicate $(ARGS)
 
 tour: $(BASE)

@@ -4,6 +4,7 @@
     d2lora compare --methods lora,d2lora --seeds 0,1      d2lora tune --publish
     d2lora compare --preset replicate                     d2lora bench --quick
     d2lora pretrain --out runs/my_base                    d2lora tour
+    d2lora compare --model DIR --tasks DIR                d2lora export adapter --model DIR --adapter RUN --out DIR
 
 `d2lora <command> --help` lists each one's flags and settings.
 """
@@ -20,6 +21,7 @@ COMMANDS = {
     "bench": ("d2lora_min.train.bench", "speed and memory of every method, as ratios measured side by side"),
     "pretrain": ("d2lora_min.train.pretrain", "pretrain a base model"),
     "tour": ("d2lora_min.tour", "draw the pictures of docs/TOUR.md"),
+    "export": ("d2lora_min.own.export", "Hugging Face folders: the base as OPT, adapters for PEFT; tasks as JSONL"),
 }
 
 

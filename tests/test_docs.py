@@ -56,7 +56,10 @@ def test_porting_checksum_is_the_one_adapter_files_carry(tmp_path, dtype):
     assert names["adapter_sha256"](metadata[CONFIG_KEY], raw_tensors(path)) == metadata[CHECKSUM_KEY]
     config = json.loads(metadata[CONFIG_KEY])
     weights = {name: model.get_submodule(name).base.weight.detach() for name in ("0", "1")}
-    raw = {name: (w.view(torch.int16).numpy().view("<u2") if dtype == torch.bfloat16 else w.numpy()) for name, w in weights.items()}
+    raw = {
+        name: (w.view(torch.int16).numpy().view("<u2") if dtype == torch.bfloat16 else w.numpy())
+        for name, w in weights.items()
+    }
     assert {name: names["base_sha256"](w) for name, w in raw.items()} == config["base_sha256"]
 
 
@@ -73,7 +76,11 @@ def test_porting_digests_match_the_reference_adapter_file():
     with safe_open(str(folder / "adapter.safetensors"), framework="np") as f:
         metadata = f.metadata()
     digest = re.search(r"its checksum is\n\n    ([0-9a-f]{64})", (ROOT / "docs" / "PORTING.md").read_text()).group(1)
-    assert names["adapter_sha256"](metadata[CONFIG_KEY], load_file(folder / "adapter.safetensors")) == metadata[CHECKSUM_KEY] == digest
+    assert (
+        names["adapter_sha256"](metadata[CONFIG_KEY], load_file(folder / "adapter.safetensors"))
+        == metadata[CHECKSUM_KEY]
+        == digest
+    )
     base = load_file(folder / "base.safetensors")
     config = json.loads(metadata[CONFIG_KEY])
     assert {name: names["base_sha256"](base[f"{name}.weight"]) for name in ("0", "1")} == config["base_sha256"]
@@ -146,9 +153,6 @@ def defines(path, test):
     return file.is_file() and re.search(rf"^def {test}\(", file.read_text(), re.M) is not None
 
 
-
-
-
 def test_every_test_the_design_names_as_a_guarantee_exists():
     # docs/DESIGN.md pins each file-safety guarantee to a test by name (its path under tests/): a renamed or moved
     # test must move the line too
@@ -160,8 +164,15 @@ def test_every_test_the_design_names_as_a_guarantee_exists():
 
 def test_every_test_file_the_docs_and_docstrings_name_exists():
     # "tests/test_adapters.py" in the README after the tests moved to tests/nn/ would send a reader nowhere
-    texts = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "d2lora_min").rglob("*.py"), *(ROOT / "scripts").glob("*.py")]
-    named = {(m[1], m[2]) for p in texts for m in re.finditer(r"tests/((?:\w+/)*\w+\.py)(?:::(test_\w+))?", p.read_text())}
+    texts = [
+        ROOT / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+        *(ROOT / "d2lora_min").rglob("*.py"),
+        *(ROOT / "scripts").glob("*.py"),
+    ]
+    named = {
+        (m[1], m[2]) for p in texts for m in re.finditer(r"tests/((?:\w+/)*\w+\.py)(?:::(test_\w+))?", p.read_text())
+    }
     assert named
     missing = [f"tests/{f}" + (f"::{t}" if t else "") for f, t in sorted(named, key=str)
                if not (ROOT / "tests" / f).is_file() or (t and not defines(f, t))]  # fmt: skip

@@ -17,7 +17,9 @@ from .helpers import Conv1D  # stands in for transformers' Conv1D
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
-needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers is not installed: pip install transformers")
+needs_transformers = pytest.mark.skipif(
+    not HAS_TRANSFORMERS, reason="transformers is not installed: pip install transformers"
+)
 
 
 def load_recipe():

@@ -24,9 +24,10 @@ def sealed(result):
 
 def read_run(path, expected=None, tasks=None, n_items=None, trained=True, tested=True):
     """A finished run's JSON, or None when there is none or it is not a valid result of the run `expected` describes
-    ({"method": spec text, "seed", "key"}) with an entry for each of `tasks` ({name: "mc" or "gen"}), n_items each
-    (then the run is recomputed, with one line saying why). trained: the run fine-tuned something (not `base`); tested:
-    it was scored on test items (and so measured retention). Without `expected`, only whether the file is JSON."""
+    ({"method": spec text, "seed", "key"}) with an entry for each of `tasks` ({name: "mc" or "gen"}), n_items each (a
+    number, or {task: number}); then the run is recomputed, with one line saying why. trained: the run fine-tuned
+    something (not `base`); tested: it was scored on test items (and so measured retention). Without `expected`, only
+    whether the file is JSON."""
     if not path.exists():
         return None
     try:
@@ -70,13 +71,13 @@ def invalid(result, expected, tasks, n_items, trained, tested):
             return f"{field_name} is missing or has the wrong type"
     fields = {"mc": ("correct_sum", "correct_mean", "logp"), "gen": ("rouge", "exact", "answer")}
     for task, kind in tasks.items():
-        items = result["items"].get(task)
+        items, n = result["items"].get(task), n_items[task] if isinstance(n_items, dict) else n_items
         if not isinstance(items, dict):
             return f"no items for task {task!r}"
         for field_name in fields[kind]:
             values = items.get(field_name)
-            if not isinstance(values, list) or len(values) != n_items:
-                return f"task {task!r}: {field_name} is missing or does not hold {n_items} items"
+            if not isinstance(values, list) or len(values) != n:
+                return f"task {task!r}: {field_name} is missing or does not hold {n} items"
         flags = ("correct_sum", "correct_mean") if kind == "mc" else ("exact",)
         if not all(v in (0, 1) for f in flags for v in items[f]):
             return f"task {task!r}: a correctness flag is not 0 or 1"

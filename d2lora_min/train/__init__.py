@@ -12,4 +12,6 @@ settings.py  every setting of a comparison, checked and derived once (resolve ->
 runs.py      one run: train, score, retention, merge check; its key and files
 stats.py     paired differences with CIs, the lr match;  tables.py, plots.py, report.py  the report
 compare.py   `d2lora compare`;  tune.py  `d2lora tune`;  bench.py  `d2lora bench`
+
+Your own model and data (--model, --tasks DIR) live in d2lora_min/own/, which settings.resolve, compare and tune call.
 """

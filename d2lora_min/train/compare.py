@@ -30,14 +30,15 @@ import torch.distributed as dist
 
 from ..files.io import check_writable, output_lock, write_json
 from ..files.run_results import sealed
-from ..synthetic.tasks import TASKS, retention_probe, updated_facts
+from ..synthetic.tasks import retention_probe, updated_facts
 from ..synthetic.world import World
 from .cli import UsageError, apply_overrides, config_help, overridden, parse_value, run_cli
 from .data import heldout_text
 from .pretrain import resolve_base
-from .report import learning_rates_line, write_report
+from .measure import Eta
+from .report import learning_rates_line, terminal, write_report
 from .runs import check_run_outputs, read_result, result_path, run_key, run_one, work_dir
-from .settings import DERIVED, PRESETS, CompareConfig, preset, protocol, resolve
+from .settings import DERIVED, PRESETS, CompareConfig, preset, resolve
 from .specs import split_methods
 from .tasks import build_splits, of_kind
 from .trainer import init_distributed, rank_and_world
@@ -60,13 +61,22 @@ class Setup:
 def prepare(settings):
     """Load the base (pretraining a new one only when the settings' pretrain config differs from the shipped base's)
     and draw the task splits and the retention probe."""
+    if settings.own:  # your model, task folder or held-out text
+        from ..own.session import prepare as prepare_own
+
+        return Setup(**prepare_own(settings))
     cfg = settings.cfg
     base_model, tokenizer, base_meta, base_dir = resolve_base(cfg.pretrain)
     world = World(seed=cfg.pretrain.corpus.world_seed, n_people=cfg.pretrain.corpus.n_people)
-    tasks = {name: TASKS[name] for name in cfg.tasks}
-    splits = build_splits(world, tasks, cfg.n_train, cfg.n_test, cfg.n_validation, seed=0)
-    probe = (heldout_text(world, tokenizer, exclude_names=tuple(updated_facts(world))), retention_probe(world))
-    return Setup(base_model.to(settings.device), tokenizer, base_meta, base_dir, tasks, splits, probe, settings.device)
+    splits = build_splits(world, settings.tasks, cfg.n_train, cfg.n_test, cfg.n_validation, seed=0)
+    probe = embedded_probe(world, tokenizer)
+    return Setup(base_model.to(settings.device), tokenizer, base_meta, base_dir, settings.tasks, splits, probe,
+                 settings.device)  # fmt: skip
+
+
+def embedded_probe(world, tokenizer):
+    """The retention probe of the embedded world: its held-out text (tokens) and its facts probe (items)."""
+    return heldout_text(world, tokenizer, exclude_names=tuple(updated_facts(world))), retention_probe(world)
 
 
 def run_all(settings, setup, out_dir, fresh=False):
@@ -76,6 +86,7 @@ def run_all(settings, setup, out_dir, fresh=False):
     rank, n_procs = rank_and_world()
     sha, first_seed = setup.base_meta["sha256"], settings.cfg.seeds[0]
     runs, reused, done = [], 0, {}  # done: the runs of this comparison by what they run (run_key by_settings)
+    eta = Eta(sum(spec.name != "base" for spec, _ in settings.runs()))  # "about N min left" after each trained run
     for spec, seed in settings.runs():
         key = run_key(settings, spec, seed, sha, full_merge=seed == first_seed)
         same = run_key(settings, spec, seed, sha, full_merge=seed == first_seed, by_settings=True)
@@ -102,12 +113,15 @@ def run_all(settings, setup, out_dir, fresh=False):
             runs.append(cached)
             done.setdefault(same, cached)
             reused += 1
+            eta.skip(spec.name != "base")
             continue
         if fresh and rank == 0:
             shutil.rmtree(work_dir(out_dir, spec, seed, key), ignore_errors=True)
         if n_procs > 1:
             dist.barrier()
+        eta.start()
         result = run_one(spec, seed, key, seed == first_seed, settings, setup, out_dir)
+        left = eta.finished(spec.name != "base")
         if rank == 0:
             write_json(path, sealed({**result, "key": key}))  # written last: its presence marks the run as finished
             shutil.rmtree(work_dir(out_dir, spec, seed, key), ignore_errors=True)  # the result is safe
@@ -117,7 +131,7 @@ def run_all(settings, setup, out_dir, fresh=False):
             took = f", {result['train_seconds']:.0f} s training" if "train_seconds" in result else ""
             print(
                 f"{spec.label} seed {seed}{status}: mean {settings.cfg.split} accuracy {100 * mean:.1f}{took}, "
-                f"{result['eval_seconds']:.0f} s evaluation",
+                f"{result['eval_seconds']:.0f} s evaluation" + (f"; {left}" if left else ""),
                 flush=True,
             )
             runs.append({**result, "key": key})
@@ -133,16 +147,18 @@ def announce(settings, setup):
     cfg, meta, tcfg = settings.cfg, setup.base_meta, settings.train
     print(
         f"base: {setup.base_dir} (probe {meta.get('probe_accuracy')}, sha256 {meta['sha256'][:12]}) | device "
-        f"{settings.device} | {torch.get_num_threads()} threads | {settings.processes} process(es) | {len(cfg.tasks)} "
-        f"tasks x {cfg.n_train} items x {cfg.epochs} epochs = {tcfg.steps} steps of {tcfg.batch_size} | scored on "
+        f"{settings.device} | {torch.get_num_threads()} threads | {settings.processes} process(es) | "
+        f"{settings.describe()} x {cfg.epochs} epochs = {tcfg.steps} steps of {tcfg.batch_size} | scored on "
         f"{cfg.split} items",
         flush=True,
     )
     print(learning_rates_line(settings.specs), flush=True)
+    for note in settings.own.notes if settings.own else ():  # where your model's learning rates came from
+        print(note, flush=True)
     tuned = settings.tuned if any(s.lr_from == "tuned" for s in settings.specs) else {}
     tuned_under = tuned.get("protocol", {})
-    if tuned and tuned_under != protocol(cfg):
-        differ = ", ".join(k for k, v in protocol(cfg).items() if tuned_under.get(k) != v)
+    if tuned and tuned_under != settings.protocol:
+        differ = ", ".join(k for k, v in settings.protocol.items() if tuned_under.get(k) != v)
         print(f"note: the tuned learning rates were chosen under other settings ({differ}); they are used as they are")
     own = [s for s in settings.specs if s.lr_from == "tuned" and s.targets != tuple(cfg.targets)]  # a spec's targets=
     moved = [s.label for s in own if list(s.targets) != tuned_under.get("targets")]
@@ -172,8 +188,8 @@ def compare(cfg: CompareConfig, out_dir="runs/compare", fresh=False, preset="def
         if rank != 0:
             return None
         wall = f"{time.time() - t_start:.0f} s ({reused} of {len(runs)} runs reused)"
-        text, summary = write_report(settings, setup, runs, wall, out_dir, preset, publish)
-    print(f"\n{text}\nwritten: {out_dir}/{', '.join(names)}")
+        _, summary = write_report(settings, setup, runs, wall, out_dir, preset, publish)
+    print("\n" + terminal(settings, summary["rows"], runs, wall, out_dir))  # 100 columns; every table in results.md
     return summary
 
 
@@ -216,6 +232,9 @@ def main(argv=None):
             if args.out is not None
             else ("runs/compare" if args.preset == "default" else f"runs/{args.preset}")
         )
+        from ..own.session import defaults  # --model DIR, --tasks DIR: what depends on the settings given
+
+        cfg = defaults(cfg, overrides, publish=args.publish)
         settings = resolve(cfg)  # before joining a process group or loading anything
         init_distributed()  # under torchrun: join the process group; otherwise a no-op
         if settings.processes == 1 and rank_and_world()[1] > 1:  # joined just now: the budget's check per process

@@ -277,10 +277,12 @@ def task_scores(items, tasks, scoring):
 
 
 def retention(model, tokenizer, probe):
-    """What fine-tuning kept of pretraining: held-out corpus loss (nats) and the facts probe in corpus wording."""
+    """What fine-tuning kept of pretraining: held-out text loss (nats) and the facts probe in corpus wording (NaN where
+    the probe has none: your own text has no facts probe, your own tasks without --heldout_text no text)."""
     tokens, items = probe
-    facts = mc_accuracy(model, tokenizer, items)[0]
-    return {"heldout_loss": validation_loss(model, tokens, model.config.block_size), "facts_probe": facts}
+    window = 0 if tokens is None else min(model.config.block_size, len(tokens) - 1)  # a short text: one window of it
+    loss = validation_loss(model, tokens, window) if window else math.nan
+    return {"heldout_loss": loss, "facts_probe": mc_accuracy(model, tokenizer, items)[0] if items else math.nan}
 
 
 LOGIT_PROBE_PER_TASK = 16  # test prompts per task on which unmerged and merged logits are compared

@@ -254,11 +254,8 @@ def resolve_base(cfg: PretrainConfig):
     cached = BASE_CACHE / key
     if (cached / "base.json").exists():
         return (*load_base(cached), cached)
-    print(
-        f"the model or corpus settings differ from the shipped base's: pretraining a new base into {cached} "
-        f"(this takes a while; it is cached for later runs)",
-        flush=True,
-    )
+    print(f"the model or corpus settings differ from the shipped base's: pretraining a new base into {cached} (this "
+          f"takes a while; it is cached for later runs)", flush=True)  # fmt: skip
     pretrain(cfg, cached)
     return (*load_base(cached), cached)
 

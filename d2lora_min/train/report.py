@@ -1,12 +1,13 @@
 """The report of a comparison, from its per-run results: one row per method (scores, the paired difference from the
 reference with its CI and verdict, retention, cost), written as results.md and results.json with the plots, and,
-with --publish, copied to docs/results/ (what the README shows). The statistics are in stats.py, the tables and the
-paper's claims in tables.py, the plots in plots.py.
+with --publish, copied to docs/results/ (what the README shows); and the summary compare prints, at most 100 columns
+wide (terminal). The statistics are in stats.py, the tables and the paper's claims in tables.py, the plots in plots.py.
 """
 
 import math
 import shutil
 import statistics
+import textwrap
 from dataclasses import asdict
 
 import numpy as np
@@ -154,9 +155,10 @@ def write_report(settings, setup, runs, wall, out_dir, preset, publish=False):
     ref = settings.reference
     base_row = next((r for r in rows if r["method"] == "base"), None)
     steps, sha = settings.train.steps, setup.base_meta["sha256"]
-    n_items = cfg.n_test if cfg.split == "test" else cfg.n_validation
+    n_items = "-".join(str(n) for n in sorted({min(c[cfg.split] for c in settings.counts.values()),
+                                               max(c[cfg.split] for c in settings.counts.values())}))  # fmt: skip
     header = (
-        f"base {sha[:12]}; {len(tasks)} tasks x {cfg.n_train} training items x {cfg.epochs} epochs "
+        f"base {sha[:12]}; {settings.describe()} x {cfg.epochs} epochs "
         f"= {steps} steps of {cfg.train.batch_size}; {n_items} {cfg.split} items per task; seeds {list(cfg.seeds)}; "
         f"targets {'+'.join(cfg.targets)}; scoring {cfg.scoring}; {'fused' if cfg.fused else 'plain'} path; device "
         f"{settings.device}, {torch.get_num_threads()} threads; wall {wall}"
@@ -179,6 +181,7 @@ def write_report(settings, setup, runs, wall, out_dir, preset, publish=False):
         tables.difference_table(rows, tasks, ref.label),
     ]
     parts += ["", "Retention and cost:", "", tables.cost_table(rows, base_row, "lora")]
+    parts += ["", "Step time and memory per method:", "", tables.memory_table(rows, runs)]
     parts += ["", *tables.headroom_lines(rows, tasks, chance), *tables.flag_lines(rows)]
     summary = {"config": asdict(cfg), "rows": rows, "wall": wall, "base": sha, "steps": steps}
     if preset == "ablate":
@@ -222,3 +225,49 @@ def write_report(settings, setup, runs, wall, out_dir, preset, publish=False):
                 with atomic_path(PUBLISHED / f"{preset}_{png}") as tmp:
                     shutil.copyfile(out_dir / png, tmp)
     return text, summary
+
+
+WIDTH = 100  # columns of the summary compare prints
+SHORT = {"no detectable difference": "no detectable diff"}  # the one verdict too long for its column
+
+
+def compact(n):
+    """1234 -> '1.23k', 2_345_678 -> '2.35M': a parameter count in at most 7 characters."""
+    return next((f"{n / size:.3g}{unit}" for size, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")) if n >= size), str(n))
+
+
+def summary_table(rows, runs, reference_label, width=WIDTH):
+    """One fixed-width line per method, at most `width` columns: trainable parameters, mean accuracy, the difference
+    from the reference with its 95 % CI, the verdict, step time, memory (the label cut with … to what is left)."""
+    memory, _ = tables.memory_of(runs)
+    head = ["method", "trainable", "mean %", "Δ pp [95 % CI]", "verdict", "step", "memory"]
+    body = []
+    for r in rows:
+        v = r.get("vs_reference")
+        diff = f"{100 * v['diff']:+.1f} [{100 * v['lo']:+.1f}, {100 * v['hi']:+.1f}]" if v else "–"
+        diff, verdict = ("(reference)", "") if r["label"] == reference_label else (diff, v["verdict"] if v else "–")
+        mean = "–" if math.isnan(r["mean_mc"]) else f"{100 * r['mean_mc']:.1f}"
+        body.append([tables.marked(r), compact(r["trainable_params"]), mean, diff, SHORT.get(verdict, verdict),
+                     tables.step(r.get("step_time")), tables.size(memory.get(r["method"]))])  # fmt: skip
+    widths = [max(len(h), *(len(c[i]) for c in body)) for i, h in enumerate(head)]
+    widths[0] = min(widths[0], width - sum(widths[1:]) - 2 * (len(head) - 1))  # what the other columns leave
+
+    def line(c):
+        c = [c[0] if len(c[0]) <= widths[0] else c[0][: widths[0] - 1] + "…"] + c[1:]
+        return "  ".join(x.rjust(w) if i in (1, 2, 5, 6) else x.ljust(w) for i, (x, w) in enumerate(zip(c, widths)))
+
+    return [line(c).rstrip() for c in [head, ["-" * w for w in widths], *body]]
+
+
+def terminal(settings, rows, runs, wall, out_dir, width=WIDTH):
+    """The summary compare prints at the end (every line at most `width` columns); every table is in results.md."""
+    cfg, specs = settings.cfg, settings.specs
+    ref = next((r["label"] for r in rows if r["method"] == cfg.reference), cfg.reference)
+    tuned = f"; tuned lrs from {cfg.tuned_file}" if any(s.lr_from == "tuned" for s in specs) else ""
+    written = f"wall {wall}; written: {out_dir}/results.md (every table), results.json, loss_curves.png, forest.png"
+    notes = [f"Summary, against {ref}: mean {cfg.split} accuracy over the multiple-choice tasks (%), the paired "
+             f"difference with its 95 % CI over seeds {list(cfg.seeds)} and items. Every table: {out_dir}/results.md.",
+             learning_rates_line(specs) + tuned, tables.MEMORY[tables.memory_of(runs)[1]] + "; step: the median step",
+             "", *summary_table(rows, runs, ref, width), "", written]  # fmt: skip
+    wrap = lambda t: textwrap.wrap(t, width, break_long_words=True, break_on_hyphens=False) if t else [""]  # noqa: E731
+    return "\n".join(w for n in notes for w in (wrap(n) if len(n) > width else [n]))

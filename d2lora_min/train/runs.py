@@ -31,7 +31,7 @@ from ..nn import (
 from .data import EOT, finetune_batches
 from .settings import PUBLISHED
 from .evaluate import evaluate_items, logit_probe_batch, real_logits, retention, task_scores
-from .measure import forward_throughput
+from .measure import forward_throughput, memory_record, saved_in_step, start_peak
 from .trainer import TrainingDiverged, rank_and_world, train
 
 SLUG_CHARS = 48  # of a spec's readable part in file names (a long spec would overflow the 255 bytes a name may have)
@@ -79,7 +79,7 @@ def check_run_outputs(settings, out_dir, names, published=()):
 def read_result(path, settings, setup, spec, seed, key):
     """The finished result of this run at `path`, or None (none there, or not this run's: then it is recomputed)."""
     cfg = settings.cfg
-    n_items = cfg.n_test if cfg.split == "test" else cfg.n_validation
+    n_items = {name: counts[cfg.split] for name, counts in settings.counts.items()}  # per task (a file task: its own)
     expected = {"method": spec.text, "seed": seed, "key": key}
     kinds = {name: task.kind for name, task in setup.tasks.items()}
     return read_run(path, expected, kinds, n_items, trained=spec.name != "base", tested=cfg.split == "test")
@@ -105,6 +105,7 @@ def run_key(settings, spec, seed, base_sha, full_merge, by_settings=False):
     blob.update(spec=what, seed=seed, device=settings.device, processes=settings.processes, targets=list(spec.targets))
     blob.update(lr=spec.lr, full_merge=full_merge, base=base_sha, world=settings.corpus, version=3)
     blob["train"] = {k: v for k, v in asdict(settings.train).items() if k not in ("progress", "desc")}
+    blob.update(settings.own.key if settings.own else {})  # your model, task files, held-out text (own/session.py)
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -175,9 +176,9 @@ def fine_tune(model, spec, seed, settings, setup, train_dir, key):
         n_shards=n_procs,
     )
     out["train_positions"] = positions_in(get_batch, tcfg.steps, pad)
-    start = [
-        p.detach().clone() for p in model.parameters() if p.requires_grad
-    ]  # to tell whether training moved anything
+    start = [p.detach().clone() for p in model.parameters() if p.requires_grad]  # did training move anything?
+    saved = saved_in_step(model, get_batch(0), setup.device, tcfg.amp)  # one step's activations (train() reseeds)
+    start_peak(setup.device)
     t0 = time.perf_counter()
     try:
         trained = train(model, get_batch, tcfg, out_dir=train_dir, key=key)
@@ -198,6 +199,7 @@ def fine_tune(model, spec, seed, settings, setup, train_dir, key):
         )
     warm = len(trained.step_times) // 10  # the first tenth warms up the allocator and caches: left out
     # no step time at all only when the loss was not finite at the very first step: NaN then (the run is flagged diverged)
+    out["memory"] = memory_record(setup.device, saved)
     out.update(
         train_seconds=time.perf_counter() - t0,
         steps=tcfg.steps,

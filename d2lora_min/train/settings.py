@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from tiny_gpt import GPT, GPTConfig
 
@@ -23,7 +24,7 @@ from ..nn.inject import find_targets
 from .cli import UsageError, check_range
 from .data import steps_for
 from .pretrain import PretrainConfig, check_pretrain_config, corpus_fingerprint
-from .specs import SHARED_LR, TARGET_GROUPS, parse_method_spec, roles
+from .specs import SHARED_LR, TARGET_GROUPS, check_listed_once, parse_method_spec, roles
 from ..synthetic.tasks import TASKS
 from .trainer import TrainConfig, check_train_config, pick_device, rank_and_world
 
@@ -70,10 +71,8 @@ class CompareConfig:
     seeds: tuple = (0, 1, 2, 3, 4)  # reported seeds (0-99); defaults are chosen on development seeds (DEV_SEEDS)
     r: int = 4  # rank when a spec does not say
     alpha_over_r: float = 2.0  # alpha = alpha_over_r * r unless a spec sets alpha: the same scaling at every rank
-    targets: tuple = TARGET_GROUPS[
-        "attn"
-    ]  # module-name suffixes to adapt: q, k, v, o, as the paper (a spec's targets=)
-    tasks: tuple = tuple(TASKS)
+    targets: tuple = TARGET_GROUPS["attn"]  # module-name suffixes to adapt: q, k, v, o, as the paper
+    tasks: tuple = tuple(TASKS)  # embedded task names, or one folder of <task>.jsonl files (own/tasks.py)
     n_train: int = 160  # training items per task
     epochs: int = 3  # passes over them: steps = epochs * ceil(n_tasks * n_train / batch_size)
     n_test: int = 500  # test items per task (what is reported)
@@ -89,6 +88,10 @@ class CompareConfig:
     fused: bool = False  # DoRA and D2-LoRA through the opt-in fused path (nn/fused.py) instead of their forward()
     train: TrainConfig = field(default_factory=default_train_config)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)  # which base (the shipped one by default)
+    # your own model and data (own/): a local Hugging Face causal LM as the base, instead of the tiny GPT (model.py)
+    model: Optional[str] = None
+    model_context: int = 1024  # with --model: the longest sequence the harness builds (at most the model's positions)
+    heldout_text: Optional[str] = None  # UTF-8 text: retention is the loss on it (else the world's text, or skipped)
 
 
 def apply_preset(cfg, name):
@@ -99,11 +102,11 @@ def apply_preset(cfg, name):
     return cfg
 
 
-def budget(cfg: CompareConfig):
-    """The trainer's settings for one fine-tuning run: steps from the budget, warmup and checkpoint intervals as
-    fractions of them (so a short run is not all warmup)."""
+def budget(cfg: CompareConfig, n_items=None):
+    """The trainer's settings for one fine-tuning run: steps from the budget (n_items training items, n_train per task
+    unless given), warmup and checkpoint intervals as fractions of them (so a short run is not all warmup)."""
     tcfg = copy.deepcopy(cfg.train)
-    tcfg.steps = steps_for(len(cfg.tasks) * cfg.n_train, cfg.epochs, tcfg.batch_size)
+    tcfg.steps = steps_for(len(cfg.tasks) * cfg.n_train if n_items is None else n_items, cfg.epochs, tcfg.batch_size)
     tcfg.warmup_steps = max(1, round(cfg.warmup_frac * tcfg.steps))
     tcfg.checkpoint_every = max(1, math.ceil(tcfg.steps / cfg.checkpoints))
     return tcfg
@@ -120,6 +123,9 @@ class Settings:
     processes: int  # under torchrun, the number of processes
     tuned: dict  # the tuned learning rates file ({} when no spec reads it)
     corpus: str  # the corpus fingerprint (part of every run key)
+    tasks: dict  # {name: Task}: the embedded tasks, or the task folder's
+    counts: dict  # {task: {"train", "validation", "test": items}}
+    own: object = None  # own.session.Own: your model, task folder or held-out text (None: the shipped base and tasks)
 
     @property
     def reference(self):
@@ -129,12 +135,22 @@ class Settings:
         """(spec, seed) of every run: the base runs once (it is not trained, so seeds would repeat it)."""
         return [(s, seed) for s in self.specs for seed in (self.cfg.seeds if s.name != "base" else self.cfg.seeds[:1])]
 
+    @property
+    def protocol(self):
+        return protocol(self.cfg, self.own.protocol if self.own else None)
 
-def protocol(cfg):
-    """The settings a tuned lr holds for: compare notes when it runs under others."""
+    def describe(self):
+        """The tasks and their training items, as announce and the report say them."""
+        if self.own and self.own.folder:
+            return f"{len(self.tasks)} tasks from files, {sum(c['train'] for c in self.counts.values())} training items"
+        return f"{len(self.tasks)} tasks x {self.cfg.n_train} training items"
+
+
+def protocol(cfg, own=None):
+    """The settings a tuned lr holds for (own: what your model and task files add): compare notes other settings."""
     budget = dict(tasks=list(cfg.tasks), n_train=cfg.n_train, epochs=cfg.epochs, batch_size=cfg.train.batch_size)
     return {**budget, "targets": list(cfg.targets), "r": cfg.r, "alpha_over_r": cfg.alpha_over_r, "packed": cfg.packed,
-            "base": cfg.pretrain.key()}  # fmt: skip
+            "base": cfg.pretrain.key(), **(own or {})}  # fmt: skip
 
 
 # Upper bounds of the settings whose huge values would hang or allocate for minutes before failing.
@@ -152,28 +168,30 @@ DERIVED = ("train.steps", "train.warmup_steps", "train.checkpoint_every", "train
 
 def resolve(cfg: CompareConfig):
     """Check every setting of a comparison before any work -> Settings; a UsageError naming the first one wrong."""
+    from ..own.session import resolve_own  # your model, task folder or held-out text: a copy of cfg and Own, or None
+
     check_pretrain_config(cfg.pretrain, "pretrain")  # the base the runs start from (pretrained anew if it differs)
-    check_lists(cfg)
-    check_range("r", cfg.r, 1, cfg.pretrain.model.d_model)  # before any spec builds a layer of that rank
+    cfg, own = resolve_own(cfg)  # (every line of a task folder checked)
+    known = own.tasks if own and own.folder else TASKS
+    check_lists(cfg, known)
+    # the base's width and module names, to check every rank and target against (a --model's on the meta device)
+    width, skeleton = (own.width, own.skeleton) if own and own.model else (cfg.pretrain.model.d_model, None)
+    check_range("r", cfg.r, 1, width)  # before any spec builds a layer of that rank
     for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             raise UsageError(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {getattr(cfg, name)!r}")
-    specs = [parse_method_spec(m, cfg) for m in cfg.methods]
+    specs = [parse_method_spec(m, cfg, width=width) for m in cfg.methods]
     tuned = {}
-    if cfg.lr_source == "tuned" and any(
-        s.lr_from == "shared" and s.name in METHODS for s in specs
-    ):  # some spec reads it
+    if cfg.lr_source == "tuned" and any(s.lr_from == "shared" and s.name in METHODS for s in specs):  # one reads it
         tuned = load_tuned(cfg.tuned_file)
-        specs = [parse_method_spec(m, cfg, tuned["lrs"]) for m in cfg.methods]
+        specs = [parse_method_spec(m, cfg, tuned["lrs"], width) for m in cfg.methods]
     check_listed_once(specs)
     check_range("alpha_over_r", cfg.alpha_over_r, kind=float)
     if cfg.alpha_over_r <= 0:
         raise UsageError(f"alpha_over_r must be > 0, got {cfg.alpha_over_r}")
-    skeleton = model_skeleton(cfg.pretrain.model)  # the base's module names, to check every target against
-    targets_of = [("targets", cfg.targets)] + [
-        (f"targets in {s.text!r}", s.targets) for s in specs if s.name in METHODS
-    ]
-    for where, targets in targets_of:
+    skeleton = model_skeleton(cfg.pretrain.model) if skeleton is None else skeleton
+    targets_of = [(f"targets in {s.text!r}", s.targets) for s in specs if s.name in METHODS]
+    for where, targets in [("targets", cfg.targets)] + targets_of:
         try:
             find_targets(skeleton, targets)
         except (ValueError, TypeError) as e:
@@ -187,28 +205,28 @@ def resolve(cfg: CompareConfig):
     default = TrainConfig()
     derived = ("steps", "warmup_steps", "checkpoint_every")
     if any(getattr(cfg.train, k) != getattr(default, k) for k in derived):
-        raise UsageError(
-            "train.steps, train.warmup_steps and train.checkpoint_every follow from the budget: set --n_train, "
-            "--epochs, --warmup_frac, --checkpoints"
-        )
+        raise UsageError("train.steps, train.warmup_steps and train.checkpoint_every follow from the budget: set "
+                         "--n_train, --epochs, --warmup_frac, --checkpoints")  # fmt: skip
     if cfg.train.seed != default.seed:
         raise UsageError("--train.seed is not used by compare: each run's seed comes from --seeds")
     check_range("train.batch_size", cfg.train.batch_size, 1, MAX_ITEMS)  # before the budget divides by it
-    train = check_train_config(budget(cfg))
+    tasks = {name: known[name] for name in cfg.tasks}
+    each = dict(train=cfg.n_train, validation=cfg.n_validation, test=cfg.n_test)  # items per task and split
+    counts = own.counts if own and own.folder else {name: dict(each) for name in tasks}
+    n_items = sum(c["train"] for c in counts.values())  # training items over all tasks
+    train = check_train_config(budget(cfg, n_items))
     _, processes = rank_and_world()
-    last = (len(cfg.tasks) * cfg.n_train) % train.batch_size  # the items of an epoch's last, smaller step
+    last = n_items % train.batch_size  # the items of an epoch's last, smaller step
     if processes > 1 and 0 < last < processes:
-        raise UsageError(
-            f"an epoch's last step has {last} items, fewer than the {processes} processes: choose n_train or "
-            f"batch_size so that every process gets a row"
-        )
+        raise UsageError(f"an epoch's last step has {last} items, fewer than the {processes} processes: choose "
+                         f"n_train or batch_size so that every process gets a row")  # fmt: skip
     device, corpus = pick_device(cfg.train.device), corpus_fingerprint(cfg.pretrain.corpus)
-    return Settings(cfg, specs, train, device, processes, tuned, corpus)
+    return Settings(cfg, specs, train, device, processes, tuned, corpus, tasks, counts, own)
 
 
-def check_lists(cfg: CompareConfig):
-    """The methods, the reference, the seeds and the tasks: given, each once, within range (the methods each once by
-    what they run, however written: check_listed_once, once they are parsed)."""
+def check_lists(cfg: CompareConfig, known=TASKS):
+    """The methods, the reference, the seeds and the tasks (`known`: {name: Task}): given, each once, within range (the
+    methods each once by what they run, however written: check_listed_once, once they are parsed)."""
     for name in ("methods", "seeds", "tasks"):
         if not getattr(cfg, name):
             raise UsageError(f"no {name} given")
@@ -219,27 +237,11 @@ def check_lists(cfg: CompareConfig):
         check_range("seeds", seed, 0, MAX_SEED)
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise UsageError(f"a seed is listed twice: {list(cfg.seeds)} (a repeated seed would fake a narrow interval)")
-    unknown = [t for t in cfg.tasks if t not in TASKS]
+    unknown = [t for t in cfg.tasks if t not in known]
     if unknown:
-        raise UsageError(f"unknown task {unknown[0]!r}; valid tasks: {', '.join(TASKS)}")
+        raise UsageError(f"unknown task {unknown[0]!r}; valid tasks: {', '.join(known)}, or a folder of <task>.jsonl")
     if len(set(cfg.tasks)) != len(cfg.tasks):
         raise UsageError(f"a task is listed twice: {list(cfg.tasks)}")
-
-
-LR_FROM = {"spec": "", "tuned": " at its tuned lr", "shared": " at the shared lr", "full_lr": " at full_lr"}
-
-
-def check_listed_once(specs):
-    """No method twice by what it runs, however written: the same method twice would compare a run with itself."""
-    listed = {}  # identity -> the first spec with it
-    for s in specs:
-        if s.identity in listed:
-            source = "" if s.name == "base" else LR_FROM[s.lr_from]  # the base is not trained: no lr
-            raise UsageError(
-                f"a method is listed twice: {listed[s.identity]!r} and {s.text!r} are the same method, settings "
-                f"and learning rate ({s.label}{source})"
-            )
-        listed[s.identity] = s.text
 
 
 TUNED_KEY = re.compile(r"([A-Za-z0-9_]+)(?::r=([1-9][0-9]*))?")  # what MethodSpec.tuned_key gives: lora, lora:r=8
@@ -249,10 +251,8 @@ def load_tuned(path, required=True):
     """The tuned learning rates file ({"lrs": {"lora": ..., ...}, and how they were chosen}). A UsageError for a file
     that cannot be read or is not one, and for a missing one when `required` (else {"lrs": {}})."""
     if not str(path).strip():  # Path("") is ".", the current folder: say what was given
-        raise UsageError(
-            f"tuned_file is empty: give the file that `make tune ARGS=--publish` wrote, or leave out "
-            f"--tuned_file for the committed one ({TUNED_FILE})"
-        )
+        raise UsageError(f"tuned_file is empty: give the file that `make tune ARGS=--publish` wrote, or leave out "
+                         f"--tuned_file for the committed one ({TUNED_FILE})")  # fmt: skip
     path = Path(path)
     try:
         tuned = read_json(path)

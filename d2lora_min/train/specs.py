@@ -132,8 +132,9 @@ def parse_targets(text, where):
         raise UsageError(f"targets in {where}: {e}") from None
 
 
-def parse_method_spec(text, cfg, tuned=None):
-    """'d2lora:r=8,project=false' -> MethodSpec; a UsageError naming the spec and the key otherwise.
+def parse_method_spec(text, cfg, tuned=None, width=None):
+    """'d2lora:r=8,project=false' -> MethodSpec; a UsageError naming the spec and the key otherwise. width: the base's
+    (what a rank is bounded by; the tiny GPT's d_model unless given).
 
     The learning rate: the spec's own lr= if it sets one; else, with cfg.lr_source == "tuned", the tuned lr of its
     method at its rank from `tuned` ({"lora": 0.0056, "lora:r=8": ...}, see tune.py) when there is one; else the shared
@@ -193,13 +194,26 @@ def parse_method_spec(text, cfg, tuned=None):
     check_range(f"lr in {text!r}", spec.lr, kind=float)
     if spec.lr <= 0:
         raise UsageError(f"lr in {text!r} must be > 0, got {spec.lr}")
-    if (
-        name in METHODS and isinstance(spec.r, int) and spec.r > cfg.pretrain.model.d_model
-    ):  # before the stand-in allocates r numbers
-        raise UsageError(f"r in {text!r} is {spec.r}: larger than the model's width ({cfg.pretrain.model.d_model})")
+    width = width or cfg.pretrain.model.d_model
+    if name in METHODS and isinstance(spec.r, int) and spec.r > width:  # before the stand-in allocates r numbers
+        raise UsageError(f"r in {text!r} is {spec.r}: larger than the model's width ({width})")
     if name in METHODS:  # every value checked now, by building the layer around a 1x1 stand-in (no real work)
         try:
             METHODS[name](nn.Linear(1, 1), r=spec.r, alpha=spec.alpha, dropout=spec.dropout, **options)
         except (ValueError, TypeError) as e:
             raise UsageError(f"{text!r}: {e}") from None
     return spec
+
+
+LR_FROM = {"spec": "", "tuned": " at its tuned lr", "shared": " at the shared lr", "full_lr": " at full_lr"}
+
+
+def check_listed_once(specs):
+    """No method twice by what it runs, however written: the same method twice would compare a run with itself."""
+    listed = {}  # identity -> the first spec with it
+    for s in specs:
+        if s.identity in listed:
+            source = "" if s.name == "base" else LR_FROM[s.lr_from]  # the base is not trained: no lr
+            raise UsageError(f"a method is listed twice: {listed[s.identity]!r} and {s.text!r} are the same method, "
+                             f"settings and learning rate ({s.label}{source})")  # fmt: skip
+        listed[s.identity] = s.text

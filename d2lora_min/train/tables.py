@@ -108,6 +108,8 @@ def cost_table(rows, base_row, speed_reference):
         rel = row["step_time"] / ref["step_time"] if ref and row["step_time"] and ref["step_time"] else None
         if row["heldout_loss"] is None:  # (validation runs measure no retention)
             d_loss, probe = None, "–"
+        elif row["facts_probe"] is None:  # held-out text of your own: no facts probe
+            d_loss, probe = row["heldout_loss"] - (base_row["heldout_loss"] if base_row else 0.0), "–"
         elif base_row:
             d_loss = row["heldout_loss"] - base_row["heldout_loss"]
             probe = f"{100 * base_row['facts_probe']:.1f} → {100 * row['facts_probe']:.1f}"
@@ -120,6 +122,47 @@ def cost_table(rows, base_row, speed_reference):
                      _fmt(row["volatility"], ".4f"), _fmt(gap, ".2f"), _fmt(row["max_logit_diff"], ".1e"),
                      _fmt(speed, ".2f")])  # fmt: skip
     return table(head, body)
+
+
+def size(nbytes):
+    """Bytes as "3.0 MB" ("–" for none)."""
+    if nbytes is None:
+        return "–"
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
+def step(seconds):
+    """A step time as "15 ms" or "12.3 s" ("–" for none)."""
+    if seconds is None or math.isnan(seconds):
+        return "–"
+    return f"{1000 * seconds:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+MEMORY = {"cuda_peak": "memory: the peak CUDA memory allocated while training (torch.cuda.max_memory_allocated)",
+          "saved_for_backward": "memory: what autograd saves for backward in one training step (activations; weights, "
+                                "gradients and optimizer state not counted), the largest over seeds"}  # fmt: skip
+
+
+def memory_of(runs):
+    """({method: bytes}, kind): the largest over a method's runs, of CUDA's peak where every run has it, else of the
+    bytes saved for backward (runs.py records both)."""
+    out = {}
+    for r in runs:
+        if isinstance(r.get("memory"), dict):
+            out.setdefault(r["method"], []).append(r["memory"])
+    peak = out and all(m.get("cuda_peak") is not None for ms in out.values() for m in ms)
+    kind = "cuda_peak" if peak else "saved_for_backward"
+    return {method: max(m[kind] for m in ms) for method, ms in out.items()}, kind
+
+
+def memory_table(rows, runs):
+    """results.md's table of step time and memory per method (what it measures said above it)."""
+    memory, kind = memory_of(runs)
+    body = [[marked(r), step(r.get("step_time")), size(memory.get(r["method"]))] for r in rows if r["method"] != "base"]
+    return f"{MEMORY[kind]}.\n\n" + table(["method", "step time (median)", "memory"], body)
 
 
 def headroom_lines(rows, tasks, chance):

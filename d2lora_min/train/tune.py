@@ -36,9 +36,8 @@ from .specs import parse_method_spec, roles, split_methods, with_lr
 from .tables import table
 from .trainer import rank_and_world
 
-GRID = tuple(
-    round(10 ** (-3 + 0.25 * k), 7) for k in range(7)
-)  # 1e-3 ... 3.16e-2: 7 points over 1.5 decades, 1e-2 among them
+# 1e-3 ... 3.16e-2: 7 points over 1.5 decades, 1e-2 among them
+GRID = tuple(round(10 ** (-3 + 0.25 * k), 7) for k in range(7))
 RULE = (
     "the grid point with the highest mean validation accuracy (mean over the multiple-choice tasks and the development "
     "seeds); a learning rate at which any development run diverged or never moved is not eligible; ties go to the smaller lr"
@@ -164,9 +163,9 @@ def _tune(settings, methods, grid, out_dir, fresh, publish, t_start):
     )
     text += "Mean validation accuracy over the multiple-choice tasks (%, 95 % CI over development seeds and items; the "
     text += f"choice in bold):\n\n{lr_table(points, flagged, chosen, spans)}\n\nRule: {RULE}.\n"
-    keys = tuned_keys(methods, cfg)  # what compare looks a method's lr up by: "lora", "lora:r=8", ...
+    keys = tuned_keys(methods, cfg, settings.own and settings.own.width)  # what compare looks an lr up by: "lora", ...
     result = dict(lrs={keys[m]: lr for m, lr in chosen.items()}, rule=RULE, grid=list(grid), dev_seeds=list(cfg.seeds))
-    result.update(protocol=protocol(cfg), points=points, within_1pp=spans, n_validation=cfg.n_validation)
+    result.update(protocol=settings.protocol, points=points, within_1pp=spans, n_validation=cfg.n_validation)
     result["command"] = "make tune ARGS=--publish"
     d2, parity = "d2lora", f"lora:r={2 * cfg.r}"  # D2-LoRA(r) and LoRA(2r), the first-order picture's pair
     pictures = ["tune_lr.png"]
@@ -174,35 +173,35 @@ def _tune(settings, methods, grid, out_dir, fresh, publish, t_start):
     match = stats.lr_match(curves[d2], curves[parity]) if pair else None
     if match:
         result["lr_match"] = match
-        labels = {m: parse_method_spec(m, cfg).method_label for m in (d2, parity)}
+        labels = {
+            m: parse_method_spec(m, cfg, width=settings.own and settings.own.width).method_label for m in (d2, parity)
+        }
         described = stats.describe_lr_match(match, labels[d2], labels[parity], len(cfg.seeds))
         text += f"\nDoes D2-LoRA(r) behave like LoRA(2r) at a larger learning rate?\n\n{described}.\n"
         pictures.append("tune_lr_match.png")
     write_text(out_dir / "results.md", text)
     write_json(out_dir / "tune.json", result)
+    own = bool(settings.own and (settings.own.model or settings.own.folder))  # your model or tasks: never the package's
+    kept = ("lrs", "rule", "grid", "dev_seeds", "protocol", "n_validation")
+    if own:  # the choice beside the runs, where compare on the same model and tasks looks for it
+        write_json(out_dir / "tuned_lrs.json", {k: result[k] for k in kept})
+        pictures.append("tuned_lrs.json (compare reads runs/tune/tuned_lrs.json, or --tuned_file=...)")
     for folder in [out_dir] + ([PUBLISHED] if publish else []):
         folder.mkdir(parents=True, exist_ok=True)
         plots.plot_lr_sweep(points, folder / "tune_lr.png", chosen)
         if "lr_match" in result:
-            plots.plot_lr_match(
-                points[d2],
-                points[parity],
-                result["lr_match"]["k"],
-                folder / "tune_lr_match.png",
-                labels[d2],
-                labels[parity],
-            )
+            k, path = result["lr_match"]["k"], folder / "tune_lr_match.png"
+            plots.plot_lr_match(points[d2], points[parity], k, path, labels[d2], labels[parity])
     if publish:
         write_text(PUBLISHED / "tune.md", text)
-        published = {k: result[k] for k in ("lrs", "rule", "grid", "dev_seeds", "protocol", "n_validation", "command")}
+        published = {k: result[k] for k in (*kept, "command")}
         published["lrs"] = {**kept_lrs(methods, cfg, chosen=set(published["lrs"])), **published["lrs"]}
         for key in sorted(set(keys.values()) - set(published["lrs"])):
             print(f"{key}: no eligible learning rate, so none is published for it (compare runs it at the shared lr)")
         write_json(TUNED_FILE, published)
-    print(
-        f"\n{text}\nchosen: {chosen}\nwritten: {out_dir}/results.md, tune.json, {', '.join(pictures)}"
-        + (f"; published to {PUBLISHED} and {TUNED_FILE}" if publish else "; add --publish to make them the defaults")
-    )
+    hint = "" if own else "; add --publish to make them the defaults"
+    hint = f"; published to {PUBLISHED} and {TUNED_FILE}" if publish else hint
+    print(f"\n{text}\nchosen: {chosen}\nwritten: {out_dir}/results.md, tune.json, {', '.join(pictures)}{hint}")
     return result
 
 
@@ -214,9 +213,7 @@ def kept_lrs(methods, cfg, chosen=None):
     mine = set(tuned_keys(methods, cfg).values())
     try:
         earlier = load_tuned(TUNED_FILE, required=False)
-    except (
-        UsageError
-    ) as e:  # unreadable: a tune of every compared method replaces it, a partial one cannot merge with it
+    except UsageError as e:  # unreadable: a tune of every compared method replaces it, a partial one cannot merge
         if mine >= set(tuned_keys(tuple(roles(cfg.r).values()), cfg).values()):
             return {}
         raise UsageError(
@@ -235,9 +232,9 @@ def kept_lrs(methods, cfg, chosen=None):
     return {k: earlier["lrs"][k] for k in sorted(keep)}
 
 
-def tuned_keys(methods, cfg):
+def tuned_keys(methods, cfg, width=None):
     """{method as given: the name its tuned lr is stored under}; two methods with one name are a usage error."""
-    keys = {m: parse_method_spec(m, cfg).tuned_key for m in methods}
+    keys = {m: parse_method_spec(m, cfg, width=width).tuned_key for m in methods}
     if len(set(keys.values())) != len(keys):
         raise UsageError(f"--methods {list(methods)} name one method twice ({keys}): a tuned lr is per method and rank")
     return keys
@@ -276,8 +273,10 @@ def main(argv=None):
         grid = parse_value(args.grid, (0.1,), "--grid") if args.grid else GRID
         if len(set(grid)) != len(grid) or not all(0 < lr < 1 for lr in grid):
             raise UsageError(f"--grid must be distinct learning rates in (0, 1), got {list(grid)}")
-        cfg = apply_overrides(tune_config(methods, seeds, grid), overrides)
-        tuned_keys(methods, cfg)  # before any work
+        from ..own.session import defaults, width_of  # --model DIR, --tasks DIR: what depends on the settings given
+
+        cfg = defaults(apply_overrides(tune_config(methods, seeds, grid), overrides), overrides, True, args.publish)
+        tuned_keys(methods, cfg, width_of(cfg))  # before any work
         if args.publish:
             kept_lrs(methods, cfg)
         tune(cfg, methods, grid, args.out, fresh=args.fresh, publish=args.publish)

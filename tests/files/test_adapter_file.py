@@ -98,8 +98,11 @@ def _rewrite_config(path, change):
     save_file(tensors, str(path), metadata={CONFIG_KEY: text, CHECKSUM_KEY: adapter_sha256(text, tensors)})
 
 
-@pytest.mark.parametrize("change", [lambda c: c.update(format=3), lambda c: c.pop("format"), lambda c: c.update(format="4")],
-                         ids=["format 3", "no format", "format as text"])
+@pytest.mark.parametrize(
+    "change",
+    [lambda c: c.update(format=3), lambda c: c.pop("format"), lambda c: c.update(format="4")],
+    ids=["format 3", "no format", "format as text"],
+)
 def test_a_file_of_another_format_is_refused_and_says_so(tmp_path, change):
     model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
     save_adapters(model, tmp_path)
@@ -110,8 +113,11 @@ def test_a_file_of_another_format_is_refused_and_says_so(tmp_path, change):
     assert not adapter_layers(fresh)
 
 
-@pytest.mark.parametrize("change", [lambda c: c.update(format=3), lambda c: c.pop("format"), lambda c: c.update(format="4")],
-                         ids=["format 3", "no format", "format as text"])
+@pytest.mark.parametrize(
+    "change",
+    [lambda c: c.update(format=3), lambda c: c.pop("format"), lambda c: c.update(format="4")],
+    ids=["format 3", "no format", "format as text"],
+)
 def test_a_config_of_another_format_is_refused_by_load_adapter_state_dict_too(change):
     # the direct API (tensors and config in memory, no file) passes the same format check as an adapter file
     model = inject_adapters(small_gpt(), "d2lora", r=2, alpha=4)
@@ -133,9 +139,16 @@ def test_one_flipped_byte_in_an_adapter_file_is_refused(tmp_path):
         load_adapters(narrow_gpt(), tmp_path)
 
 
-@pytest.mark.parametrize("edit", [("\"alpha\": 4.0", "\"alpha\": 5.0"), ("\"dropout\": 0.0", "\"dropout\": 0.2"),
-                                  ("\"readd_delta\": true", "\"readd_delta\": false"), ("\"format\": 4, ", "")],
-                         ids=["alpha", "dropout", "option", "format removed"])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        ('"alpha": 4.0', '"alpha": 5.0'),
+        ('"dropout": 0.0', '"dropout": 0.2'),
+        ('"readd_delta": true', '"readd_delta": false'),
+        ('"format": 4, ', ""),
+    ],
+    ids=["alpha", "dropout", "option", "format removed"],
+)
 def test_an_edited_config_in_an_adapter_file_is_refused(tmp_path, edit):
     """The checksum covers the config: one changed digit of alpha (a single flipped bit: '4' -> '5') is refused, and
     so is a file whose format entry was removed."""
@@ -186,7 +199,9 @@ def test_a_deeply_nested_or_huge_rank_config_is_a_clear_error_before_any_allocat
     path = tmp_path / ADAPTER_FILE
     with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    save_file(tensors, str(path), metadata={CONFIG_KEY: '{"x": ' * 100_000 + "{}" + "}" * 100_000})  # nested 100,000 deep
+    save_file(
+        tensors, str(path), metadata={CONFIG_KEY: '{"x": ' * 100_000 + "{}" + "}" * 100_000}
+    )  # nested 100,000 deep
     with pytest.raises(ValueError, match="not a readable d2lora_min adapter file"):
         load_adapters(narrow_gpt(), tmp_path)
     saved(tmp_path)
@@ -215,7 +230,10 @@ def test_a_config_whose_rank_disagrees_with_its_tensors_changes_nothing_and_a_re
 @pytest.mark.parametrize(
     "corrupt, match",
     [
-        (lambda s: {**s, next(iter(s)): s[next(iter(s))].double()}, r"stored as torch.float64, the model's weights are torch.float32; load it onto the model in torch.float64"),
+        (
+            lambda s: {**s, next(iter(s)): s[next(iter(s))].double()},
+            r"stored as torch.float64, the model's weights are torch.float32; load it onto the model in torch.float64",
+        ),
         (lambda s: {**s, next(iter(s)): torch.full_like(s[next(iter(s))], float("nan"))}, "holds NaN or Inf"),
         (lambda s: {k: v for i, (k, v) in enumerate(s.items()) if i}, "missing"),
         (lambda s: {**s, "blocks.0.attn.q_proj.extra": torch.zeros(1)}, "unexpected"),

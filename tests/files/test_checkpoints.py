@@ -74,7 +74,9 @@ def test_a_folder_where_the_checkpoint_file_should_be_is_a_clear_error(tmp_path)
 
 
 def test_resume_refuses_a_checkpoint_of_another_run_key(tmp_path):
-    train(inject_adapters(narrow_gpt(), "lora", r=2, alpha=4), counting, quiet(steps=2), out_dir=tmp_path, key="alpha=4")
+    train(
+        inject_adapters(narrow_gpt(), "lora", r=2, alpha=4), counting, quiet(steps=2), out_dir=tmp_path, key="alpha=4"
+    )
     other = inject_adapters(narrow_gpt(), "lora", r=2, alpha=8)  # same tensors, another alpha: another run
     with pytest.raises(CheckpointMismatch, match="run key"):
         train(other, counting, quiet(steps=4), out_dir=tmp_path, key="alpha=8")
@@ -174,8 +176,10 @@ def test_a_full_disk_during_a_checkpoint_is_a_plain_oserror(tmp_path, monkeypatc
     def full_disk(path, mode="r", *a, **k):
         f = real_open(path, mode, *a, **k)
         if "w" in mode:
+
             def write(_data):
                 raise OSError(errno.ENOSPC, "No space left on device")
+
             f.write = write
         return f
 

@@ -49,6 +49,7 @@ def full_disk_open(real_open):
     def opener(path, mode="r", *args, **kwargs):
         f = real_open(path, mode, *args, **kwargs)
         if "w" in mode:
+
             def write(_data):
                 raise OSError(errno.ENOSPC, "No space left on device")
 

@@ -64,9 +64,15 @@ def test_anything_but_folders_and_regular_files_where_a_command_writes_is_refuse
         "link_at_a_folder": lambda: (out / "work").symlink_to(user),
     }[kind]()
     with pytest.raises(Refused, match=match.replace("(", r"\(")) as refusal:
-        check_paths(out, files=[out / "results.md", out / "adapters" / "x" / "adapter.safetensors"], folders=[out / "work"])
-    assert issubclass(UsageError, Refused) and type(refusal.value) is Refused  # at a command line: a usage error (exit 2)
-    assert (user / "mine.md").read_text() == "the user's own\n" and sorted(p.name for p in user.iterdir()) == ["mine.md"]
+        check_paths(
+            out, files=[out / "results.md", out / "adapters" / "x" / "adapter.safetensors"], folders=[out / "work"]
+        )
+    assert (
+        issubclass(UsageError, Refused) and type(refusal.value) is Refused
+    )  # at a command line: a usage error (exit 2)
+    assert (user / "mine.md").read_text() == "the user's own\n" and sorted(p.name for p in user.iterdir()) == [
+        "mine.md"
+    ]
 
 
 def test_the_output_folder_itself_may_be_a_link_and_missing_paths_are_fine(tmp_path):
@@ -75,7 +81,11 @@ def test_the_output_folder_itself_may_be_a_link_and_missing_paths_are_fine(tmp_p
     out.symlink_to(tmp_path / "real")  # the folder the user named: followed
     (out / "runs").mkdir()
     (out / "runs" / "a.json").write_text("{}")
-    check_paths(out, files=[out / "runs" / "a.json", out / "adapters" / "x" / "adapter.safetensors"], folders=[out / "work" / "y"])
+    check_paths(
+        out,
+        files=[out / "runs" / "a.json", out / "adapters" / "x" / "adapter.safetensors"],
+        folders=[out / "work" / "y"],
+    )
 
 
 # --- every output of compare, tune, pretrain and tour, the same way -----------------------------------------------
@@ -182,7 +192,9 @@ def test_a_second_compare_into_a_busy_output_folder_is_refused(tmp_path, tiny, c
         err = refused(compare_main, argv, capsys)
         assert f"{out} is in use: another command is writing into it" in err
         assert not (out / "runs").exists()
-        err = refused(tune_mod.main, ["--methods", "lora", "--seeds", "100", "--grid", "0.01", "--out", str(out)], capsys)
+        err = refused(
+            tune_mod.main, ["--methods", "lora", "--seeds", "100", "--grid", "0.01", "--out", str(out)], capsys
+        )
         assert f"{out} is in use" in err
     assert compare_main(argv) == 0  # free again
     with output_lock(out):  # and the compare released it when it ended

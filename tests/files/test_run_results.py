@@ -72,7 +72,11 @@ def test_a_malformed_cached_run_is_recomputed_with_one_line(tmp_path, tiny, caps
         with pytest.raises(SystemExit) as exit_:
             compare_main(argv)
         captured = capsys.readouterr()
-        assert exit_.value.code == 2 and "is in the way of a run's output" in captured.err and "s training" not in captured.out
+        assert (
+            exit_.value.code == 2
+            and "is in the way of a run's output" in captured.err
+            and "s training" not in captured.out
+        )
         assert path.is_dir()
     else:
         assert compare_main(argv) == 0

@@ -76,7 +76,9 @@ def test_initialisation_matches_the_docstrings(case):
         assert_close(layer.magnitude, norms.to(case["dtype"]))
     if isinstance(layer, D2LoRALinear):
         assert_close(layer.target_norm, norms.to(case["dtype"]))
-        assert layer.tau.item() == pytest.approx(case["options"]["tau_init"], abs=1e-2 if case["dtype"] in (torch.float16, torch.bfloat16) else 1e-6)
+        assert layer.tau.item() == pytest.approx(
+            case["options"]["tau_init"], abs=1e-2 if case["dtype"] in (torch.float16, torch.bfloat16) else 1e-6
+        )
 
 
 def test_row_norm_runs_over_in_features():

@@ -115,5 +115,7 @@ def test_loading_onto_a_model_without_parameters_is_a_clear_error(tmp_path):
 
 def test_an_unconverted_conv1d_target_is_named_with_how_to_convert_it(tmp_path):
     save_adapters(inject_adapters(nn.Sequential(nn.Linear(4, 4)), "lora", r=2, alpha=4, targets=("0",)), tmp_path)
-    with pytest.raises(ValueError, match="0 is a Conv1D, not an nn.Linear; Conv1D .* stores its weight as \\(in, out\\)"):
+    with pytest.raises(
+        ValueError, match="0 is a Conv1D, not an nn.Linear; Conv1D .* stores its weight as \\(in, out\\)"
+    ):
         load_adapters(nn.Sequential(Conv1D(4, 4)), tmp_path)

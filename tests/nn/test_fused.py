@@ -65,7 +65,9 @@ def test_fused_path_is_as_accurate_as_the_plain_path(case):
         assert f.dtype == p.dtype and f.shape == p.shape, name
         assert torch.isfinite(f).all(), name
         # rounding of the result itself (in float64 the reference is the plain path, whose error is then 0)
-        floor = max(RTOL[case["dtype"]], CANCEL_UNITS * torch.finfo(case["dtype"]).eps * ratio) * max(1.0, r.abs().max().item())
+        floor = max(RTOL[case["dtype"]], CANCEL_UNITS * torch.finfo(case["dtype"]).eps * ratio) * max(
+            1.0, r.abs().max().item()
+        )
         assert _err(f, r) <= WORSE_BY_AT_MOST * _err(p, r) + floor, (name, _err(f, r), _err(p, r), floor)
 
 
@@ -104,7 +106,11 @@ def test_the_hand_written_backward_passes_gradcheck_in_float64(readd, branches, 
     g = torch.Generator().manual_seed(3)
     rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)  # noqa: E731
     n_in, n_out, r = 5, 4, 2
-    x, W0, bias = rand(2, 3, n_in), torch.randn(n_out, n_in, generator=g, dtype=torch.float64), torch.randn(n_out, generator=g, dtype=torch.float64)
+    x, W0, bias = (
+        rand(2, 3, n_in),
+        torch.randn(n_out, n_in, generator=g, dtype=torch.float64),
+        torch.randn(n_out, generator=g, dtype=torch.float64),
+    )
     keep = torch.rand(x.shape, generator=g, dtype=torch.float64) > 0.3  # dropout(x), an input of its own
     xd = (x.detach() * keep / 0.7).requires_grad_(True) if dropout else None
     A, B, target = rand(r, n_in), rand(n_out, r), rand(n_out)
@@ -123,7 +129,10 @@ def test_evaluation_keeps_nothing_for_backward(monkeypatch):
 
     monkeypatch.setattr(fused, "bias_dominates", forbidden)
     x = torch.randn(4, 6)
-    for layer in (DoRALinear(nn.Linear(6, 3), r=2, alpha=2.0), D2LoRALinear(nn.Linear(6, 3), r=2, alpha=2.0, readd_delta=False)):
+    for layer in (
+        DoRALinear(nn.Linear(6, 3), r=2, alpha=2.0),
+        D2LoRALinear(nn.Linear(6, 3), r=2, alpha=2.0, readd_delta=False),
+    ):
         set_fused(layer, True)
         with torch.no_grad():
             y = layer(x)
@@ -187,7 +196,10 @@ def test_a_new_layer_runs_the_plain_forward_of_its_method_file(monkeypatch):
     # (train/test_compare.py: and so does a tiny `make compare`)
     torch.manual_seed(0)
     x = torch.randn(3, 6)
-    layers = [dora.DoRALinear(torch.nn.Linear(6, 4), r=2, alpha=4.0), d2lora.D2LoRALinear(torch.nn.Linear(6, 4), r=2, alpha=4.0)]
+    layers = [
+        dora.DoRALinear(torch.nn.Linear(6, 4), r=2, alpha=4.0),
+        d2lora.D2LoRALinear(torch.nn.Linear(6, 4), r=2, alpha=4.0),
+    ]
     for layer in layers:
         perturb_adapters(layer, 0)
     before = [layer(x) for layer in layers]

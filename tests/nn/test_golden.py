@@ -18,7 +18,15 @@ from safetensors.torch import load_file
 from d2lora_min import reference as ref
 from d2lora_min.nn import METHODS
 from d2lora_min.nn.fused import set_fused
-from scripts.make_golden import CASES, TOLERANCE, TOLERANCE_RULE, check_against_reference, outputs, reference_inputs, reference_options
+from scripts.make_golden import (
+    CASES,
+    TOLERANCE,
+    TOLERANCE_RULE,
+    check_against_reference,
+    outputs,
+    reference_inputs,
+    reference_options,
+)
 
 FOLDER = Path(__file__).resolve().parents[1] / "golden"
 
@@ -81,10 +89,14 @@ def test_every_json_records_every_option_the_mode_and_the_tolerance():
     for name, meta in METAS.items():
         assert set(meta["options"]) == set(METHODS[meta["method"]].OPTIONS), name
         assert meta["tolerance"] == {"tol": TOLERANCE[meta["dtype"]], "rule": TOLERANCE_RULE}, name
-        assert meta["mode"] in ("train", "eval") and (meta["mode"] == "train") == ("dropout_mask" in meta["shapes"]), name
+        assert meta["mode"] in ("train", "eval") and (meta["mode"] == "train") == ("dropout_mask" in meta["shapes"]), (
+            name
+        )
         assert meta["mode"] == "eval" or meta["dropout"] > 0, name
         assert ("grad.tau" in meta["shapes"]) == bool(meta["options"].get("learn_tau")), name  # tau fixed by default
-        assert {f"grad.{k}" for k in meta["trainable"]} | {"grad.x", "grad_output"} == {k for k in meta["shapes"] if k.startswith("grad")}
+        assert {f"grad.{k}" for k in meta["trainable"]} | {"grad.x", "grad_output"} == {
+            k for k in meta["shapes"] if k.startswith("grad")
+        }
 
 
 def test_case_names_are_true():
@@ -114,7 +126,9 @@ def _row_norms_of_V(name):
 
 def _rect_odd_nobias_3d(meta):  # out != in, a rank dividing neither, no bias, a 3-D input
     out_f, in_f = meta["shapes"]["W0"]
-    return out_f != in_f and out_f % meta["r"] and in_f % meta["r"] and not meta["bias"] and len(meta["shapes"]["x"]) == 3
+    return (
+        out_f != in_f and out_f % meta["r"] and in_f % meta["r"] and not meta["bias"] and len(meta["shapes"]["x"]) == 3
+    )
 
 
 def test_the_golden_set_covers_what_a_port_gets_wrong():
@@ -128,7 +142,11 @@ def test_the_golden_set_covers_what_a_port_gets_wrong():
         if method != "lora":  # the norm axis: a square case with the method's default options
             assert any(m["square"] and m["options"] == cls.OPTIONS for m in of), f"{method}: no square default case"
     for readd in (True, False):  # both projected D2-LoRA forms: a zero W0 row, a zero V row, dropout in training mode
-        of = [m for m in METAS.values() if m["method"] == "d2lora" and m["options"]["project"] and m["options"]["readd_delta"] == readd]
+        of = [
+            m
+            for m in METAS.values()
+            if m["method"] == "d2lora" and m["options"]["project"] and m["options"]["readd_delta"] == readd
+        ]
         assert {"zero_w0_row", "zero_v_row"} <= {m["special_row"] for m in of}, readd
         assert any(m["mode"] == "train" for m in of), readd
     dora_rows = {m["special_row"] for m in METAS.values() if m["method"] == "dora"}
@@ -181,7 +199,11 @@ def test_torch_layers_reproduce_the_golden_vectors(name, fused):
     got, trainable = outputs(layer, stored["x"], stored["grad_output"], meta["mode"])
     assert trainable == meta["trainable"]
     assert set(got) == set(stored)
-    wrong = [k for k, want in stored.items() if misses(got[k].double().numpy(), want.double().numpy(), meta["tolerance"]["tol"])]
+    wrong = [
+        k
+        for k, want in stored.items()
+        if misses(got[k].double().numpy(), want.double().numpy(), meta["tolerance"]["tol"])
+    ]
     assert not wrong, f"tensors that differ from the golden file: {wrong}"
 
 
@@ -240,7 +262,9 @@ def test_a_port_with_dropout_on_both_branches_fails_the_dropout_cases(name):
     n, params = reference_inputs(t)
     xd = n["x"] * n["dropout_mask"] / (1 - meta["dropout"])
     form, _ = reference_options({**METHODS[meta["method"]].OPTIONS, **meta["options"]})
-    y_wrong = ref.forward(meta["method"], xd, n["W0"], n.get("bias"), params, meta["alpha"], **form)  # W0 sees dropout(x) too
+    y_wrong = ref.forward(
+        meta["method"], xd, n["W0"], n.get("bias"), params, meta["alpha"], **form
+    )  # W0 sees dropout(x) too
     assert misses(y_wrong, n["y"], meta["tolerance"]["tol"])
 
 

@@ -5,7 +5,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from d2lora_min.nn import AdapterLinear, adapter_layers, adapter_state_dict, inject_adapters, merge_adapters, trainable_parameters
+from d2lora_min.nn import (
+    AdapterLinear,
+    adapter_layers,
+    adapter_state_dict,
+    inject_adapters,
+    merge_adapters,
+    trainable_parameters,
+)
 
 from ..helpers import (
     DEVICES,

@@ -57,7 +57,9 @@ def peft_layer(base, r, alpha, use_dora, dropout=0.0):
     model.lin.load_state_dict(base.state_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], lora_dropout=dropout, use_dora=use_dora), model)
+        model = inject_adapter_in_model(
+            LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], lora_dropout=dropout, use_dora=use_dora), model
+        )
     return model, model.lin
 
 
@@ -132,7 +134,9 @@ def test_dora_equals_peft_dora(c):
 def stacked(d2):
     """D2-LoRA's two branches as one rank-2r pair: A = [A_pos; A_neg] (2r, in), B = [B_pos, -tau * B_neg] (out, 2r)."""
     with torch.no_grad():
-        return torch.cat([d2.lora_A_pos, d2.lora_A_neg], dim=0), torch.cat([d2.lora_B_pos, -d2.tau * d2.lora_B_neg], dim=1)
+        return torch.cat([d2.lora_A_pos, d2.lora_A_neg], dim=0), torch.cat(
+            [d2.lora_B_pos, -d2.tau * d2.lora_B_neg], dim=1
+        )
 
 
 def peft_rank_2r(base, d2, use_dora):

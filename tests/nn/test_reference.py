@@ -21,7 +21,11 @@ from ..helpers import cancellation_ratio, layer_cases, make_layer, random_input
 
 def numpy_params(layer):
     """The adapter tensors of a torch layer as {torch name: float64 array} (tau included when fixed)."""
-    return {n: t.detach().cpu().double().numpy() for n, t in layer.state_dict().items() if not n.startswith("base.") and n != "target_norm"}
+    return {
+        n: t.detach().cpu().double().numpy()
+        for n, t in layer.state_dict().items()
+        if not n.startswith("base.") and n != "target_norm"
+    }
 
 
 def form_options(case):
@@ -31,7 +35,10 @@ def form_options(case):
 
 def gradient_options(case):
     """form_options plus the options that change only the gradients."""
-    return {**form_options(case), **{k: case["options"][k] for k in ("detach_norm", "learn_tau") if k in case["options"]}}
+    return {
+        **form_options(case),
+        **{k: case["options"][k] for k in ("detach_norm", "learn_tau") if k in case["options"]},
+    }
 
 
 REF_METHODS = ("lora", "dora", "d2lora")  # the methods the reference implements
@@ -63,7 +70,12 @@ def test_forward_and_merged_weight_match_the_reference(kind, data):
     np.testing.assert_allclose(layer(x).detach().cpu().numpy(), y_ref, rtol=1e-10, atol=1e-10)
     W_ref = ref.merged_weight(case["method"], W0, p, case["alpha"], **form_options(case))
     np.testing.assert_allclose(layer.merged_weight().detach().cpu().numpy(), W_ref, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(layer.delta_weight().detach().cpu().numpy(), ref.delta_weight(case["method"], p, case["alpha"]), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        layer.delta_weight().detach().cpu().numpy(),
+        ref.delta_weight(case["method"], p, case["alpha"]),
+        rtol=1e-10,
+        atol=1e-12,
+    )
 
 
 @KINDS
@@ -105,7 +117,9 @@ def test_gradients_with_dropout_in_training_mode_match_the_reference(kind, data,
     y = layer(x)
     torch.manual_seed(case["seed"])
     mask = (F.dropout(torch.ones_like(x), p) != 0).double().cpu().numpy()
-    G = torch.randn(y.shape, generator=torch.Generator().manual_seed(case["seed"] + 2), dtype=torch.float64).to(y.device)
+    G = torch.randn(y.shape, generator=torch.Generator().manual_seed(case["seed"] + 2), dtype=torch.float64).to(
+        y.device
+    )
     trainable = {n: q for n, q in layer.named_parameters() if q.requires_grad}
     grads = torch.autograd.grad((y * G).sum(), [x] + list(trainable.values()))
     W0 = layer.base.weight.detach().cpu().numpy()
@@ -118,15 +132,24 @@ def test_gradients_with_dropout_in_training_mode_match_the_reference(kind, data,
     ratio = cancellation_ratio(layer)
     for name, got in zip(["x", *trainable], grads):
         want = expected[name]
-        np.testing.assert_allclose(got.detach().cpu().numpy(), want, rtol=0, atol=1e-9 * max(1.0, np.abs(want).max()) * ratio, err_msg=name)
+        np.testing.assert_allclose(
+            got.detach().cpu().numpy(), want, rtol=0, atol=1e-9 * max(1.0, np.abs(want).max()) * ratio, err_msg=name
+        )
 
 
 # D2-LoRA's forms (projection on/off, dW re-added or not) with an attached norm and a learned tau
-D2_FORMS = [dict(project=pr, readd_delta=rd, detach_norm=False, learn_tau=True) for pr, rd in itertools.product([True, False], repeat=2)]
+D2_FORMS = [
+    dict(project=pr, readd_delta=rd, detach_norm=False, learn_tau=True)
+    for pr, rd in itertools.product([True, False], repeat=2)
+]
 ATTACHED = [("lora", {}), ("dora", {"detach_norm": False})] + [("d2lora", o) for o in D2_FORMS]
 
 
-@pytest.mark.parametrize("method, options", ATTACHED, ids=["lora", "dora", "d2lora", "d2lora_exact", "d2lora_noproj", "d2lora_noproj_noreadd"])
+@pytest.mark.parametrize(
+    "method, options",
+    ATTACHED,
+    ids=["lora", "dora", "d2lora", "d2lora_exact", "d2lora_noproj", "d2lora_noproj_noreadd"],
+)
 @pytest.mark.parametrize("dropout", [False, True], ids=["eval", "dropout"])
 def test_reference_gradients_are_the_derivatives_of_its_forward(method, options, dropout):
     """Central differences of L = sum(forward * G) against gradients(), independent of torch. With an attached norm
@@ -138,7 +161,13 @@ def test_reference_gradients_are_the_derivatives_of_its_forward(method, options,
     x, G = rng.normal(size=(2, 3, in_f)), rng.normal(size=(2, 3, out_f))
     names = {"lora": ("lora_A", "lora_B"), "dora": ("lora_A", "lora_B", "magnitude"),
              "d2lora": ("lora_A_pos", "lora_B_pos", "lora_A_neg", "lora_B_neg", "tau")}[method]  # fmt: skip
-    shapes = {"lora_B": (out_f, r), "lora_B_pos": (out_f, r), "lora_B_neg": (out_f, r), "magnitude": (out_f,), "tau": ()}
+    shapes = {
+        "lora_B": (out_f, r),
+        "lora_B_pos": (out_f, r),
+        "lora_B_neg": (out_f, r),
+        "magnitude": (out_f,),
+        "tau": (),
+    }
     params = {n: np.asarray(rng.normal(size=shapes.get(n, (r, in_f)))) for n in names}
     drop = {"mask": (rng.random(x.shape) > p).astype(float), "p": p} if dropout else {}
     form = {k: options[k] for k in ("project", "readd_delta") if k in options}
@@ -151,6 +180,7 @@ def test_reference_gradients_are_the_derivatives_of_its_forward(method, options,
         value = x if name == "x" else params[name]
         numeric = np.zeros(value.shape)
         for i in np.ndindex(value.shape):
+
             def bumped(h):
                 v = value.copy()
                 v[i] += h
@@ -173,8 +203,15 @@ def test_reference_does_not_import_torch():
     import inspect
 
     tree = ast.parse(inspect.getsource(ref))
-    imported = {a.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported = {
+        a.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for a in node.names
+    }
+    imported |= {
+        node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
+    }
     assert imported <= {"numpy"}, imported
 
 

@@ -28,6 +28,8 @@ def trained():
     tasks = {t: TASKS[t] for t in ("yesno", "continuation", "compare", "span")}
     splits = build_splits(world, tasks, n_train=16, n_test=40, seed=0)
     model = inject_adapters(copy.deepcopy(base), "d2lora", r=2, alpha=4)
-    batches = finetune_batches(tokenizer, {k: parts.train for k, parts in splits.items()}, 16, 0, tokenizer.token_to_id(EOT), capacity=128)
+    batches = finetune_batches(
+        tokenizer, {k: parts.train for k, parts in splits.items()}, 16, 0, tokenizer.token_to_id(EOT), capacity=128
+    )
     train(model, batches, TrainConfig(steps=6, lr=1e-2, warmup_steps=1, progress=False))
     return model.eval(), tokenizer, splits

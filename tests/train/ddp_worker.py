@@ -33,7 +33,12 @@ def main(out_dir, dump_dir):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=16, block_size=12, n_layer=1, n_head=2, d_model=16))
     inject_adapters(model, "d2lora", r=2, alpha=4)
-    result = train(model, batches, TrainConfig(steps=8, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=4, progress=False), out_dir=out_dir)
+    result = train(
+        model,
+        batches,
+        TrainConfig(steps=8, batch_size=8, lr=1e-2, warmup_steps=2, checkpoint_every=4, progress=False),
+        out_dir=out_dir,
+    )
     torch.save({"adapter": adapter_state_dict(model), "losses": result.losses, "writes": len(writes), "world": world},
                f"{dump_dir}/rank{rank}_of{world}.pt")  # fmt: skip
 

@@ -6,7 +6,9 @@ import numpy as np
 from d2lora_min.train.settings import CompareConfig
 
 DEFAULT_SEEDS = len(CompareConfig().seeds)  # make compare's default number of seeds
-MC_TASK = type("Task", (), {"kind": "mc", "normalise": False})()  # a multiple-choice task scored by summed log-likelihood
+MC_TASK = type(
+    "Task", (), {"kind": "mc", "normalise": False}
+)()  # a multiple-choice task scored by summed log-likelihood
 
 
 def simulate(rng, delta, n_items=300, n_seeds=DEFAULT_SEEDS, tasks=2, cluster_size=5, effect_sd=0.1, seed_sd=0.02):
@@ -41,5 +43,11 @@ def equal_within_seeds(per_seed, n_items=40):
 def fake_runs(per_seed, n_items=40):
     """Runs of methods "a" and "ref" as method_rows reads them, a ahead of ref by per_seed[s] on every item of seed s."""
     a, b, _ = equal_within_seeds(per_seed, n_items)
-    make = lambda m, x, s: {"method": m, "label": m, "seed": s, "trainable_params": 1, "items": {"t": {"correct_sum": list(x["t"][s])}}}  # noqa: E731
+    make = lambda m, x, s: {
+        "method": m,
+        "label": m,
+        "seed": s,
+        "trainable_params": 1,
+        "items": {"t": {"correct_sum": list(x["t"][s])}},
+    }  # noqa: E731
     return [make(m, x, s) for m, x in (("ref", b), ("a", a)) for s in range(len(per_seed))]

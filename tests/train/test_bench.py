@@ -7,9 +7,6 @@ from d2lora_min.train import bench
 from d2lora_min.train.bench import main as bench_main
 
 
-
-
-
 @pytest.mark.parametrize("only, match", [
     ("zzz", "--only 'zzz' matches nothing to measure"),
     ("", "--only is empty"),
@@ -23,7 +20,9 @@ def test_an_only_that_selects_nothing_is_a_usage_error_that_writes_nothing(tmp_p
     with pytest.raises(SystemExit) as exit_:
         bench_main(["--only", only, "--quick"])
     assert exit_.value.code == 2 and match in capsys.readouterr().err
-    assert sorted(p.name for p in out.iterdir()) == ["bench.md"] and (out / "bench.md").read_text() == "the last report\n"
+    assert (
+        sorted(p.name for p in out.iterdir()) == ["bench.md"] and (out / "bench.md").read_text() == "the last report\n"
+    )
     with pytest.raises(SystemExit):
         bench_main(["--only", only, "--quick", "--name", "new"])
     assert not (tmp_path / "runs" / "new").exists()

@@ -165,9 +165,15 @@ def test_two_specs_that_run_the_same_thing_are_computed_once(tmp_path, tiny, cap
     assert compare_main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("s training") == 1 and "the same run as lora:lr=0.01" in printed
-    first, second = (json.loads(p.read_text()) for p in sorted(tiny.run_files(out), key=lambda p: not p.name.startswith("lora_lr")))
-    assert second["same_run_as"] == "lora:lr=0.01" and second["items"] == first["items"] and second["lr_from"] == "tuned"
-    assert "one run under two names (computed once): LoRA(r=4) is LoRA(r=4), lr=0.01" in (out / "results.md").read_text()
+    first, second = (
+        json.loads(p.read_text()) for p in sorted(tiny.run_files(out), key=lambda p: not p.name.startswith("lora_lr"))
+    )
+    assert (
+        second["same_run_as"] == "lora:lr=0.01" and second["items"] == first["items"] and second["lr_from"] == "tuned"
+    )
+    assert (
+        "one run under two names (computed once): LoRA(r=4) is LoRA(r=4), lr=0.01" in (out / "results.md").read_text()
+    )
     assert compare_main(argv) == 0  # both reused
     assert "s training" not in capsys.readouterr().out
 
@@ -236,7 +242,9 @@ def test_the_fused_setting_runs_the_fused_path_as_runs_of_their_own(tmp_path, ti
     runs = [json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("dora*.json")]
     assert len(runs) == 2  # the fused run did not reuse the plain one: the setting is part of the run key
     fused_run = next(r for r in runs if r["key"] != plain["dora"]["key"])
-    assert max(abs(a - b) for a, b in zip(fused_run["losses"], plain["dora"]["losses"])) < 1e-3  # same math, other rounding
+    assert (
+        max(abs(a - b) for a, b in zip(fused_run["losses"], plain["dora"]["losses"])) < 1e-3
+    )  # same math, other rounding
 
 
 # --- the runs' files and what they record -------------------------------------------------------------------------

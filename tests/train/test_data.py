@@ -16,7 +16,9 @@ from d2lora_min.train.tasks import GenItem, MCItem, answer_text
 
 def test_finetune_batches_put_the_loss_on_the_answer_only(tokenizer):
     items = [MCItem("Q: go\nA:", [" yes", " no"], 1), GenItem("Q: red\nA:", "blue green")]
-    get_batch = finetune_batches(tokenizer, {"a": items[:1], "b": items[1:]}, batch_size=6, seed=0, pad_id=tokenizer.token_to_id(EOT))
+    get_batch = finetune_batches(
+        tokenizer, {"a": items[:1], "b": items[1:]}, batch_size=6, seed=0, pad_id=tokenizer.token_to_id(EOT)
+    )
     x, y = get_batch(0)
     assert torch.equal(get_batch(0)[0], x) and x.shape == y.shape and len(x) == 2  # one epoch: both items, once
     texts = sorted(tokenizer.decode([t for t in y[b].tolist() if t != -1]) for b in range(len(x)))
@@ -25,13 +27,18 @@ def test_finetune_batches_put_the_loss_on_the_answer_only(tokenizer):
 
 def test_the_epoch_budget_gives_the_steps_it_claims_and_visits_every_item_once_per_epoch(tokenizer):
     items = [MCItem(f"Q: go{i}\nA:", [" yes", " no"], i % 2) for i in range(10)]
-    get_batch = finetune_batches(tokenizer, {"a": items[:7], "b": items[7:]}, batch_size=4, seed=3, pad_id=tokenizer.token_to_id(EOT))
+    get_batch = finetune_batches(
+        tokenizer, {"a": items[:7], "b": items[7:]}, batch_size=4, seed=3, pad_id=tokenizer.token_to_id(EOT)
+    )
     assert steps_for(10, epochs=2, batch_size=4) == 6  # ceil(10 / 4) = 3 batches per epoch
     for epoch in range(2):
         seen = []
         for step in range(3 * epoch, 3 * epoch + 3):
             x, y = get_batch(step)
-            seen += [tokenizer.decode(x[b][x[b] != tokenizer.token_to_id(EOT)].tolist()).split("\n")[0] for b in range(len(x))]
+            seen += [
+                tokenizer.decode(x[b][x[b] != tokenizer.token_to_id(EOT)].tolist()).split("\n")[0]
+                for b in range(len(x))
+            ]
         assert sorted(seen) == sorted(f"Q: go{i}" for i in range(10))  # each item exactly once per epoch
     assert torch.equal(get_batch(4)[0], get_batch(4)[0])  # a pure function of the step
 

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 from d2lora_min.files.checkpoints import read_checkpoint_state
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 
 def torchrun(n, *args, timeout=300):
@@ -61,7 +63,9 @@ def adapter_of(out):
 
 def test_compare_under_torchrun_matches_a_single_process(tmp_path):
     torchrun(2, *COMPARE, "--out", tmp_path / "two")
-    subprocess.run([sys.executable, *COMPARE, "--out", str(tmp_path / "one")], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, *COMPARE, "--out", str(tmp_path / "one")], cwd=ROOT, check=True, capture_output=True
+    )
     two, one = adapter_of(tmp_path / "two"), adapter_of(tmp_path / "one")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)

@@ -110,7 +110,11 @@ def test_a_base_whose_weights_do_not_fit_its_config_is_one_clear_line(tmp_path):
     with pytest.raises(ValueError) as error:
         load_base(folder)
     message = str(error.value)
-    assert "\n" not in message and "does not fit the model config" in message and "size mismatch for lm_head.weight" in message
+    assert (
+        "\n" not in message
+        and "does not fit the model config" in message
+        and "size mismatch for lm_head.weight" in message
+    )
 
 
 def test_a_missing_shipped_base_is_an_error_not_a_silent_pretrain(tmp_path, monkeypatch):

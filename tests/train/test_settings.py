@@ -65,7 +65,11 @@ def test_methods_take_commas_as_well_as_spaces(tmp_path):
     for text in ("lora r=4", "lora,r=4", "d2lora:r=8 project=false"):  # keys after a colon, never on their own
         with pytest.raises(ValueError, match="is not a method"):
             split_methods(text)
-    assert [s.text for s in (parse_method_spec(m, cfg) for m in split_methods("base,lora,dora"))] == ["base", "lora", "dora"]
+    assert [s.text for s in (parse_method_spec(m, cfg) for m in split_methods("base,lora,dora"))] == [
+        "base",
+        "lora",
+        "dora",
+    ]
 
 
 def test_one_method_under_two_spellings_is_refused_but_two_lr_roles_are_not(tmp_path):
@@ -133,7 +137,9 @@ def test_space_separated_overrides_work_like_the_equals_form():
 
 
 def test_the_help_shows_bool_settings_as_the_parser_takes_them():
-    shown = [line.strip() for line in config_help(CompareConfig()) if line.strip().startswith(("--packed=", "--fused="))]
+    shown = [
+        line.strip() for line in config_help(CompareConfig()) if line.strip().startswith(("--packed=", "--fused="))
+    ]
     assert shown == ["--packed=true", "--fused=false"]
     cfg = apply_overrides(CompareConfig(), shown)
     assert (cfg.packed, cfg.fused) == (True, False)
@@ -205,7 +211,9 @@ def test_a_tuned_file_with_two_keys_for_one_method_and_rank_is_a_usage_error(tmp
 
 
 def test_a_tuned_file_that_does_not_exist_is_a_usage_error_not_the_shared_lr(tmp_path, tiny, capsys):
-    err = usage_error(tiny.argv("--methods", "lora", "--tuned_file", str(tmp_path / "tuned_lr.json"), out=tmp_path), capsys)
+    err = usage_error(
+        tiny.argv("--methods", "lora", "--tuned_file", str(tmp_path / "tuned_lr.json"), out=tmp_path), capsys
+    )
     assert "no tuned learning rates at" in err and "--lr_source=shared" in err
 
 

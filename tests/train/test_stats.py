@@ -6,7 +6,15 @@ learning-rate match recovers a known factor."""
 import numpy as np
 import pytest
 
-from d2lora_min.train.stats import cluster_ids, lr_match, mean_ci, paired_bootstrap, seed_bootstrap_ratio, t_quantile, verdict
+from d2lora_min.train.stats import (
+    cluster_ids,
+    lr_match,
+    mean_ci,
+    paired_bootstrap,
+    seed_bootstrap_ratio,
+    t_quantile,
+    verdict,
+)
 
 from .outcomes import MC_TASK, equal_within_seeds, simulate
 

@@ -16,7 +16,12 @@ from d2lora_min.train.tasks import MCItem, build_splits
 
 def test_corpus_generation_is_deterministic_even_across_hash_seeds():
     code = "from d2lora_min.synthetic.world import *; import hashlib; w = World(); print(hashlib.sha256(repr((w.facts, corpus_documents(w, 300, 1))).encode()).hexdigest())"
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": s}).stdout for s in ("1", "2")}
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": s}
+        ).stdout
+        for s in ("1", "2")
+    }
     assert len(outs) == 1 and len(next(iter(outs))) == 65
     w = World()
     assert corpus_documents(w, 50, 1) == corpus_documents(w, 50, 1) != corpus_documents(w, 50, 2)
@@ -36,7 +41,9 @@ def test_splits_are_disjoint_deterministic_and_large_enough():
         distinct = {(it.prompt, tuple(getattr(it, "choices", ()))) for it in parts.test}
         assert len(distinct) >= (300 if name == "update" else 500), name  # (update: 80 questions, other choices)
         prompts = {k: {it.prompt for it in getattr(parts, k)} for k in ("train", "validation", "test")}
-        assert not prompts["train"] & prompts["test"] and not prompts["validation"] & (prompts["train"] | prompts["test"]), name
+        assert not prompts["train"] & prompts["test"] and not prompts["validation"] & (
+            prompts["train"] | prompts["test"]
+        ), name
         assert [it.prompt for it in parts.test] == [it.prompt for it in again[name].test]
         assert [it.prompt for it in parts.validation] == [it.prompt for it in again[name].validation]
         for it in parts.test + parts.validation:
@@ -63,8 +70,12 @@ def test_compare_and_continuation_answers_are_the_ones_the_question_asks_for():
         table = item.prompt.split("\n")[0].removeprefix("Points: ").rstrip(".").split(", ")
         points = {name: int(p) for p, name in (entry.split(" ") for entry in table)}
         ranked = sorted(points, key=points.get, reverse=True)  # most first
-        rank = {"most": 0, "fewest": -1, "second most": 1, "second fewest": -2}[item.prompt.split("has the ")[1].split(" points")[0]]
-        assert item.choices[item.answer] == " " + ranked[rank] and sorted(item.choices) == sorted(" " + n for n in points)
+        rank = {"most": 0, "fewest": -1, "second most": 1, "second fewest": -2}[
+            item.prompt.split("has the ")[1].split(" points")[0]
+        ]
+        assert item.choices[item.answer] == " " + ranked[rank] and sorted(item.choices) == sorted(
+            " " + n for n in points
+        )
     effect, two_people = dict(SCRIPTS), 0
     for _ in range(200):
         item = TASKS["continuation"].make(rng, world, "test")
@@ -80,7 +91,9 @@ def test_compare_and_continuation_answers_are_the_ones_the_question_asks_for():
 def test_the_update_task_never_shows_a_test_wording_in_training_and_the_base_answer_is_a_choice():
     world = World()
     updates = updated_facts(world)
-    parts = build_splits(world, {"update": TASKS["update"]}, n_train=400, n_test=300, n_validation=200, seed=0)["update"]
+    parts = build_splits(world, {"update": TASKS["update"]}, n_train=400, n_test=300, n_validation=200, seed=0)[
+        "update"
+    ]
     wording = lambda it, n: it.prompt.replace(n, "{n}")  # noqa: E731
     words = {k: {wording(it, it.cluster) for it in getattr(parts, k)} for k in ("train", "validation", "test")}
     assert all(words.values()) and not words["train"] & words["test"]
@@ -101,7 +114,9 @@ def test_retention_is_measured_on_what_fine_tuning_never_sees():
     world = World()
     probe = retention_probe(world)
     splits = build_splits(world, TASKS, n_train=300, n_test=50, seed=0)
-    asked = {it.cluster for t in ("facts", "update") for it in splits[t].train}  # people whose facts training asks about
+    asked = {
+        it.cluster for t in ("facts", "update") for it in splits[t].train
+    }  # people whose facts training asks about
     assert not {it.cluster for it in probe} & asked  # the probe's facts are never asked or taught in fine-tuning
     assert not any("Q:" in it.prompt for it in probe)  # corpus wording, not the task format
     tok = train_tokenizer(corpus_documents(world, 300, 1), 300)

@@ -55,7 +55,11 @@ def test_fine_tuning_through_the_trainer_changes_only_adapter_tensors():
     now = {n.replace(".base.", "."): p for n, p in model.named_parameters()}
     assert all(torch.equal(now[n], t) for n, t in base_before.items())
     moved = [n for n, t in adapter_state_dict(model).items() if not torch.equal(t, adapters_before[n])]
-    assert any("lora_A" in n for n in moved) and any("lora_B" in n for n in moved) and any(n.endswith("tau") for n in moved)
+    assert (
+        any("lora_A" in n for n in moved)
+        and any("lora_B" in n for n in moved)
+        and any(n.endswith("tau") for n in moved)
+    )
     assert all(not torch.equal(t, adapters_before[n]) for n, t in adapter_state_dict(model).items() if "lora_B" in n)
 
 
@@ -151,7 +155,13 @@ def test_a_run_resumes_from_its_own_checkpoint_whatever_its_optimizer_state_hold
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(make(), helpers.counting, helpers.quiet(steps=4, checkpoint_every=1, **cfg), out_dir=tmp_path, callback=stop_after_2)
+        train(
+            make(),
+            helpers.counting,
+            helpers.quiet(steps=4, checkpoint_every=1, **cfg),
+            out_dir=tmp_path,
+            callback=stop_after_2,
+        )
     resumed = train(make(), helpers.counting, helpers.quiet(steps=4, checkpoint_every=1, **cfg), out_dir=tmp_path)
     assert resumed.resumed_from == 1 and len(resumed.losses) == 4
 

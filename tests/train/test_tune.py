@@ -34,7 +34,7 @@ def poisoned(build):
 
     def build_poisoned(*args, **kwargs):
         splits = build(*args, **kwargs)
-        junk = lambda it: (MCItem("junk", [" a", " b"], 1) if isinstance(it, MCItem) else GenItem("junk", "zzz"))  # noqa: E731
+        junk = lambda it: MCItem("junk", [" a", " b"], 1) if isinstance(it, MCItem) else GenItem("junk", "zzz")  # noqa: E731
         return {t: Split(s.train, s.validation, [junk(it) for it in s.test]) for t, s in splits.items()}
 
     return build_poisoned
