@@ -72,7 +72,7 @@ def sections():
         ),
         (
             "Speed and memory: `make bench`, run 1",
-            'make bench ARGS="--publish bench_run1"',
+            'make bench ARGS="--publish --name bench_run1"',
             "bench_run1/bench.md",
             "Every method side by side in one process, in a fresh random order per repetition; a ratio is the median of "
             "per-repetition ratios of two times measured in the same repetition (so it need not equal the ratio of the two "
@@ -82,7 +82,7 @@ def sections():
         ),
         (
             "Speed and memory: `make bench`, run 2",
-            'make bench ARGS="--publish bench_run2"',
+            'make bench ARGS="--publish --name bench_run2"',
             "bench_run2/bench.md",
             "The same, a second time (a speed claim holds only if both runs show it).",
             [],
